@@ -1,0 +1,280 @@
+"""The engine: admission, one scheduling step at a time, and the KV handoff hooks.
+
+A request enters with `add_request` (to be prefilled here) or `reserve` + `admit_prefilled` (its KV
+was computed elsewhere and is imported into blocks reserved first). Each `step` runs one forward
+pass and returns a `RequestOutput` per sequence that got a token or finished. Finished sequences
+free their blocks in that step; on a prefill-only engine a prefilled sequence is HELD instead, and its
+blocks are freed by `free` (lease released or expired). `abort` frees whatever a request holds.
+
+Not thread-safe: one engine thread owns it (see `distserve.engine.worker`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from distserve.engine.block_manager import BlockManager
+from distserve.engine.errors import InvalidRequest, NotFound, ResourceExhausted
+from distserve.engine.kv_cache import PagedKVCache
+from distserve.engine.model_runner import ModelRunner
+from distserve.engine.models import LoadedModel
+from distserve.engine.sampler import Sampler
+from distserve.engine.sampling import SamplingParams, find_stop, validate_request
+from distserve.engine.scheduler import Scheduler, SchedulerOutput
+from distserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+MODES = ("prefill", "decode", "colocated")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    mode: str = "colocated"  # prefill: hold KV after the first token; decode/colocated: run to the end
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # KV capacity in blocks; overrides kv_cache_bytes
+    kv_cache_bytes: int = 1 << 30  # KV capacity in bytes when num_blocks is unset
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill tokens + decodes)
+    max_num_seqs: int = 64  # most sequences in one step
+    chunked_prefill: bool = False  # mix prompt chunks into decode steps (colocated/decode modes)
+    seed: int | None = None  # seeds sampling of requests that bring no seed
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "kv_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]  # tokens produced in this step (0 or 1)
+    new_logprobs: list[float]  # their log-probs, when asked for
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    held: bool = False  # prefill-only engine: KV kept for export
+    queue_s: float = 0.0  # set with the first token: arrival to first scheduled
+    prefill_s: float = 0.0  # set with the first token: first scheduled to first token
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    queued_requests: int
+    queued_tokens: int  # prompt tokens not yet computed
+    running_requests: int
+    held_requests: int
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.loaded = loaded
+        self.config = config
+        model = loaded.model
+        self.vocab_size = model.config.vocab_size
+        self.max_model_len = loaded.max_model_len
+        dtype = next(model.parameters()).dtype
+        layout = ModelRunner.layout_of(model, config.block_size, dtype)
+        num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // (layout.bytes_per_token * config.block_size))
+        self.cache = PagedKVCache(layout, num_blocks, loaded.device)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.runner = ModelRunner(model, self.cache, self.max_model_len)
+        self.sampler = Sampler(config.seed)
+        self.scheduler = Scheduler(
+            self.blocks,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            config.chunked_prefill and config.mode != "prefill",
+            hold_after_prefill=config.mode == "prefill",
+        )
+        self.eos = frozenset(loaded.eos_token_ids)
+        self._seqs: dict[str, Sequence] = {}  # every request that holds or awaits blocks
+        self.last_forward_s = 0.0  # duration of the latest forward pass (for overhead accounting)
+
+    @property
+    def layout(self):
+        return self.cache.layout
+
+    # -- admission ---------------------------------------------------------------------------
+    def _new_seq(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+        if request_id in self._seqs:
+            raise InvalidRequest("request_id", f"{request_id!r} is already in this engine")
+        validate_request(prompt, params, self.vocab_size, self.max_model_len)
+        seq = Sequence(request_id, list(prompt), params, time.monotonic())
+        seq.generator = self.sampler.generator_for(params.seed)
+        return seq
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queues a prompt for prefill here. Raises InvalidRequest before touching anything."""
+        seq = self._new_seq(request_id, prompt_token_ids, params)
+        if self.scheduler.blocks_for(seq) > self.blocks.num_blocks:
+            raise InvalidRequest("max_tokens", f"request needs more KV blocks than this worker has ({self.blocks.num_blocks})")
+        self._seqs[request_id] = seq
+        self.scheduler.waiting.append(seq)
+
+    def can_reserve(self, num_prompt_tokens: int, params: SamplingParams) -> bool:
+        need = (num_prompt_tokens + params.max_tokens - 1 + self.config.block_size - 1) // self.config.block_size
+        return self.blocks.can_allocate(need) and len(self.scheduler.running) < self.config.max_num_seqs
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Reserves every block a request with transferred KV will need (before the KV is pulled).
+        Raises ResourceExhausted when they are not free now."""
+        seq = self._new_seq(request_id, prompt_token_ids, params)
+        need = seq.blocks_needed(self.config.block_size)
+        if not self.blocks.can_allocate(need):
+            raise ResourceExhausted(f"{need} KV blocks needed, {self.blocks.num_free} free")
+        seq.block_table = self.blocks.allocate(need)
+        seq.first_scheduled_s = time.monotonic()
+        self._seqs[request_id] = seq
+
+    def admit_prefilled(self, request_id: str, first_token: int, first_logprob: float | None, kv: torch.Tensor) -> RequestOutput | None:
+        """Writes transferred KV into the reserved blocks and starts decoding after `first_token`.
+        Returns a finished output when the first token already ends the request."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.WAITING or not seq.block_table:
+            raise NotFound(f"no reservation for request {request_id!r}")
+        if kv.shape[2] != seq.num_prompt_tokens:
+            raise InvalidRequest("kv", f"KV holds {kv.shape[2]} tokens, the prompt has {seq.num_prompt_tokens}")
+        if not 0 <= first_token < self.vocab_size:
+            raise InvalidRequest("first_token", f"token id {first_token} is outside the vocabulary")
+        self.cache.load(seq.block_table, kv)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.status = SequenceStatus.RUNNING
+        self._append(seq, first_token, first_logprob)
+        if seq.status is SequenceStatus.FINISHED:
+            return self._output(seq, [first_token])
+        self.scheduler.running.append(seq)
+        return None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def abort(self, request_id: str) -> bool:
+        """Drops a request wherever it is and frees its blocks. False if it was unknown."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = seq.finish_reason or FinishReason.CANCELLED
+        self._free_blocks(seq)
+        return True
+
+    def free(self, request_id: str) -> bool:
+        """Frees a HELD sequence (its KV lease ended)."""
+        return self.abort(request_id)
+
+    def export_kv(self, request_id: str) -> torch.Tensor:
+        """A contiguous copy of a held sequence's prompt KV: [layers, 2, tokens, kv_heads, head_dim]."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.HELD:
+            raise NotFound(f"no held KV for request {request_id!r}")
+        return self.cache.export(seq.block_table, seq.num_prompt_tokens)
+
+    def has_work(self) -> bool:
+        s = self.scheduler
+        return bool(s.waiting or s.prefilling or s.running)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            queued_requests=len(s.waiting) + len(s.prefilling),
+            queued_tokens=s.queued_tokens,
+            running_requests=len(s.running),
+            held_requests=sum(1 for q in self._seqs.values() if q.status is SequenceStatus.HELD),
+            free_blocks=self.blocks.num_free,
+            total_blocks=self.blocks.num_blocks,
+            block_size=self.config.block_size,
+        )
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        to_sample = list(sched.decode)
+        sample_flags = []
+        for c in sched.chunks:
+            done = c.end >= c.seq.num_prompt_tokens
+            sample_flags.append(done)
+            if done:
+                to_sample.append(c.seq)
+        batch = self.runner.prepare(sched.decode, sched.chunks, sample_flags)
+        t0 = time.perf_counter()
+        logits = self.runner.forward(batch)
+        self.last_forward_s = time.perf_counter() - t0
+        return self._postprocess(sched, to_sample, logits)
+
+    def _postprocess(self, sched: SchedulerOutput, to_sample: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        for s in sched.decode:
+            s.num_computed_tokens += 1
+        for c in sched.chunks:
+            c.seq.num_computed_tokens = c.end
+        tokens, logprobs = self.sampler.sample(logits, to_sample) if to_sample else ([], [])
+        now = time.monotonic()
+        outs = []
+        for seq, tok, lp in zip(to_sample, tokens, logprobs):
+            first = not seq.output_token_ids
+            if first and seq in self.scheduler.prefilling:
+                self.scheduler.prefilling.remove(seq)
+            self._append(seq, tok, lp)
+            if seq.status is SequenceStatus.FINISHED:
+                self.scheduler.remove(seq)
+                del self._seqs[seq.request_id]
+                self._free_blocks(seq)
+            elif self.scheduler.hold_after_prefill:
+                seq.status = SequenceStatus.HELD
+            elif first:
+                self.scheduler.running.append(seq)
+            out = self._output(seq, [tok], [lp] if lp is not None else [])
+            if first:
+                out.queue_s = (seq.first_scheduled_s or now) - seq.arrival_s
+                out.prefill_s = now - (seq.first_scheduled_s or now)
+            outs.append(out)
+        return outs
+
+    def _append(self, seq: Sequence, tok: int, lp: float | None) -> None:
+        seq.output_token_ids.append(tok)
+        if lp is not None:
+            seq.output_logprobs.append(lp)
+        p = seq.params
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos):
+            seq.finish_reason = FinishReason.STOP
+        elif p.stop and self._hit_stop_string(seq):
+            seq.finish_reason = FinishReason.STOP
+        elif len(seq.output_token_ids) >= p.max_tokens:
+            seq.finish_reason = FinishReason.LENGTH
+        if seq.finish_reason is not None:
+            seq.status = SequenceStatus.FINISHED
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        before = len(seq.output_text)
+        seq.output_text = self.loaded.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        return find_stop(seq.output_text, seq.params.stop, before) is not None
+
+    def _output(self, seq: Sequence, toks: list[int], lps: list[float] | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=toks,
+            new_logprobs=lps or [],
+            finished=seq.status is SequenceStatus.FINISHED,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=len(seq.output_token_ids),
+            held=seq.status is SequenceStatus.HELD,
+        )
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.blocks.free(seq.block_table)
+            seq.block_table = []

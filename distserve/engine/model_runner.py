@@ -1,0 +1,204 @@
+"""One forward pass over a mixed batch: decode tokens of running sequences plus prefill chunks.
+
+The runner owns fused copies of the model's weights (QKV and gate/up concatenated) and runs a Llama-
+family forward with the paged cache: new K/V are written to their slots; decode attention gathers
+each sequence's slots once per layer and multiplies grouped queries against them (no repeat of KV
+heads); prefill attention runs SDPA per sequence. Logits are computed only where a token is sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distserve.engine.kv_cache import KVLayout, PagedKVCache
+from distserve.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    seq: Sequence
+    start: int  # first position computed in this step
+    end: int  # one past the last position
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # [N] decode tokens first, then each prefill chunk's tokens
+    positions: torch.Tensor  # [N]
+    write_slots: torch.Tensor  # [N] cache slot of each token's K/V
+    num_decode: int  # leading tokens that are single-token decodes
+    decode_gather: torch.Tensor | None  # [B * Lmax] slots of each decode sequence's context, padded
+    decode_mask: torch.Tensor | None  # [1, B, 1, Lmax] additive mask hiding the padding
+    decode_max_len: int  # Lmax
+    chunks: list[tuple[int, int, int, torch.Tensor | None]]  # (flat start, flat end, ctx start, ctx slots)
+    logits_index: torch.Tensor  # [S] flat indices whose logits are wanted
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Layer:
+    __slots__ = ("ln1", "ln2", "wqkv", "bqkv", "wo", "bo", "wgu", "wdown")
+
+    def __init__(self, layer: torch.nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.ln1 = layer.input_layernorm.weight.detach()
+        self.ln2 = layer.post_attention_layernorm.weight.detach()
+        self.wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        self.bqkv = torch.cat(biases).detach() if all(b is not None for b in biases) else None
+        self.wo = attn.o_proj.weight.detach()
+        self.bo = attn.o_proj.bias.detach() if attn.o_proj.bias is not None else None
+        self.wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        self.wdown = mlp.down_proj.weight.detach()
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, max_model_len: int):
+        cfg = model.config
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported activation {cfg.hidden_act!r} (Llama-family models use silu)")
+        self.cache = cache
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.group = self.num_heads // self.num_kv_heads
+        self.scale = self.head_dim**-0.5
+        self.eps = cfg.rms_norm_eps
+        self.device = cache.data.device
+        inner = model.model
+        self.embed = inner.embed_tokens.weight.detach()
+        self.norm = inner.norm.weight.detach()
+        self.lm_head = model.lm_head.weight.detach()
+        self.layers = [_Layer(layer) for layer in inner.layers]
+        with torch.no_grad():
+            pos = torch.arange(max_model_len, device=self.device)[None]
+            cos, sin = inner.rotary_emb(self.embed[:1][None], position_ids=pos)
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+
+    @staticmethod
+    def layout_of(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> KVLayout:
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, block_size, dtype)
+
+    # -----------------------------------------------------------------------------------------
+    def prepare(self, decode: list[Sequence], chunks: list[PrefillChunk], sample: list[bool]) -> ForwardBatch:
+        """Builds the flat inputs. `sample[i]` says whether chunk i ends with a token to sample."""
+        cache, bs = self.cache, self.cache.layout.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slot_parts: list[torch.Tensor] = []
+        logits_index: list[int] = []
+        gather = mask = None
+        lmax = 0
+        if decode:
+            lens = [s.num_tokens for s in decode]  # context including the token being fed
+            lmax = max(lens)
+            nblk = (lmax + bs - 1) // bs
+            table = torch.zeros((len(decode), nblk), dtype=torch.long)
+            for i, s in enumerate(decode):
+                n = (lens[i] + bs - 1) // bs
+                table[i, :n] = torch.tensor(s.block_table[:n])
+                ids.append(s.last_token_id)
+                pos.append(lens[i] - 1)
+            slots = (table[:, :, None] * bs + torch.arange(bs)).view(len(decode), -1)[:, :lmax]
+            len_t = torch.tensor(lens)
+            gather = slots.reshape(-1).to(self.device)
+            valid = torch.arange(lmax)[None, :] < len_t[:, None]
+            mask = torch.zeros((len(decode), lmax), dtype=cache.data.dtype)
+            mask.masked_fill_(~valid, float("-inf"))
+            mask = mask.view(1, len(decode), 1, lmax).to(self.device)
+            slot_parts.append(slots[torch.arange(len(decode)), len_t - 1])
+            logits_index.extend(range(len(decode)))
+        chunk_specs = []
+        for c, want in zip(chunks, sample):
+            a = len(ids)
+            ids.extend(c.seq.token_id_at(i) for i in range(c.start, c.end))
+            pos.extend(range(c.start, c.end))
+            slot_parts.append(cache.slots(c.seq.block_table, c.start, c.end).cpu())
+            ctx = cache.slots(c.seq.block_table, 0, c.end) if c.start > 0 else None
+            chunk_specs.append((a, len(ids), c.start, ctx))
+            if want:
+                logits_index.append(len(ids) - 1)
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, device=self.device),
+            positions=torch.tensor(pos, device=self.device),
+            write_slots=torch.cat(slot_parts).to(self.device),
+            num_decode=len(decode),
+            decode_gather=gather,
+            decode_mask=mask,
+            decode_max_len=lmax,
+            chunks=chunk_specs,
+            logits_index=torch.tensor(logits_index, dtype=torch.long, device=self.device),
+        )
+
+    # -----------------------------------------------------------------------------------------
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * x.to(dtype)
+
+    @torch.inference_mode()
+    def forward(self, b: ForwardBatch) -> torch.Tensor:
+        """Runs the batch, writing its K/V into the cache; returns logits [S, vocab] (float32)."""
+        n = b.input_ids.shape[0]
+        H, KH, D, G = self.num_heads, self.num_kv_heads, self.head_dim, self.group
+        cos = self.cos[b.positions][:, None, :]
+        sin = self.sin[b.positions][:, None, :]
+        h = F.embedding(b.input_ids, self.embed)
+        kv = self.cache.data
+        for li, L in enumerate(self.layers):
+            x = self._rms(h, L.ln1)
+            qkv = F.linear(x, L.wqkv, L.bqkv)
+            q = qkv[:, : H * D].view(n, H, D)
+            k = qkv[:, H * D : (H + KH) * D].view(n, KH, D)
+            v = qkv[:, (H + KH) * D :].view(n, KH, D)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = kv[li, 0], kv[li, 1]  # [KH, slots, D]
+            kc.index_copy_(1, b.write_slots, k.transpose(0, 1))
+            vc.index_copy_(1, b.write_slots, v.transpose(0, 1))
+            out = torch.empty((n, H, D), dtype=h.dtype, device=h.device)
+            if b.num_decode:
+                out[: b.num_decode] = self._decode_attention(q[: b.num_decode], kc, vc, b)
+            for a, e, ctx_start, ctx in b.chunks:
+                out[a:e] = self._prefill_attention(q[a:e], k[a:e], v[a:e], kc, vc, ctx_start, ctx)
+            h = h + F.linear(out.view(n, H * D), L.wo, L.bo)
+            x = self._rms(h, L.ln2)
+            gu = F.linear(x, L.wgu)
+            m = gu.shape[-1] // 2
+            h = h + F.linear(F.silu(gu[:, :m]) * gu[:, m:], L.wdown)
+        h = self._rms(h[b.logits_index], self.norm)
+        return F.linear(h, self.lm_head).float()
+
+    def _decode_attention(self, q, kc, vc, b: ForwardBatch) -> torch.Tensor:
+        B, KH, G, D, Lm = b.num_decode, self.num_kv_heads, self.group, self.head_dim, b.decode_max_len
+        qg = q.view(B, KH, G, D).transpose(0, 1)  # [KH, B, G, D]
+        keys = kc.index_select(1, b.decode_gather).view(KH, B, Lm, D)
+        vals = vc.index_select(1, b.decode_gather).view(KH, B, Lm, D)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scale + b.decode_mask
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, vals).transpose(0, 1).reshape(B, KH * G, D)
+
+    def _prefill_attention(self, q, k, v, kc, vc, ctx_start: int, ctx) -> torch.Tensor:
+        T = q.shape[0]
+        qh = q.transpose(0, 1)[None]  # [1, H, T, D]
+        if ctx is None:
+            kh, vh = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            kh = kc.index_select(1, ctx)[None]
+            vh = vc.index_select(1, ctx)[None]
+            total = ctx.shape[0]
+            allowed = torch.arange(total, device=q.device)[None, :] <= (
+                torch.arange(T, device=q.device)[:, None] + ctx_start
+            )
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=self.scale, enable_gqa=True)
+        return o[0].transpose(0, 1)

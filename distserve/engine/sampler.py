@@ -1,0 +1,59 @@
+"""Choosing the next token of each sequence from its logits.
+
+Greedy rows take the argmax in one batched call. Sampled rows apply temperature, top-k and top-p,
+then draw with the sequence's own generator when it is seeded (so the draw depends only on its seed
+and its own logits, not on what else is batched) or with the engine's generator otherwise.
+The reported log-probability is the token's under the model's raw distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distserve.engine.sequence import Sequence
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None):
+        self._gen = torch.Generator()
+        if seed is not None:
+            self._gen.manual_seed(seed)
+        else:
+            self._gen.seed()
+
+    def generator_for(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator().manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float | None]]:
+        """logits: [len(seqs), vocab] float32. Returns token ids and log-probs (None when not asked)."""
+        logits = logits.cpu()
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.greedy:
+                continue
+            tokens[i] = self._draw(logits[i], p.temperature, p.top_k, p.top_p, s.generator or self._gen)
+        logprobs: list[float | None] = [None] * len(seqs)
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        if want:
+            lp = torch.log_softmax(logits[want], dim=-1)
+            for j, i in enumerate(want):
+                logprobs[i] = float(lp[j, tokens[i]])
+        return tokens, logprobs
+
+    @staticmethod
+    def _draw(row: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:
+        row = row / temperature
+        if top_k and top_k < row.shape[0]:
+            kth = torch.topk(row, top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            cum = sorted_p.cumsum(0)
+            drop = cum - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=gen))

@@ -1,0 +1,126 @@
+"""Which sequences run in the next forward pass.
+
+Queues: `waiting` (admitted by the caller, no blocks yet) -> `prefilling` (blocks reserved, prompt
+partly computed; only with chunked prefill) -> `running` (prompt computed, decoding). A sequence
+leaves `waiting` only when the block manager can give it every block it will ever need (prompt only
+on a prefill-only engine), so admission never over-commits and running sequences are never preempted.
+
+Policies:
+- prefill-only (`hold_after_prefill`): batches waiting prompts up to the token budget.
+- prefill priority (vLLM's default without chunking): a step is either all prefill or all decode;
+  prefill goes first whenever a waiting prompt fits.
+- chunked prefill: every running sequence decodes one token and the rest of the token budget is
+  filled with prompt chunks, so decodes never stall behind a long prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from distserve.engine.block_manager import BlockManager
+from distserve.engine.model_runner import PrefillChunk
+from distserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    decode: list[Sequence] = field(default_factory=list)  # one token each
+    chunks: list[PrefillChunk] = field(default_factory=list)  # prompt pieces
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.chunks
+
+
+class Scheduler:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        chunked_prefill: bool,
+        hold_after_prefill: bool,
+    ):
+        self.blocks = blocks
+        self.budget = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.chunked = chunked_prefill
+        self.hold_after_prefill = hold_after_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []
+
+    def blocks_for(self, seq: Sequence) -> int:
+        if self.hold_after_prefill:
+            return self.blocks.blocks_for(seq.num_prompt_tokens)
+        return seq.blocks_needed(self.blocks.block_size)
+
+    def _admit(self, seq: Sequence) -> bool:
+        n = self.blocks_for(seq)
+        if not self.blocks.can_allocate(n):
+            return False
+        seq.block_table = self.blocks.allocate(n)
+        seq.status = SequenceStatus.RUNNING
+        seq.first_scheduled_s = time.monotonic()
+        return True
+
+    @property
+    def queued_tokens(self) -> int:
+        return sum(s.num_prompt_tokens for s in self.waiting) + sum(
+            s.num_prompt_tokens - s.num_computed_tokens for s in self.prefilling
+        )
+
+    def schedule(self) -> SchedulerOutput:
+        if self.chunked:
+            return self._schedule_chunked()
+        out = SchedulerOutput()
+        budget = self.budget
+        active = len(self.running)
+        while self.waiting and active + len(out.chunks) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = seq.num_prompt_tokens
+            if n > budget and out.chunks:
+                break
+            if not self._admit(seq):
+                break
+            self.waiting.popleft()
+            out.chunks.append(PrefillChunk(seq, 0, n))
+            budget -= n
+            if budget <= 0:
+                break
+        if out.chunks:
+            return out
+        out.decode = self.running[: self.max_num_seqs]
+        return out
+
+    def _schedule_chunked(self) -> SchedulerOutput:
+        out = SchedulerOutput(decode=self.running[: self.max_num_seqs])
+        budget = self.budget - len(out.decode)
+        seats = self.max_num_seqs - len(out.decode)
+        for seq in self.prefilling:
+            if budget <= 0 or seats <= 0:
+                return out
+            end = min(seq.num_prompt_tokens, seq.num_computed_tokens + budget)
+            out.chunks.append(PrefillChunk(seq, seq.num_computed_tokens, end))
+            budget -= end - seq.num_computed_tokens
+            seats -= 1
+        while self.waiting and budget > 0 and seats > 0:
+            seq = self.waiting[0]
+            if not self._admit(seq):
+                break
+            self.waiting.popleft()
+            self.prefilling.append(seq)
+            end = min(seq.num_prompt_tokens, budget)
+            out.chunks.append(PrefillChunk(seq, 0, end))
+            budget -= end
+            seats -= 1
+        return out
+
+    def remove(self, seq: Sequence) -> None:
+        for queue in (self.prefilling, self.running):
+            if seq in queue:
+                queue.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)

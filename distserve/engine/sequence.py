@@ -1,0 +1,72 @@
+"""One request inside an engine, from arrival to the freeing of its blocks.
+
+Lifecycle: WAITING (queued for prefill) -> RUNNING (has blocks; prefilled chunk by chunk, then
+decoding) -> FINISHED. In a prefill-only engine a prefilled sequence becomes HELD: its blocks stay
+allocated until `LLMEngine.free` (the KV lease ended). A sequence imported with transferred KV starts
+RUNNING. Whoever moves a sequence to FINISHED frees its blocks in the same call.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from distserve.engine.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    HELD = "held"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, stop token or stop string
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # aborted by the caller
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_s: float  # monotonic time it reached the engine
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    block_table: list[int] = field(default_factory=list)  # physical block ids, in token order
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    generator: torch.Generator | None = None  # per-request RNG when seeded
+    output_text: str = ""  # detokenized output, kept only when stop strings are set
+    first_scheduled_s: float | None = None  # when its prefill (or import) first ran
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_computed_tokens >= len(self.prompt_token_ids)
+
+    def token_id_at(self, i: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
+    def blocks_needed(self, block_size: int) -> int:
+        """Blocks for the prompt plus every token whose KV it may still write (reserved up front, so
+        a running sequence never waits for memory). The last sampled token's KV is never written."""
+        total = len(self.prompt_token_ids) + self.params.max_tokens - 1
+        return (total + block_size - 1) // block_size
