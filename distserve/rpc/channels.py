@@ -1,0 +1,90 @@
+"""Long-lived gRPC channels to peers, one per address.
+
+Lifecycle: a service makes one `ChannelPool` at start (inside its event loop); `get(address)` opens
+the channel to a peer on first use and returns the same channel afterwards (gRPC reconnects it by
+itself); `close(address)` drops a peer that left the registry; `close_all()` at shutdown. Every
+channel carries the retry policy (UNAVAILABLE only, with backoff), keepalive and 64 MiB message limits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# Retries apply to calls that failed before any response came back; a started stream is not retried.
+RETRY_SERVICE_CONFIG: dict[str, Any] = {
+    "methodConfig": [
+        {
+            "name": [{}],  # every method of every service
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    """Options every internal client channel uses."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
+        # Ping idle connections so a dead peer is noticed; servers built by rpc.server allow it.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class ChannelPool:
+    """One grpc.aio channel per peer address; use from a single event loop."""
+
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        extra_options: Sequence[tuple[str, Any]] = (),
+    ):
+        self._options = [*channel_options(max_message_bytes), *extra_options]
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        """The channel to host:port, opened on first use."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[address] = channel
+            logger.debug("opened channel to %s", address)
+        return channel
+
+    def __contains__(self, address: str) -> bool:
+        return address in self._channels
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    async def close(self, address: str, grace_s: float | None = None) -> None:
+        """Close the channel to address, if open (in-flight calls are cancelled after grace_s)."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close(grace_s)
+            logger.debug("closed channel to %s", address)
+
+    async def close_all(self, grace_s: float | None = None) -> None:
+        for address in list(self._channels):
+            await self.close(address, grace_s)

@@ -1,0 +1,100 @@
+"""Building a grpc.aio server the way every distserve service runs one.
+
+Lifecycle: `build_server(...)` binds host:port (port 0 picks one) and adds the stock health servicer
+(every listed service and the overall "" start NOT_SERVING) and reflection. The caller adds its own
+servicers, `await server.start()`, and calls `await health.set_serving()` once the model is warm.
+On shutdown: `await health.enter_graceful_shutdown()` (NOT_SERVING for good), then
+`await server.stop(grace)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from distserve.rpc.channels import MAX_MESSAGE_BYTES
+
+logger = logging.getLogger(__name__)
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class Health:
+    """The health statuses of one server: "" (overall) and each named service move together."""
+
+    def __init__(self, servicer: grpc_health.aio.HealthServicer, service_names: Sequence[str]):
+        self.servicer = servicer  # the stock grpc.health.v1 servicer
+        self.service_names = ("", *service_names)  # "" = the whole server
+        self.serving = False
+
+    async def _set_all(self, status: int) -> None:
+        for name in self.service_names:
+            await self.servicer.set(name, status)
+
+    async def set_serving(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
+
+    async def set_not_serving(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.serving = False
+
+    async def enter_graceful_shutdown(self) -> None:
+        """NOT_SERVING for good: later set_serving calls are ignored."""
+        await self.servicer.enter_graceful_shutdown()
+        self.serving = False
+
+
+@dataclass(slots=True)
+class BuiltServer:
+    server: grpc.aio.Server  # not started yet
+    port: int  # the bound port (the chosen one when 0 was asked)
+    address: str  # host:port as peers should dial it
+    health: Health
+
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Accept the keepalive pings that rpc.channels clients send (every 30 s, even when idle).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def build_server(
+    service_names: Sequence[str],  # full names, e.g. "distserve.v1.KvTransfer"
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    extra_options: Sequence[tuple[str, Any]] = (),
+) -> BuiltServer:
+    """A bound, not yet started grpc.aio server with health (all NOT_SERVING) and reflection."""
+    server = grpc.aio.server(
+        interceptors=list(interceptors), options=[*server_options(max_message_bytes), *extra_options]
+    )
+    servicer = grpc_health.aio.HealthServicer()
+    health = Health(servicer, service_names)
+    await health.set_not_serving()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(
+        (*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+    )
+    bind_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    bound = server.add_insecure_port(f"{bind_host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind gRPC server to {bind_host}:{port}")
+    dial_host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(bind_host, bind_host)
+    logger.info("gRPC server for %s bound to %s:%d", ", ".join(service_names), bind_host, bound)
+    return BuiltServer(server=server, port=bound, address=f"{dial_host}:{bound}", health=health)

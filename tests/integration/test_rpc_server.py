@@ -1,0 +1,108 @@
+"""build_server (health, reflection), ChannelPool and @grpc_errors on real grpc.aio servers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from distserve.engine.errors import InvalidRequest, NotFound, ResourceExhausted
+from distserve.rpc.channels import ChannelPool
+from distserve.rpc.errors import error_from_rpc, grpc_errors
+from distserve.rpc.server import build_server
+from distserve.v1 import kv_pb2, kv_pb2_grpc
+
+pytestmark = pytest.mark.timeout(60)
+
+KV_SERVICE = "distserve.v1.KvTransfer"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Failing(kv_pb2_grpc.KvTransferServicer):
+    """Raises what the request id names, to exercise the error boundary."""
+
+    @grpc_errors
+    async def Pull(self, request: kv_pb2.PullKvRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[kv_pb2.KvChunk]:
+        yield kv_pb2.KvChunk(offset=0, data=b"x", total_bytes=2)
+        if request.request_id == "full":
+            raise ResourceExhausted("KV cache full")
+        raise ZeroDivisionError("secret detail")
+
+    @grpc_errors
+    async def Release(self, request: kv_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext) -> kv_pb2.ReleaseKvResponse:
+        if request.request_id == "bad":
+            raise InvalidRequest("request_id", "must not be 'bad'")
+        if request.request_id == "gone":
+            raise NotFound("no lease gone")
+        if request.request_id == "abort":
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+        return kv_pb2.ReleaseKvResponse(released=True)
+
+
+def test_health_reflection_and_error_boundary() -> None:
+    async def main() -> None:
+        built = await build_server([KV_SERVICE])
+        assert built.port > 0 and built.address == f"127.0.0.1:{built.port}"
+        kv_pb2_grpc.add_KvTransferServicer_to_server(Failing(), built.server)
+        await built.server.start()
+        pool = ChannelPool()
+        try:
+            channel = pool.get(built.address)
+            assert pool.get(built.address) is channel and len(pool) == 1
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status(service: str) -> int:
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                return reply.status
+
+            assert [await status(s) for s in ("", KV_SERVICE)] == [NOT_SERVING, NOT_SERVING]
+            await built.health.set_serving()
+            assert [await status(s) for s in ("", KV_SERVICE)] == [SERVING, SERVING]
+            await built.health.set_not_serving()
+            assert await status("") == NOT_SERVING
+
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            requests = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            async for reply in reflect.ServerReflectionInfo(requests, timeout=5):
+                names = {s.name for s in reply.list_services_response.service}
+                assert {KV_SERVICE, "grpc.health.v1.Health"} <= names
+                break
+
+            stub = kv_pb2_grpc.KvTransferStub(channel)
+            for rid, code, cls in [("bad", grpc.StatusCode.INVALID_ARGUMENT, InvalidRequest),
+                                   ("gone", grpc.StatusCode.NOT_FOUND, NotFound)]:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Release(kv_pb2.ReleaseKvRequest(request_id=rid), timeout=5)
+                assert info.value.code() == code
+                err = error_from_rpc(info.value)
+                assert type(err) is cls
+            assert err.args == ("no lease gone",)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Release(kv_pb2.ReleaseKvRequest(request_id="abort"), timeout=5)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # the method's own abort passes
+
+            got = []
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for chunk in stub.Pull(kv_pb2.PullKvRequest(request_id="full"), timeout=5):
+                    got.append(chunk)
+            assert len(got) == 1 and info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for chunk in stub.Pull(kv_pb2.PullKvRequest(request_id="boom"), timeout=5):
+                    pass
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert "secret" not in info.value.details() and "ref" in info.value.details()
+
+            await built.health.enter_graceful_shutdown()
+            await built.health.set_serving()  # ignored from now on
+            assert await status(KV_SERVICE) == NOT_SERVING
+        finally:
+            await pool.close_all()
+            assert len(pool) == 0
+            await built.server.stop(None)
+
+    asyncio.run(main())
