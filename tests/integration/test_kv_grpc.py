@@ -1,0 +1,257 @@
+"""KV handoff over real gRPC: leases, chunked Pull, Release, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from distserve.engine.errors import InvalidRequest, NotFound, Unavailable
+from distserve.kv.grpc_transport import GrpcKvTransport, KvTransferServicer
+from distserve.kv.handle import KvHandle, KvLayout
+from distserve.kv.lease import LeaseTable
+from distserve.kv.transport import KvTransports, choose_transport
+from distserve.rpc.channels import ChannelPool
+from distserve.rpc.server import build_server
+from distserve.v1 import common_pb2, kv_pb2, kv_pb2_grpc
+
+pytestmark = pytest.mark.timeout(60)
+
+KV_SERVICE = kv_pb2.DESCRIPTOR.services_by_name["KvTransfer"].full_name
+
+
+class Holder:
+    """A prefill-side stand-in: tensors held under leases, counting frees."""
+
+    def __init__(self, table: LeaseTable, address: str):
+        self.table = table
+        self.address = address
+        self.frees: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, request_id: str, kv: torch.Tensor, ttl_s: float = 30.0) -> KvHandle:
+        def free() -> None:
+            with self._lock:
+                self.frees[request_id] = self.frees.get(request_id, 0) + 1
+
+        token, expiry = self.table.hold(request_id, kv.clone, free, ttl_s, nbytes=kv.nbytes)
+        _, _, num_tokens, heads, head_dim = kv.shape
+        layout = KvLayout(kv.shape[0], heads, head_dim, 16, str(kv.dtype).removeprefix("torch."))
+        return KvHandle(request_id, "p0", self.address, ("grpc",), layout, num_tokens, expiry, token, "host-a")
+
+
+def run_kv(body: Callable[[Holder, GrpcKvTransport, ChannelPool], Awaitable[Any]], chunk_bytes: int = 256 * 1024) -> Any:
+    async def main() -> Any:
+        table = LeaseTable()
+        built = await build_server([KV_SERVICE])
+        kv_pb2_grpc.add_KvTransferServicer_to_server(KvTransferServicer(table, chunk_bytes=chunk_bytes), built.server)
+        await built.server.start()
+        await built.health.set_serving()
+        pool = ChannelPool()
+        try:
+            return await body(Holder(table, built.address), GrpcKvTransport(pool, timeout_s=10), pool)
+        finally:
+            await pool.close_all()
+            await built.server.stop(None)
+            table.release_all()
+
+    return asyncio.run(main())
+
+
+def random_kv(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+    return torch.randint(-128, 128, shape, generator=gen, dtype=torch.int16).to(dtype)
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bytes(a.view(torch.uint8).numpy()) == bytes(
+        b.view(torch.uint8).numpy()
+    )
+
+
+async def raw_chunks(pool: ChannelPool, handle: KvHandle, chunk_bytes: int = 0) -> list[kv_pb2.KvChunk]:
+    stub = kv_pb2_grpc.KvTransferStub(pool.get(handle.kv_address))
+    request = kv_pb2.PullKvRequest(
+        request_id=handle.request_id, transfer_token=handle.transfer_token, chunk_bytes=chunk_bytes
+    )
+    return [chunk async for chunk in stub.Pull(request, timeout=10)]
+
+
+@pytest.mark.parametrize(
+    "dtype, shape, chunk",
+    [
+        (torch.float32, (8, 2, 128, 4, 64), 256 * 1024),  # 2 MiB, divides evenly
+        (torch.int8, (30, 2, 257, 3, 64), 100_000),  # 2.96 MB, ragged last chunk
+        (torch.bfloat16, (4, 2, 33, 2, 64), 7_000),
+    ],
+)
+def test_pull_is_bit_exact_in_bounded_chunks(dtype: torch.dtype, shape: tuple[int, ...], chunk: int) -> None:
+    kv = random_kv(shape, dtype)
+    total = kv.nbytes
+
+    async def body(holder: Holder, transport: GrpcKvTransport, pool: ChannelPool) -> None:
+        handle = holder.hold("r1", kv)
+        assert handle.nbytes == total
+        got = await transport.pull(handle)
+        assert bits_equal(got, kv)
+        chunks = await raw_chunks(pool, handle)
+        assert len(chunks) == -(-total // chunk)
+        assert max(len(c.data) for c in chunks) == min(chunk, total)
+        assert sum(len(c.data) for c in chunks) == total
+        assert list(chunks[0].shape) == list(shape) and chunks[0].dtype == handle.layout.dtype
+        assert all(not c.shape and not c.dtype for c in chunks[1:])
+        # the puller may ask for smaller chunks, never larger ones
+        assert len(await raw_chunks(pool, handle, chunk_bytes=chunk // 2)) == -(-total // (chunk // 2))
+        assert len(await raw_chunks(pool, handle, chunk_bytes=chunk * 4)) == len(chunks)
+        assert holder.frees == {}
+        assert await transport.release(handle)
+        assert holder.frees == {"r1": 1}
+
+    run_kv(body, chunk_bytes=chunk)
+
+
+def test_wrong_token_is_not_found_and_looks_like_unknown_id() -> None:
+    async def body(holder: Holder, transport: GrpcKvTransport, pool: ChannelPool) -> None:
+        handle = holder.hold("r1", random_kv((2, 2, 8, 2, 8), torch.float32))
+        forged = KvHandle(**{f: getattr(handle, f) for f in KvHandle.__slots__ if f != "transfer_token"},
+                          transfer_token=b"\0" * 16)
+        unknown = KvHandle(**{f: getattr(handle, f) for f in KvHandle.__slots__ if f != "request_id"},
+                           request_id="nope")
+        with pytest.raises(NotFound) as wrong:
+            await transport.pull(forged)
+        with pytest.raises(NotFound) as missing:
+            await transport.pull(unknown)
+        assert str(wrong.value).replace("r1", "nope") == str(missing.value)
+        with pytest.raises(grpc.aio.AioRpcError) as raw:
+            await raw_chunks(pool, forged)
+        assert raw.value.code() == grpc.StatusCode.NOT_FOUND
+        assert not await transport.release(forged)  # a wrong token cannot free it either
+        assert holder.frees == {}
+        assert bits_equal(await transport.pull(handle), handle_tensor(holder, handle))
+
+    run_kv(body)
+
+
+def handle_tensor(holder: Holder, handle: KvHandle) -> torch.Tensor:
+    return holder.table.export(handle.request_id, handle.transfer_token)
+
+
+def test_release_frees_once_and_pull_after_release_is_not_found() -> None:
+    async def body(holder: Holder, transport: GrpcKvTransport, pool: ChannelPool) -> None:
+        handle = holder.hold("r1", random_kv((2, 2, 8, 2, 8), torch.float32))
+        await transport.pull(handle)
+        results = await asyncio.gather(*(transport.release(handle) for _ in range(5)))
+        assert sorted(results) == [False, False, False, False, True]
+        assert holder.frees == {"r1": 1}
+        with pytest.raises(NotFound):
+            await transport.pull(handle)
+        assert holder.table.stats().held == 0 and holder.table.stats().released_total == 1
+
+    run_kv(body)
+
+
+def test_lease_expiry_frees_and_then_pull_is_not_found() -> None:
+    async def body(holder: Holder, transport: GrpcKvTransport, pool: ChannelPool) -> None:
+        reaper = asyncio.create_task(holder.table.run_reaper(0.02))
+        try:
+            short = holder.hold("short", random_kv((2, 2, 8, 2, 8), torch.float32), ttl_s=0.2)
+            long = holder.hold("long", random_kv((2, 2, 8, 2, 8), torch.float32), ttl_s=30)
+            assert short.lease_expiry_unix < time.time() + 0.3
+            await asyncio.sleep(0.4)
+            assert holder.frees == {"short": 1}
+            with pytest.raises(NotFound):
+                await transport.pull(short)
+            assert not await transport.release(short)
+            assert holder.frees == {"short": 1}
+            stats = holder.table.stats()
+            assert stats.held == 1 and stats.expired_total == 1 and stats.bytes_held == 2 * 2 * 8 * 2 * 8 * 4
+            await transport.pull(long)
+        finally:
+            reaper.cancel()
+
+    run_kv(body)
+
+
+def test_layout_mismatch_is_unavailable() -> None:
+    async def body(holder: Holder, transport: GrpcKvTransport, pool: ChannelPool) -> None:
+        handle = holder.hold("r1", random_kv((2, 2, 8, 2, 8), torch.float32))
+        fields = {f: getattr(handle, f) for f in KvHandle.__slots__}
+        for change in ({"num_tokens": 9}, {"layout": KvLayout(2, 2, 8, 16, "float16")}):
+            with pytest.raises(Unavailable, match="holder sent shape"):
+                await transport.pull(KvHandle(**{**fields, **change}))
+        assert holder.frees == {}
+
+    run_kv(body)
+
+
+def test_unreachable_holder_is_unavailable() -> None:
+    async def body(holder: Holder, transport: GrpcKvTransport, pool: ChannelPool) -> None:
+        handle = holder.hold("r1", random_kv((1, 2, 1, 1, 4), torch.float32))
+        fields = {f: getattr(handle, f) for f in KvHandle.__slots__}
+        with pytest.raises(Unavailable):
+            await transport.pull(KvHandle(**{**fields, "kv_address": "127.0.0.1:1"}), timeout_s=5)
+
+    run_kv(body)
+
+
+def test_release_during_pull_defers_free_until_the_read_ends() -> None:
+    table = LeaseTable()
+    frees: list[str] = []
+    token, _ = table.hold("r1", lambda: torch.zeros(1), lambda: frees.append("r1"))
+    with table.pinned("r1", token) as export:
+        assert table.release("r1", token)
+        assert frees == [] and table.stats().reading == 1
+        export()
+        with pytest.raises(NotFound):
+            table.export("r1", token)
+    assert frees == ["r1"]
+    assert table.stats().reading == 0 and not table.release("r1", token)
+
+
+def test_lease_table_rules() -> None:
+    now = [100.0]
+    table = LeaseTable(default_ttl_s=5, clock=lambda: now[0])
+    frees: list[str] = []
+    token, _ = table.hold("a", lambda: torch.ones(2), lambda: frees.append("a"))
+    with pytest.raises(InvalidRequest):
+        table.hold("a", lambda: torch.ones(2), lambda: None)
+    assert torch.equal(table.export("a", token), torch.ones(2))
+    now[0] += 5
+    with pytest.raises(NotFound):  # expired even before the reaper ran
+        table.export("a", token)
+    assert table.expire_now() == 1 and frees == ["a"]
+    table.hold("b", lambda: torch.ones(1), lambda: frees.append("b"))
+    assert table.release_all() == 1 and frees == ["a", "b"] and len(table) == 0
+
+
+def test_handle_proto_round_trip_and_transport_choice() -> None:
+    handle = KvHandle("r1", "p0", "10.0.0.1:7001", ("shm", "grpc"), KvLayout(30, 3, 64, 16, "float32"),
+                      256, 1712345678.5, b"\x01" * 16, "host-a", {"shm": "/dev/shm/x"})
+    msg = handle.to_proto()
+    again = KvHandle.from_proto(common_pb2.KvHandle.FromString(msg.SerializeToString()))
+    assert again == handle
+    assert handle.nbytes == 256 * 46080  # 45 KiB per token, as DESIGN.md counts for SmolLM2-135M
+    with pytest.raises(InvalidRequest, match="dtype"):
+        KvLayout(1, 1, 1, 16, "complex64")
+    assert choose_transport(["shm", "gloo", "grpc"], ["shm", "grpc"], same_host=True) == "shm"
+    assert choose_transport(["shm", "gloo", "grpc"], ["shm", "gloo", "grpc"], same_host=False) == "gloo"
+    assert choose_transport(["nccl", "mooncake", "grpc"], ["mooncake", "nccl"], same_host=False) == "nccl"
+    assert choose_transport(["shm", "grpc"], ["shm", "grpc"], True, forced="grpc") == "grpc"
+    with pytest.raises(Unavailable):
+        choose_transport(["shm"], ["shm"], same_host=False)
+    with pytest.raises(Unavailable):
+        choose_transport(["grpc"], ["grpc"], True, forced="gloo")
+    with pytest.raises(InvalidRequest):
+        choose_transport(["grpc"], ["grpc"], True, forced="carrier-pigeon")
+    transports = KvTransports([GrpcKvTransport(ChannelPool())])
+    assert transports.names() == ("grpc",) and transports.get("grpc").name == "grpc"
+    with pytest.raises(Unavailable):
+        transports.get("shm")
