@@ -4,6 +4,11 @@ The runner owns fused copies of the model's weights (QKV and gate/up concatenate
 family forward with the paged cache: new K/V are written to their slots; decode attention gathers
 each sequence's slots once per layer and multiplies grouped queries against them (no repeat of KV
 heads); prefill attention runs SDPA per sequence. Logits are computed only where a token is sampled.
+
+On CPU the linear layers run on oneDNN with weights packed once at start (MKL's fp32 GEMM is several
+times slower for the skinny matrices of a decode step on this class of machine), and decode
+attention runs the native paged kernel (`distserve.engine.kernels`) that reads each sequence's
+blocks in place; without a compiler it falls back to a gather in torch, which gives the same tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distserve.engine import kernels
 from distserve.engine.kv_cache import KVLayout, PagedKVCache
 from distserve.engine.sequence import Sequence
 
@@ -30,8 +36,10 @@ class ForwardBatch:
     positions: torch.Tensor  # [N]
     write_slots: torch.Tensor  # [N] cache slot of each token's K/V
     num_decode: int  # leading tokens that are single-token decodes
-    decode_gather: torch.Tensor | None  # [B * Lmax] slots of each decode sequence's context, padded
-    decode_mask: torch.Tensor | None  # [1, B, 1, Lmax] additive mask hiding the padding
+    decode_tables: torch.Tensor | None  # [B, blocks] block table of each decode sequence, padded
+    decode_lens: torch.Tensor | None  # [B] context length of each decode sequence
+    decode_gather: torch.Tensor | None  # [B * Lmax] padded context slots (torch fallback only)
+    decode_mask: torch.Tensor | None  # [1, B, 1, Lmax] additive mask hiding the padding (fallback)
     decode_max_len: int  # Lmax
     chunks: list[tuple[int, int, int, torch.Tensor | None]]  # (flat start, flat end, ctx start, ctx slots)
     logits_index: torch.Tensor  # [S] flat indices whose logits are wanted
@@ -42,20 +50,43 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _use_onednn(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+class _Linear:
+    """y = x W^T + b, on oneDNN with a prepacked weight where that is faster (CPU fp32)."""
+
+    __slots__ = ("weight", "bias", "packed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight = weight.detach()
+        self.bias = bias.detach() if bias is not None else None
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16) if _use_onednn(self.weight) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _cat_bias(*mods) -> torch.Tensor | None:
+    biases = [m.bias for m in mods]
+    return torch.cat(biases) if all(b is not None for b in biases) else None
+
+
 class _Layer:
-    __slots__ = ("ln1", "ln2", "wqkv", "bqkv", "wo", "bo", "wgu", "wdown")
+    __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down")
 
     def __init__(self, layer: torch.nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
         self.ln1 = layer.input_layernorm.weight.detach()
         self.ln2 = layer.post_attention_layernorm.weight.detach()
-        self.wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
-        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-        self.bqkv = torch.cat(biases).detach() if all(b is not None for b in biases) else None
-        self.wo = attn.o_proj.weight.detach()
-        self.bo = attn.o_proj.bias.detach() if attn.o_proj.bias is not None else None
-        self.wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
-        self.wdown = mlp.down_proj.weight.detach()
+        qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qkv = _Linear(torch.cat([m.weight for m in qkv]), _cat_bias(*qkv))
+        self.o = _Linear(attn.o_proj.weight, attn.o_proj.bias)
+        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), _cat_bias(mlp.gate_proj, mlp.up_proj))
+        self.down = _Linear(mlp.down_proj.weight, mlp.down_proj.bias)
 
 
 class ModelRunner:
@@ -74,8 +105,10 @@ class ModelRunner:
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach()
         self.norm = inner.norm.weight.detach()
-        self.lm_head = model.lm_head.weight.detach()
+        self.lm_head = _Linear(model.lm_head.weight)
         self.layers = [_Layer(layer) for layer in inner.layers]
+        native = self.device.type == "cpu" and cache.data.dtype == torch.float32
+        self.kernel = kernels.paged_attention() if native else None
         with torch.no_grad():
             pos = torch.arange(max_model_len, device=self.device)[None]
             cos, sin = inner.rotary_emb(self.embed[:1][None], position_ids=pos)
@@ -95,27 +128,27 @@ class ModelRunner:
         pos: list[int] = []
         slot_parts: list[torch.Tensor] = []
         logits_index: list[int] = []
-        gather = mask = None
+        table = len_t = gather = mask = None
         lmax = 0
         if decode:
             lens = [s.num_tokens for s in decode]  # context including the token being fed
             lmax = max(lens)
             nblk = (lmax + bs - 1) // bs
-            table = torch.zeros((len(decode), nblk), dtype=torch.long)
+            table = torch.tensor([s.block_table[:nblk] + [0] * (nblk - len(s.block_table[:nblk])) for s in decode])
             for i, s in enumerate(decode):
-                n = (lens[i] + bs - 1) // bs
-                table[i, :n] = torch.tensor(s.block_table[:n])
                 ids.append(s.last_token_id)
                 pos.append(lens[i] - 1)
-            slots = (table[:, :, None] * bs + torch.arange(bs)).view(len(decode), -1)[:, :lmax]
             len_t = torch.tensor(lens)
-            gather = slots.reshape(-1).to(self.device)
-            valid = torch.arange(lmax)[None, :] < len_t[:, None]
-            mask = torch.zeros((len(decode), lmax), dtype=cache.data.dtype)
-            mask.masked_fill_(~valid, float("-inf"))
-            mask = mask.view(1, len(decode), 1, lmax).to(self.device)
-            slot_parts.append(slots[torch.arange(len(decode)), len_t - 1])
+            last = len_t - 1
+            slot_parts.append(table[torch.arange(len(decode)), last // bs] * bs + last % bs)
             logits_index.extend(range(len(decode)))
+            if self.kernel is None:
+                slots = (table[:, :, None] * bs + torch.arange(bs)).view(len(decode), -1)[:, :lmax]
+                gather = slots.reshape(-1).to(self.device)
+                valid = torch.arange(lmax)[None, :] < len_t[:, None]
+                mask = torch.zeros((len(decode), lmax), dtype=cache.data.dtype)
+                mask.masked_fill_(~valid, float("-inf"))
+                mask = mask.view(1, len(decode), 1, lmax).to(self.device)
         chunk_specs = []
         for c, want in zip(chunks, sample):
             a = len(ids)
@@ -131,6 +164,8 @@ class ModelRunner:
             positions=torch.tensor(pos, device=self.device),
             write_slots=torch.cat(slot_parts).to(self.device),
             num_decode=len(decode),
+            decode_tables=table,
+            decode_lens=len_t,
             decode_gather=gather,
             decode_mask=mask,
             decode_max_len=lmax,
@@ -156,7 +191,7 @@ class ModelRunner:
         kv = self.cache.data
         for li, L in enumerate(self.layers):
             x = self._rms(h, L.ln1)
-            qkv = F.linear(x, L.wqkv, L.bqkv)
+            qkv = L.qkv(x)
             q = qkv[:, : H * D].view(n, H, D)
             k = qkv[:, H * D : (H + KH) * D].view(n, KH, D)
             v = qkv[:, (H + KH) * D :].view(n, KH, D)
@@ -170,16 +205,22 @@ class ModelRunner:
                 out[: b.num_decode] = self._decode_attention(q[: b.num_decode], kc, vc, b)
             for a, e, ctx_start, ctx in b.chunks:
                 out[a:e] = self._prefill_attention(q[a:e], k[a:e], v[a:e], kc, vc, ctx_start, ctx)
-            h = h + F.linear(out.view(n, H * D), L.wo, L.bo)
+            h = h + L.o(out.view(n, H * D))
             x = self._rms(h, L.ln2)
-            gu = F.linear(x, L.wgu)
+            gu = L.gate_up(x)
             m = gu.shape[-1] // 2
-            h = h + F.linear(F.silu(gu[:, :m]) * gu[:, m:], L.wdown)
+            h = h + L.down(F.silu(gu[:, :m]) * gu[:, m:])
         h = self._rms(h[b.logits_index], self.norm)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
     def _decode_attention(self, q, kc, vc, b: ForwardBatch) -> torch.Tensor:
         B, KH, G, D, Lm = b.num_decode, self.num_kv_heads, self.group, self.head_dim, b.decode_max_len
+        if self.kernel is not None:
+            out = torch.empty((B, KH * G, D), dtype=q.dtype)
+            self.kernel.paged_decode_attention(
+                out, q.contiguous(), kc, vc, b.decode_tables, b.decode_lens, self.cache.layout.block_size, self.scale
+            )
+            return out
         qg = q.view(B, KH, G, D).transpose(0, 1)  # [KH, B, G, D]
         keys = kc.index_select(1, b.decode_gather).view(KH, B, Lm, D)
         vals = vc.index_select(1, b.decode_gather).view(KH, B, Lm, D)

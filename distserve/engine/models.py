@@ -152,6 +152,8 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     log.info("dequantising %s (once; later starts read safetensors)", gguf.name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain fp32 tensors now; drop the GGUF quantizer so they save as safetensors.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)

@@ -1,0 +1,174 @@
+"""An engine on its own thread, driven from asyncio.
+
+Commands (add a request, reserve blocks, import KV, abort, export, free) go through a thread-safe
+queue and run on the engine thread between steps; their results come back as asyncio futures. Every
+`RequestOutput` of a step is delivered to that request's asyncio queue on the caller's loop. A
+request's stream ends after its finishing (or HELD) output; `abort` ends it at once. `stop` ends the
+thread after the step in flight; requests still streaming get a CANCELLED end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import torch
+
+from distserve.engine.engine import EngineStats, LLMEngine, RequestOutput
+from distserve.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_END = object()  # closes a stream without an output (abort, shutdown)
+
+
+class EngineWorker:
+    def __init__(self, engine: LLMEngine, threads: int | None = None):
+        self.engine = engine
+        self.threads = threads
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.stats: EngineStats = engine.stats()  # refreshed after every step and command
+        self.steps = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopped.set()
+        self._commands.put(None)
+        self._thread.join(timeout_s)
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        for loop, q in streams.values():
+            loop.call_soon_threadsafe(q.put_nowait, _END)
+
+    # -- calls from asyncio ------------------------------------------------------------------
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Runs fn(engine) on the engine thread and returns its result (or raises its error)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._commands.put((fn, loop, fut))
+        return await fut
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Adds a request to be prefilled here; yields its outputs until it finishes (or is held)."""
+        q = self._open(request_id)
+        try:
+            await self.call(lambda e: e.add_request(request_id, prompt, params))
+        except BaseException:
+            self._close(request_id)
+            raise
+        return self._drain(request_id, q)
+
+    async def decode_prefilled(self, request_id: str, first_token: int, first_logprob: float | None, kv: torch.Tensor) -> AsyncIterator[RequestOutput]:
+        """Imports KV into blocks reserved earlier with `reserve`; yields the outputs after the first token."""
+        q = self._open(request_id)
+        try:
+            done = await self.call(lambda e: e.admit_prefilled(request_id, first_token, first_logprob, kv))
+        except BaseException:
+            self._close(request_id)
+            raise
+        if done is not None:
+            q.put_nowait(done)
+        return self._drain(request_id, q)
+
+    async def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        await self.call(lambda e: e.reserve(request_id, prompt, params))
+
+    async def abort(self, request_id: str) -> bool:
+        self._close(request_id)
+        return await self.call(lambda e: e.abort(request_id))
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Abort from any thread without waiting (used by lease expiry and cancellations)."""
+        self._close(request_id)
+        self._commands.put((lambda e: e.abort(request_id), None, None))
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _open(self, request_id: str) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._streams[request_id] = (asyncio.get_running_loop(), q)
+        return q
+
+    def _close(self, request_id: str) -> None:
+        with self._lock:
+            entry = self._streams.pop(request_id, None)
+        if entry is not None:
+            loop, q = entry
+            loop.call_soon_threadsafe(q.put_nowait, _END)
+
+    async def _drain(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                out = await q.get()
+                if out is _END:
+                    return
+                yield out
+                if out.finished or out.held:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            entry = self._streams.get(out.request_id)
+            if entry is not None and (out.finished or out.held):
+                del self._streams[out.request_id]
+        if entry is not None:
+            loop, q = entry
+            loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _run_command(self, item) -> None:
+        fn, loop, fut = item
+        try:
+            result = fn(self.engine)
+        except BaseException as exc:  # handed to the caller, never kills the thread
+            if fut is not None:
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(exc))
+            else:
+                log.warning("engine command failed: %s", exc)
+            return
+        if fut is not None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+
+    def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        engine = self.engine
+        while not self._stopped.is_set():
+            try:
+                item = self._commands.get(timeout=0.5) if not engine.has_work() else self._commands.get_nowait()
+            except queue.Empty:
+                item = False
+            while item:
+                self._run_command(item)
+                try:
+                    item = self._commands.get_nowait()
+                except queue.Empty:
+                    item = False
+            if item is None or self._stopped.is_set():
+                break
+            if engine.has_work():
+                try:
+                    outs = engine.step()
+                except Exception:
+                    log.exception("engine step failed; aborting the requests in it")
+                    for rid in list(engine._seqs):
+                        engine.abort(rid)
+                        self._close(rid)
+                    outs = []
+                self.steps += 1
+                for out in outs:
+                    self._deliver(out)
+            self.stats = engine.stats()
