@@ -63,6 +63,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     held: bool = False  # prefill-only engine: KV kept for export
+    held_blocks: tuple[int, ...] = ()  # when held: the blocks holding the prompt's KV (owned until `free`)
     queue_s: float = 0.0  # set with the first token: arrival to first scheduled
     prefill_s: float = 0.0  # set with the first token: first scheduled to first token
 
@@ -272,6 +273,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_token_ids),
             held=seq.status is SequenceStatus.HELD,
+            held_blocks=tuple(seq.block_table) if seq.status is SequenceStatus.HELD else (),
         )
 
     def _free_blocks(self, seq: Sequence) -> None:

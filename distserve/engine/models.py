@@ -204,3 +204,13 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
             eos.update(src)
     max_len = int(getattr(model.config, "max_position_embeddings", 2048))
     return LoadedModel(name, model, tokenizer, tuple(sorted(eos)), max_len, dev)
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer alone (what a router needs), without loading weights."""
+    directory = resolve_model_dir(name)
+    if directory is None:
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)

@@ -1,0 +1,211 @@
+"""What every model worker (prefill, decode, colocated) shares: settings, engine thread, gRPC
+server, registry heartbeat, metrics, and shutdown in order.
+
+Start: load the model -> start the engine thread -> warm it with one request -> bind the gRPC server
+(health NOT_SERVING) -> register in Redis and start the heartbeat -> health SERVING.
+Stop (SIGTERM/SIGINT): health NOT_SERVING and `draining` published -> leave the registry -> wait up to
+`drain_s` for in-flight requests -> stop the server -> release held KV -> stop the engine -> close Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+import torch
+
+from distserve.config import setting
+from distserve.engine.engine import EngineConfig, LLMEngine
+from distserve.engine.models import load_model
+from distserve.engine.sampling import SamplingParams
+from distserve.engine.worker import EngineWorker
+from distserve.metrics import Metrics
+from distserve.rpc.server import BuiltServer, build_server
+from distserve.state.registry import Heartbeat, Registry, WorkerInfo, WorkerLoad
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    role: str = setting("decode", "what this worker does", ("prefill", "decode", "colocated"))
+    model: str = setting("smollm2-135m", "model name, Hugging Face directory or .gguf path")
+    host: str = setting("127.0.0.1", "address to bind")
+    port: int = setting(0, "gRPC port (0 = any free port)")
+    advertise_host: str = setting("", "address peers use to reach this worker (default: host, or the hostname when binding 0.0.0.0)")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis holding the registry")
+    worker_id: str = setting("", "unique id (default: role-hostname-random)")
+    device: str = setting("auto", "auto, cpu or cuda[:N]")
+    dtype: str = setting("auto", "weights and KV dtype", ("auto", "float32", "bfloat16", "float16"))
+    threads: int = setting(0, "torch threads for the engine (0 = torch's default)")
+    cpus: str = setting("", "CPU cores to pin this process to, e.g. 0-1 or 2,3 (empty = no pinning)")
+    block_size: int = setting(16, "tokens per KV block")
+    kv_cache_bytes: int = setting(1 << 30, "KV cache capacity in bytes")
+    num_blocks: int = setting(0, "KV cache capacity in blocks (overrides kv_cache_bytes when > 0)")
+    max_num_batched_tokens: int = setting(2048, "token budget of one engine step")
+    max_num_seqs: int = setting(64, "most sequences in one engine step")
+    chunked_prefill: bool = setting(False, "mix prompt chunks into decode steps (decode/colocated)")
+    lease_s: float = setting(30.0, "how long prefilled KV waits for a decode worker before it is freed")
+    heartbeat_s: float = setting(0.5, "how often load is published to Redis")
+    ttl_s: float = setting(3.0, "registry entry lifetime without a heartbeat")
+    metrics_port: int = setting(0, "Prometheus HTTP port (0 = any free port, -1 = off)")
+    drain_s: float = setting(30.0, "grace period for in-flight requests on shutdown")
+    seed: int = setting(0, "seed of tiny-llama's weights and of unseeded sampling")
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.kv_cache_bytes < 1 or self.max_num_seqs < 1:
+            raise ValueError("block_size, kv_cache_bytes and max_num_seqs must be >= 1")
+        if self.ttl_s <= self.heartbeat_s:
+            raise ValueError(f"ttl_s ({self.ttl_s}) must exceed heartbeat_s ({self.heartbeat_s})")
+
+    def engine_config(self, mode: str) -> EngineConfig:
+        return EngineConfig(
+            mode=mode,
+            block_size=self.block_size,
+            num_blocks=self.num_blocks or None,
+            kv_cache_bytes=self.kv_cache_bytes,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            chunked_prefill=self.chunked_prefill,
+            seed=self.seed,
+        )
+
+
+def parse_cpus(spec: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in filter(None, spec.split(",")):
+        a, _, b = part.partition("-")
+        cpus.update(range(int(a), int(b or a) + 1))
+    return cpus
+
+
+def host_id() -> str:
+    """Identity of this host for same-host transports (boot id + hostname)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "unknown"
+    return f"{socket.gethostname()}:{boot}"
+
+
+class WorkerRuntime:
+    """Owns the engine and the process-level plumbing; services add their servicers to `server`."""
+
+    def __init__(self, settings: WorkerSettings, services: tuple[str, ...]):
+        self.settings = settings
+        self.services = services
+        self.worker_id = settings.worker_id or f"{settings.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.metrics = Metrics(settings.role)
+        self.engine: LLMEngine | None = None
+        self.worker: EngineWorker | None = None
+        self.built: BuiltServer | None = None
+        self.redis: aioredis.Redis | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.draining = False
+        self.inflight = 0
+        self.stop_event = asyncio.Event()
+
+    # -- start -------------------------------------------------------------------------------
+    def load(self) -> None:
+        s = self.settings
+        if s.cpus:
+            os.sched_setaffinity(0, parse_cpus(s.cpus))
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        lm = load_model(s.model, device=s.device, dtype=s.dtype, seed=s.seed)
+        mode = "prefill" if s.role == "prefill" else "decode"
+        self.engine = LLMEngine(lm, s.engine_config(mode))
+        self.worker = EngineWorker(self.engine, threads=s.threads or None)
+        log.info("%s loaded %s: %d KV blocks of %d tokens", self.worker_id, s.model, self.engine.blocks.num_blocks, s.block_size)
+
+    async def warm_up(self) -> None:
+        """One tiny request through the engine, so the first real one pays no lazy start-up."""
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        stream = await self.worker.generate("warm-up", [1, 2, 3, 4], params)
+        async for out in stream:
+            if out.held:
+                await self.worker.abort("warm-up")
+
+    async def start(self) -> None:
+        s = self.settings
+        self.load()
+        self.worker.start()
+        await self.warm_up()
+        self.built = await build_server(self.services, host=s.host, port=s.port)
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(s.metrics_port, host=s.host)
+        self.redis = aioredis.from_url(s.redis_url)
+        self.registry = Registry(self.redis)
+
+    def advertise(self) -> str:
+        s = self.settings
+        host = s.advertise_host or (socket.gethostname() if s.host in ("0.0.0.0", "::") else s.host)
+        return f"{host}:{self.built.port}"
+
+    def info(self, transports: tuple[str, ...]) -> WorkerInfo:
+        e = self.engine
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            role=self.settings.role,
+            address=self.advertise(),
+            kv_address=self.advertise(),
+            model=self.settings.model,
+            host_id=host_id(),
+            transports=transports,
+            total_blocks=e.blocks.num_blocks,
+            block_size=e.config.block_size,
+            max_model_len=e.max_model_len,
+            started_at=time.time(),
+        )
+
+    def load_now(self) -> WorkerLoad:
+        st = self.worker.stats
+        self.metrics.observe_engine(st)
+        return WorkerLoad(
+            queued_requests=st.queued_requests,
+            queued_tokens=st.queued_tokens,
+            running_requests=st.running_requests,
+            free_blocks=st.free_blocks,
+            total_blocks=st.total_blocks,
+            draining=self.draining,
+        )
+
+    async def serve(self, transports: tuple[str, ...] = ("grpc",)) -> None:
+        """Starts serving and registers; returns when a stop signal arrives and shutdown is done."""
+        await self.built.server.start()
+        self.heartbeat = Heartbeat(self.registry, self.info(transports), self.load_now, interval_s=self.settings.heartbeat_s, ttl_s=self.settings.ttl_s)
+        await self.heartbeat.start()
+        await self.built.health.set_serving()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        log.info("%s serving on %s (role %s)", self.worker_id, self.advertise(), self.settings.role)
+        print(f"READY {self.settings.role} {self.advertise()}", flush=True)
+        await self.stop_event.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        log.info("%s draining", self.worker_id)
+        self.draining = True
+        await self.built.health.enter_graceful_shutdown()
+        if self.heartbeat is not None:
+            await self.heartbeat.stop(deregister=True)
+        deadline = time.monotonic() + self.settings.drain_s
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.built.server.stop(grace=1.0)
+        self.on_stop()
+        self.worker.stop()
+        await self.redis.aclose()
+        log.info("%s stopped", self.worker_id)
+
+    def on_stop(self) -> None:
+        """Hook for services (the prefill worker releases its held KV here)."""

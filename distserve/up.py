@@ -1,0 +1,154 @@
+"""`distserve up`: the whole suite on this machine, as separate processes.
+
+Order: pull the model once -> start our own Redis (free port, no persistence) -> start the workers,
+each pinned to its share of the cores with a matching torch thread count -> start the router -> wait
+until every process reports SERVING on gRPC health -> print the address. SIGINT/SIGTERM, or any
+process dying, stops everything in reverse: router, workers (each drains), Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from distserve.engine.models import home, resolve_model_dir
+from distserve.state.redis_server import RedisServer, free_port
+
+READY_TIMEOUT_S = 900.0
+
+
+@dataclass(slots=True)
+class Proc:
+    name: str
+    address: str
+    popen: subprocess.Popen
+    log: Path
+
+
+def core_plan(workers: int, threads: int, pin: bool) -> list[tuple[int, str]]:
+    """(threads, cpu list) for each worker: the cores divided among them, disjoint where possible."""
+    cores = sorted(os.sched_getaffinity(0))
+    if workers <= 0:
+        return []
+    share = max(1, len(cores) // workers)
+    plan = []
+    for i in range(workers):
+        mine = cores[(i * share) % len(cores):][:share] if pin and workers <= len(cores) else []
+        plan.append((threads or share, ",".join(map(str, mine))))
+    return plan
+
+
+def wait_serving(address: str, proc: subprocess.Popen, deadline: float) -> None:
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited with code {proc.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} not SERVING after {READY_TIMEOUT_S:.0f}s")
+
+
+class Suite:
+    def __init__(self, args):
+        self.args = args
+        self.procs: list[Proc] = []
+        self.redis: RedisServer | None = None
+        self.logs = Path(args.logs) if args.logs else home() / "logs" / time.strftime("up-%Y%m%d-%H%M%S")
+        self._stop = False
+
+    def _spawn(self, name: str, argv: list[str], address: str) -> Proc:
+        log = self.logs / f"{name}.log"
+        f = open(log, "wb")
+        popen = subprocess.Popen([sys.executable, "-m", "distserve.cli", *argv], stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        p = Proc(name, address, popen, log)
+        self.procs.append(p)
+        return p
+
+    def start(self) -> str:
+        a = self.args
+        self.logs.mkdir(parents=True, exist_ok=True)
+        resolve_model_dir(a.model)  # pull/convert once, before the workers race for it
+        self.redis = RedisServer(host="127.0.0.1").start()
+        roles = ["prefill"] * a.prefill + ["decode"] * a.decode + ["colocated"] * a.colocated
+        if not roles or (a.prefill and not a.decode):
+            raise SystemExit("need decode workers for prefill workers, or colocated workers")
+        plan = core_plan(len(roles), a.threads, not a.no_pin)
+        common = ["--model", a.model, "--redis-url", self.redis.url, "--host", a.host]
+        workers = []
+        counts: dict[str, int] = {}
+        for role, (threads, cpus) in zip(roles, plan):
+            counts[role] = counts.get(role, 0) + 1
+            port = free_port(a.host)
+            name = f"{role}-{counts[role]}"
+            argv = ["serve", role, *common, "--port", str(port), "--threads", str(threads), "--worker-id", name, *a.worker_arg]
+            if cpus:
+                argv += ["--cpus", cpus]
+            workers.append(self._spawn(name, argv, f"{a.host}:{port}"))
+        router = self._spawn("router", ["serve", "router", *common, "--port", str(a.port)], f"{a.host}:{a.port}")
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for p in [*workers, router]:
+            try:
+                wait_serving(p.address, p.popen, deadline)
+            except Exception as exc:
+                self.report_failure(p, exc)
+                raise SystemExit(1)
+        return router.address
+
+    def report_failure(self, p: Proc, exc: Exception) -> None:
+        print(f"{p.name} failed to start: {exc}; last lines of {p.log}:", file=sys.stderr)
+        try:
+            print("".join(p.log.read_text(errors="replace").splitlines(True)[-30:]), file=sys.stderr)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):  # router first, then the workers
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.popen.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+        if self.redis is not None:
+            self.redis.stop()
+
+    def run(self) -> int:
+        def on_signal(signum, frame):
+            self._stop = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        code = 0
+        try:
+            address = self.start()
+            a = self.args
+            print(f"distserve is up: router at {address} ({a.prefill} prefill, {a.decode} decode, {a.colocated} colocated; "
+                  f"model {a.model}; logs in {self.logs}). Ctrl-C stops it.", flush=True)
+            while not self._stop:
+                dead = next((p for p in self.procs if p.popen.poll() is not None), None)
+                if dead is not None:
+                    self.report_failure(dead, RuntimeError(f"exited with code {dead.popen.returncode}"))
+                    code = 1
+                    break
+                time.sleep(0.5)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            self.stop()
+            print("distserve stopped.", flush=True)
+        return code

@@ -1,0 +1,125 @@
+"""Decode servicer: pull a prompt's KV from its prefill worker, then stream the rest of the tokens.
+
+Admission first: blocks for the prompt plus every token it may generate are reserved before any KV
+moves; while none are free the request waits (its KV stays leased on the prefill side, which in turn
+stops admitting prompts when full). Then the KV is pulled over the best shared transport, the lease is
+released, and the request joins the running batch. Without a KV handle the worker prefills the
+prompt itself (conditional disaggregation, or the colocated role). A cancelled call aborts the request
+and frees its blocks; a failed pull frees the reservation and ends with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from distserve.engine.errors import InvalidRequest, ResourceExhausted, Unavailable
+from distserve.kv.grpc_transport import GrpcKvTransport
+from distserve.kv.handle import KvHandle, dtype_name
+from distserve.kv.transport import choose_transport
+from distserve.rpc.convert import finish_to_pb, params_from_pb
+from distserve.rpc.errors import grpc_errors
+from distserve.runtime import WorkerRuntime, host_id
+from distserve.v1 import decode_pb2, decode_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ADMISSION_POLL_S = 0.01
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, runtime: WorkerRuntime, grpc_transport: GrpcKvTransport, transports: tuple[str, ...], force_transport: str | None = None):
+        self.rt = runtime
+        self.grpc = grpc_transport
+        self.offers = transports
+        self.force = force_transport
+        self.host = host_id()
+        self._background: set[asyncio.Task] = set()
+
+    def _check_layout(self, handle: KvHandle) -> None:
+        lay = self.rt.engine.layout
+        ours = (lay.num_layers, lay.num_kv_heads, lay.head_dim, dtype_name(lay.dtype))
+        theirs = (handle.layout.num_layers, handle.layout.num_kv_heads, handle.layout.head_dim, handle.layout.dtype)
+        if ours != theirs:
+            raise InvalidRequest("kv_handle", f"KV layout {theirs} does not match this worker's {ours} (different model?)")
+
+    async def _admit(self, rid: str, prompt: list[int], params, handle: KvHandle, context) -> None:
+        """Reserves blocks, waiting while the cache is full (until the lease is about to end)."""
+        while True:
+            try:
+                await self.rt.worker.reserve(rid, prompt, params)
+                return
+            except ResourceExhausted:
+                remaining = context.time_remaining()
+                if time.time() > handle.lease_expiry_unix - 1.0 or (remaining is not None and remaining < 0.5):
+                    raise
+                await asyncio.sleep(ADMISSION_POLL_S)
+
+    async def _pull(self, rid: str, handle: KvHandle):
+        transport = choose_transport(self.offers, handle.transports, same_host=handle.host_id == self.host, forced=self.force)
+        t = time.monotonic()
+        try:
+            kv = await self.grpc.pull(handle)
+        except Unavailable:
+            log.warning("KV pull of %s failed once; retrying over grpc", rid)
+            kv = await self.grpc.pull(handle)
+        seconds = time.monotonic() - t
+        m = self.rt.metrics
+        m.transfer_seconds.labels(transport).inc(seconds)
+        m.transfer_bytes.labels(transport).inc(kv.numel() * kv.element_size())
+        task = asyncio.create_task(self.grpc.release(handle))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return kv, seconds, transport
+
+    @grpc_errors
+    async def Decode(self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        rt = self.rt
+        rid = request.request_id
+        params = params_from_pb(request.params)
+        prompt = list(request.prompt_token_ids)
+        rt.inflight += 1
+        t0 = time.monotonic()
+        finished = False
+        try:
+            if request.HasField("kv_handle"):
+                handle = KvHandle.from_proto(request.kv_handle)
+                self._check_layout(handle)
+                await self._admit(rid, prompt, params, handle, context)
+                queue_s = time.monotonic() - t0
+                try:
+                    kv, transfer_s, transport = await self._pull(rid, handle)
+                except BaseException:
+                    await rt.worker.abort(rid)
+                    raise
+                lp = request.first_logprob if params.logprobs else None
+                stream = await rt.worker.decode_prefilled(rid, request.first_token, lp, kv)
+                rt.metrics.decisions.labels("disaggregated").inc()
+                yield decode_pb2.DecodeResponse(
+                    queue_s=queue_s, kv_transfer_s=transfer_s, kv_bytes=kv.numel() * kv.element_size(),
+                    kv_transport=transport, worker_id=rt.worker_id,
+                )
+            else:
+                stream = await rt.worker.generate(rid, prompt, params)
+                rt.metrics.decisions.labels("local_prefill").inc()
+                yield decode_pb2.DecodeResponse(worker_id=rt.worker_id, kv_transport="local")
+            n = 0
+            async for out in stream:
+                n += len(out.new_token_ids)
+                msg = decode_pb2.DecodeResponse(token_ids=out.new_token_ids, logprobs=out.new_logprobs)
+                if out.prefill_s:
+                    msg.queue_s, msg.prefill_compute_s = out.queue_s, out.prefill_s
+                if out.finished:
+                    msg.finish_reason = finish_to_pb(out.finish_reason)
+                    finished = True
+                yield msg
+            rt.metrics.tokens.labels("decode").inc(n)
+            rt.metrics.requests.labels("decode", "finished" if finished else "cancelled").inc()
+            log.info("decoded %s: %d prompt + %d new tokens in %.3fs", rid, len(prompt), n, time.monotonic() - t0)
+        finally:
+            rt.inflight -= 1
+            if not finished:
+                rt.worker.abort_nowait(rid)

@@ -1,0 +1,92 @@
+"""Prefill servicer: a prompt in, its first token and a KV handle out.
+
+The prompt joins the engine's prefill queue (batched by token budget; when KV blocks run out it
+waits there). Once prefilled, its KV stays in the engine's blocks under a lease in the `LeaseTable`;
+the decode worker pulls it through KvTransfer and releases it, or the lease expires and the reaper
+frees it. A cancelled call aborts the request wherever it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from distserve.engine.engine import LLMEngine
+from distserve.kv.handle import KvHandle, KvLayout, dtype_name
+from distserve.kv.lease import LeaseTable
+from distserve.rpc.convert import finish_to_pb, params_from_pb
+from distserve.rpc.errors import grpc_errors
+from distserve.runtime import WorkerRuntime, host_id
+from distserve.v1 import prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, runtime: WorkerRuntime, leases: LeaseTable, transports: tuple[str, ...]):
+        self.rt = runtime
+        self.leases = leases
+        self.transports = transports
+        e: LLMEngine = runtime.engine
+        lay = e.layout
+        self.layout = KvLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, dtype_name(lay.dtype))
+
+    @grpc_errors
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext) -> prefill_pb2.PrefillResponse:
+        rid = request.request_id
+        params = params_from_pb(request.params)
+        prompt = list(request.token_ids)
+        rt = self.rt
+        rt.inflight += 1
+        t0 = time.monotonic()
+        try:
+            stream = await rt.worker.generate(rid, prompt, params)
+            out = None
+            async for out in stream:
+                break
+            if out is None:
+                raise asyncio.CancelledError()
+        except asyncio.CancelledError:
+            await rt.worker.abort(rid)
+            raise
+        finally:
+            rt.inflight -= 1
+        resp = prefill_pb2.PrefillResponse(
+            first_token=out.new_token_ids[0],
+            first_logprob=out.new_logprobs[0] if out.new_logprobs else 0.0,
+            queue_s=out.queue_s,
+            compute_s=out.prefill_s,
+            worker_id=rt.worker_id,
+        )
+        rt.metrics.tokens.labels("prefill").inc()
+        if out.finished:
+            resp.finish_reason = finish_to_pb(out.finish_reason)
+            rt.metrics.requests.labels("prefill", "finished").inc()
+            return resp
+        table, n = list(out.held_blocks), out.num_prompt_tokens
+        cache = rt.engine.cache  # reading held blocks is safe from any thread: nothing else owns them
+        token, expiry = self.leases.hold(
+            rid,
+            export_fn=lambda: cache.export(table, n),
+            free_fn=lambda: rt.worker.abort_nowait(rid),
+            ttl_s=rt.settings.lease_s,
+            nbytes=n * self.layout.bytes_per_token(),
+        )
+        handle = KvHandle(
+            request_id=rid,
+            worker_id=rt.worker_id,
+            kv_address=rt.advertise(),
+            transports=self.transports,
+            layout=self.layout,
+            num_tokens=n,
+            lease_expiry_unix=expiry,
+            transfer_token=token,
+            host_id=host_id(),
+        )
+        resp.kv_handle.CopyFrom(handle.to_proto())
+        rt.metrics.requests.labels("prefill", "held").inc()
+        log.info("prefilled %s: %d prompt tokens, queue %.3fs, compute %.3fs (%.3fs total)", rid, n, out.queue_s, out.prefill_s, time.monotonic() - t0)
+        return resp

@@ -1,0 +1,68 @@
+"""`distserve serve router`: the public Generation service, stateless apart from caches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from distserve.config import setting
+from distserve.engine.models import load_tokenizer
+from distserve.metrics import Metrics
+from distserve.rpc.channels import ChannelPool
+from distserve.rpc.server import build_server
+from distserve.state.registry import Registry
+from distserve.state.requests import RequestStateStore
+from distserve.v1 import generation_pb2_grpc
+from services.router.picker import WorkerPicker
+from services.router.servicer import GenerationServicer
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("distserve.v1.Generation",)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    model: str = setting("smollm2-135m", "model served (its tokenizer is loaded here)")
+    host: str = setting("127.0.0.1", "address to bind")
+    port: int = setting(50051, "gRPC port of the public API (0 = any free port)")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis holding the registry and request state")
+    refresh_s: float = setting(0.2, "longest time between two reads of the worker registry")
+    prefill_timeout_s: float = setting(120.0, "deadline of one prefill call")
+    state_ttl_s: float = setting(3600.0, "how long request state stays in Redis")
+    metrics_port: int = setting(0, "Prometheus HTTP port (0 = any free port, -1 = off)")
+    drain_s: float = setting(30.0, "grace period for in-flight requests on shutdown")
+
+    def __post_init__(self):
+        if self.refresh_s <= 0:
+            raise ValueError(f"refresh_s must be > 0, got {self.refresh_s}")
+
+
+async def run(settings: RouterSettings) -> None:
+    tokenizer = await asyncio.to_thread(load_tokenizer, settings.model)
+    r = aioredis.from_url(settings.redis_url)
+    metrics = Metrics("router")
+    pool = ChannelPool()
+    picker = WorkerPicker(Registry(r), settings.model, settings.refresh_s)
+    servicer = GenerationServicer(tokenizer, settings.model, picker, RequestStateStore(r, ttl_s=settings.state_ttl_s), pool, metrics, settings.prefill_timeout_s)
+    built = await build_server(SERVICES, host=settings.host, port=settings.port)
+    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, built.server)
+    if settings.metrics_port >= 0:
+        metrics.serve(settings.metrics_port, host=settings.host)
+    await built.server.start()
+    await built.health.set_serving()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("router serving %s on %s", settings.model, built.address)
+    print(f"READY router {built.address}", flush=True)
+    await stop.wait()
+    await built.health.enter_graceful_shutdown()
+    await built.server.stop(grace=settings.drain_s)
+    await pool.close_all()
+    await r.aclose()
