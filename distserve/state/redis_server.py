@@ -119,7 +119,8 @@ class RedisServer:
             *self._extra_args,
         ]
         self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C meant for our parent must not stop Redis before the workers leave it
         )
         deadline = time.monotonic() + self._start_timeout_s
         while True:
