@@ -175,6 +175,7 @@ class WorkerRuntime:
             running_requests=st.running_requests,
             free_blocks=st.free_blocks,
             total_blocks=st.total_blocks,
+            held_requests=st.held_requests,
             draining=self.draining,
         )
 

@@ -63,6 +63,7 @@ class WorkerLoad:
     running_requests: int = 0  # in the running batch
     free_blocks: int = 0  # free KV blocks
     total_blocks: int = 0  # KV blocks in all
+    held_requests: int = 0  # prefilled KV held under a lease, waiting for a decode worker
     draining: bool = False  # shutting down: take no new work
     updated_at: float = 0.0  # unix time of this sample; 0 = stamp at publish
 
