@@ -138,7 +138,7 @@ class Suite:
             address = self.start()
             a = self.args
             print(f"distserve is up: router at {address} ({a.prefill} prefill, {a.decode} decode, {a.colocated} colocated; "
-                  f"model {a.model}; logs in {self.logs}). Ctrl-C stops it.", flush=True)
+                  f"model {a.model}; redis at {self.redis.url}; logs in {self.logs}). Ctrl-C stops it.", flush=True)
             while not self._stop:
                 dead = next((p for p in self.procs if p.popen.poll() is not None), None)
                 if dead is not None:
