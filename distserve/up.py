@@ -9,6 +9,7 @@ process dying, stops everything in reverse: router, workers (each drains), Redis
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -152,3 +153,49 @@ class Suite:
             self.stop()
             print("distserve stopped.", flush=True)
         return code
+
+
+class UpProcess:
+    """`distserve up` in a subprocess; prints every log on failure."""
+
+    def __init__(self, tmp: Path, *args: str, timeout_s: float = READY_TIMEOUT_S):
+        self.port = free_port()
+        self.logs = tmp / "logs"
+        self.out = tmp / "up.out"
+        self._f = open(self.out, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "distserve.cli", "up", "--port", str(self.port), "--logs", str(self.logs), *args],
+            stdout=self._f, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = self.out.read_text(errors="replace")
+            m = re.search(r"redis at (redis://\S+);", text)
+            if m:
+                self.redis_url = m.group(1)
+                break
+            if self.proc.poll() is not None:
+                self.dump()
+                raise RuntimeError(f"distserve up exited with {self.proc.returncode}")
+            time.sleep(0.3)
+        else:
+            self.dump()
+            self.stop()
+            raise TimeoutError("distserve up did not come up")
+        self.target = f"127.0.0.1:{self.port}"
+
+    def dump(self) -> None:
+        print("---- distserve up ----\n" + self.out.read_text(errors="replace"))
+        for log in sorted(self.logs.glob("*.log")) if self.logs.exists() else []:
+            print(f"---- {log.name} ----\n" + log.read_text(errors="replace")[-6000:])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._f.close()
+        return self.proc.returncode

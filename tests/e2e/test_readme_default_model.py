@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.e2e.conftest import UpProcess
+from distserve.up import UpProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 

@@ -18,7 +18,7 @@ from distserve.engine.errors import InvalidRequest
 from distserve.state.redis_server import free_port
 from distserve.state.registry import Registry
 from distserve.state.requests import RequestPhase, RequestStateStore
-from tests.e2e.conftest import UpProcess
+from distserve.up import UpProcess
 
 pytestmark = pytest.mark.timeout(600)
 

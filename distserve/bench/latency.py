@@ -1,0 +1,132 @@
+"""`distserve bench latency`: where a request's time goes, and what the router adds.
+
+1. Breakdown: a batch of concurrent requests on the real model; for each phase of the paper's
+   latency breakdown (router, prefill queue, prefill compute, KV transfer, decode queue, decode) the
+   mean seconds and share of end-to-end latency, and the KV transfer share per request.
+2. Router overhead: the same short prompt sent alternately through the router (max_tokens=1, so only
+   the prefill leg runs) and straight to a prefill worker's Prefill RPC; the paired differences of
+   the two latencies are the router's added latency (p50, p90).
+
+Without --target it starts its own suite with `distserve up` (1 prefill + 1 decode) and stops it after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import redis.asyncio as aioredis
+
+from distserve.client import AsyncClient
+from distserve.kv.grpc_transport import GrpcKvTransport
+from distserve.kv.handle import KvHandle
+from distserve.rpc.channels import ChannelPool
+from distserve.state.registry import Registry
+from distserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+
+PHASES = ("router_s", "prefill_queue_s", "prefill_compute_s", "kv_transfer_s", "decode_queue_s", "decode_s")
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def breakdown(target: str, n: int, prompt_len: int, max_tokens: int, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(100, 20000) for _ in range(prompt_len)] for _ in range(n)]
+    async with AsyncClient(target) as c:
+        await c.generate(prompts[0][:16], max_tokens=2, temperature=0.0)  # warm the path
+        outs = await asyncio.gather(*(c.generate(p, max_tokens=max_tokens, temperature=0.0, ignore_eos=True) for p in prompts))
+    e2e = [o.metrics.e2e_s for o in outs]
+    phases = {k: statistics.mean(getattr(o.metrics.phases, k) for o in outs) for k in PHASES}
+    mean_e2e = statistics.mean(e2e)
+    return {
+        "requests": n,
+        "prompt_tokens": prompt_len,
+        "output_tokens": max_tokens,
+        "mean_e2e_s": round(mean_e2e, 4),
+        "mean_ttft_s": round(statistics.mean(o.metrics.ttft_s for o in outs), 4),
+        "mean_tpot_s": round(statistics.mean(o.metrics.tpot_s for o in outs), 4),
+        "phases_mean_s": {k: round(v, 5) for k, v in phases.items()},
+        "phases_share": {k: round(v / mean_e2e, 4) for k, v in phases.items()},
+        "kv_transfer_share_mean": round(statistics.mean(o.metrics.phases.kv_transfer_s / o.metrics.e2e_s for o in outs), 5),
+        "kv_transfer_share_max": round(max(o.metrics.phases.kv_transfer_s / o.metrics.e2e_s for o in outs), 5),
+        "kv_bytes_per_request": outs[0].metrics.kv_bytes,
+        "kv_transport": outs[0].metrics.kv_transport,
+    }
+
+
+async def router_overhead(target: str, redis_url: str, n: int, prompt_len: int = 16) -> dict:
+    r = aioredis.from_url(redis_url)
+    views = [v for v in await Registry(r).live_workers(role="prefill")]
+    await r.aclose()
+    if not views:
+        raise SystemExit("no prefill worker registered")
+    pool = ChannelPool()
+    kv = GrpcKvTransport(pool)
+    prompt = list(range(200, 200 + prompt_len))
+    params = common_pb2.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    direct, routed = [], []
+    async with AsyncClient(target) as c:
+        for i in range(n + 2):
+            view = views[i % len(views)]
+            stub = prefill_pb2_grpc.PrefillStub(pool.get(view.info.address))
+            t = time.perf_counter()
+            resp = await stub.Prefill(prefill_pb2.PrefillRequest(request_id=f"direct-{i}-{time.time_ns()}", token_ids=prompt, params=params), timeout=30)
+            d = time.perf_counter() - t
+            if resp.HasField("kv_handle"):
+                await kv.release(KvHandle.from_proto(resp.kv_handle))
+            t = time.perf_counter()
+            async for chunk in c.stream(prompt, max_tokens=1, temperature=0.0):
+                break  # the first token is the prefill leg's answer
+            rt = time.perf_counter() - t
+            if i >= 2:  # the first pairs warm channels and caches
+                direct.append(d)
+                routed.append(rt)
+    await pool.close_all()
+    diffs = [b - a for a, b in zip(direct, routed)]
+    return {
+        "pairs": len(diffs),
+        "direct_prefill_p50_ms": round(1e3 * statistics.median(direct), 3),
+        "via_router_first_token_p50_ms": round(1e3 * statistics.median(routed), 3),
+        "router_added_p50_ms": round(1e3 * statistics.median(diffs), 3),
+        "router_added_p90_ms": round(1e3 * _pct(diffs, 0.9), 3),
+    }
+
+
+async def measure(target: str, redis_url: str, args) -> dict:
+    return {
+        "breakdown": await breakdown(target, args.num_requests, args.prompt_len, args.max_tokens),
+        "router": await router_overhead(target, redis_url, args.pairs),
+    }
+
+
+def main(args) -> None:
+    up = None
+    target, redis_url = args.target, args.redis_url
+    if not target:
+        from distserve.up import UpProcess
+
+        up = UpProcess(Path(tempfile.mkdtemp(prefix="distserve-bench-")), "--model", args.model)
+        target, redis_url = up.target, up.redis_url
+    try:
+        result = asyncio.run(measure(target, redis_url, args))
+    finally:
+        if up is not None:
+            up.stop()
+    if args.json:
+        print(json.dumps(result))
+        return
+    b, r = result["breakdown"], result["router"]
+    print(f"{b['requests']} concurrent requests, {b['prompt_tokens']} prompt + {b['output_tokens']} output tokens; mean e2e {b['mean_e2e_s']:.3f}s")
+    for k in PHASES:
+        print(f"  {k:<18} {b['phases_mean_s'][k]:9.4f}s  {100 * b['phases_share'][k]:6.2f}%")
+    print(f"  KV transfer share of e2e: mean {100 * b['kv_transfer_share_mean']:.3f}%, max {100 * b['kv_transfer_share_max']:.3f}% ({b['kv_bytes_per_request']} bytes over {b['kv_transport']})")
+    print(f"router added latency over a direct Prefill call: p50 {r['router_added_p50_ms']:.3f} ms, p90 {r['router_added_p90_ms']:.3f} ms ({r['pairs']} pairs)")
