@@ -1,0 +1,212 @@
+"""`distserve bench serve`: one load run against a serving system, with per-request timelines.
+
+A run: build the request list from (workload, n, seed) -> give it arrival times (Poisson or gamma at
+a rate) or hand it to C closed-loop clients -> send each request at its time through the target
+(`distserve://host:port` via the SDK, `openai://host:port` via streaming HTTP) -> record send time,
+every token's time, the real token count and, for distserve, the server's per-phase timings ->
+summarize against the SLOs. Requests still running when the run ends are awaited, never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from distserve.bench.metrics import PHASES, RequestResult, summarize
+from distserve.bench.workloads import RequestSpec, build_requests, with_arrivals
+
+
+class DistserveTarget:
+    """A distserve router through `AsyncClient`; prompts go as token ids, so their lengths are exact."""
+
+    def __init__(self, address: str, timeout_s: float = 600.0):
+        from distserve.client import AsyncClient
+
+        self.address = address
+        self.client = AsyncClient(address, timeout_s=timeout_s)
+        self.run_id = uuid.uuid4().hex[:8]
+
+    async def model_name(self) -> str:
+        return (await self.client.models())[0].name
+
+    async def send(self, spec: RequestSpec, t0: float) -> RequestResult:
+        res = RequestResult(spec.index, spec.prompt_len, spec.output_len, time.monotonic() - t0)
+        prompt = spec.prompt_ids if spec.prompt_ids is not None else spec.prompt_text
+        try:
+            c = await self.client.generate(prompt, max_tokens=spec.output_len, temperature=0.0, ignore_eos=True,
+                                           request_id=f"bench-{self.run_id}-{spec.index}")
+        except Exception as exc:  # a failed request is a result, not a crash of the run
+            res.error = f"{type(exc).__name__}: {exc}"[:300]
+            res.end_s = time.monotonic() - t0
+            return res
+        res.end_s = time.monotonic() - t0
+        # the SDK's times count from its own start of the call, a few microseconds after send_s
+        res.token_times = [res.send_s + t for t in c.token_times]
+        res.completion_tokens = len(c.token_ids)
+        res.finish_reason = c.finish_reason
+        if c.metrics is not None and c.metrics.HasField("phases"):
+            res.phases = {p: getattr(c.metrics.phases, p) for p in PHASES}
+        return res
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def parse_target(target: str, model: str = "", timeout_s: float = 600.0, token_ids: bool | None = None):
+    """`distserve://host:port` (or a bare host:port) or `openai://host:port`."""
+    scheme, sep, rest = target.partition("://")
+    if not sep:
+        scheme, rest = "distserve", target
+    if scheme == "distserve":
+        return DistserveTarget(rest, timeout_s)
+    if scheme in ("openai", "http"):
+        from distserve.bench.openai_target import OpenAITarget
+
+        host, _, port = rest.rstrip("/").rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"openai target needs host:port, got {target!r}")
+        return OpenAITarget(host, int(port), model or "smollm2-135m", timeout_s, send_token_ids=bool(token_ids))
+    raise ValueError(f"unknown target scheme {scheme!r}: use distserve://host:port or openai://host:port")
+
+
+@dataclass(slots=True)
+class RunConfig:
+    workload: str = "chat"
+    num_requests: int = 30
+    rate: float = 1.0  # req/s (open loop)
+    arrival: str = "poisson"  # poisson | gamma | closed
+    cv: float = 1.0  # gamma's coefficient of variation
+    concurrency: int = 1  # clients (closed loop)
+    seed: int = 0
+    slo_ttft: float = 4.0
+    slo_tpot: float = 0.08
+    extra: dict = field(default_factory=dict)  # recorded as is (system description, ...)
+
+
+async def run_requests(target, reqs: list[RequestSpec], arrival: str = "poisson", concurrency: int = 1,
+                       on_done=None) -> tuple[list[RequestResult], float]:
+    """Sends every request (open loop at its arrival time, or closed loop); returns results and the run's span."""
+    t0 = time.monotonic()
+
+    async def one(spec: RequestSpec) -> RequestResult:
+        res = await target.send(spec, t0)
+        if on_done:
+            on_done(res)
+        return res
+
+    if arrival == "closed":
+        queue = list(reversed(reqs))
+        results: list[RequestResult] = []
+
+        async def client():
+            while queue:
+                results.append(await one(queue.pop()))
+
+        await asyncio.gather(*(client() for _ in range(max(1, concurrency))))
+        results.sort(key=lambda r: r.index)
+    else:
+        async def timed(spec: RequestSpec) -> RequestResult:
+            await asyncio.sleep(max(0.0, t0 + spec.arrival_s - time.monotonic()))
+            return await one(spec)
+
+        results = list(await asyncio.gather(*(timed(s) for s in reqs)))
+    return results, time.monotonic() - t0
+
+
+def tokenizer_for(model: str):
+    from distserve.engine.models import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+async def resolve_model(target, model: str) -> str:
+    if model:
+        return model
+    if isinstance(target, DistserveTarget):
+        return await target.model_name()
+    return "smollm2-135m"
+
+
+async def measure(target, base: list[RequestSpec], cfg: RunConfig, progress=None) -> dict:
+    """One run at cfg.rate (or closed loop): the summary plus every request's timeline."""
+    reqs = base if cfg.arrival == "closed" else with_arrivals(base, cfg.rate, cfg.arrival, cfg.cv, cfg.seed)
+    results, span = await run_requests(target, reqs, cfg.arrival, cfg.concurrency, progress)
+    return {
+        "rate": cfg.rate if cfg.arrival != "closed" else None,
+        "summary": summarize(results, cfg.slo_ttft, cfg.slo_tpot, span),
+        "requests": [r.to_dict() for r in results],
+    }
+
+
+def run_config(args) -> RunConfig:
+    arrival = "closed" if args.concurrency else args.arrival
+    return RunConfig(workload=args.workload, num_requests=args.num_requests, rate=args.rate, arrival=arrival, cv=args.cv,
+                     concurrency=args.concurrency or 1, seed=args.seed, slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot)
+
+
+async def serve_main(args) -> dict:
+    from distserve.bench.report import Progress
+
+    cfg = run_config(args)
+    target = parse_target(args.target, args.model, args.timeout, args.token_ids)
+    try:
+        model = await resolve_model(target, args.model)
+        base = build_requests(cfg.workload, cfg.num_requests, tokenizer_for(model), cfg.seed)
+        with Progress(len(base), f"{args.target} {cfg.workload}", enabled=not args.no_progress) as bar:
+            run = await measure(target, base, cfg, bar.update)
+    finally:
+        await target.close()
+    return {"commit": git_commit(), "target": args.target, "model": model, "config": asdict(cfg),
+            "unix_time": time.time(), **run}
+
+
+def main(args) -> None:
+    from distserve.bench.report import serve_table
+
+    out = asyncio.run(serve_main(args))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    if args.json:
+        print(json.dumps(out if args.per_request else {k: v for k, v in out.items() if k != "requests"}))
+    else:
+        print(serve_table(out))
+    sys.stdout.flush()
+
+
+def add_common_arguments(p) -> None:
+    """Flags `bench serve` and `bench goodput` share."""
+    p.add_argument("--workload", default="chat", help="chat, code, summarize, or jsonl:PATH with {prompt, output_len} per line")
+    p.add_argument("--num-requests", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0, help="same seed, same request list (lengths, prompts, arrivals)")
+    p.add_argument("--arrival", default="poisson", choices=("poisson", "gamma"))
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma inter-arrival times")
+    p.add_argument("--slo-ttft", type=float, default=4.0, help="seconds")
+    p.add_argument("--slo-tpot", type=float, default=0.08, help="seconds per output token")
+    p.add_argument("--model", default="", help="tokenizer for the prompts and model name for openai targets (default: what a distserve target serves, else smollm2-135m)")
+    p.add_argument("--token-ids", action="store_true", help="send token ids to openai targets too (distserve targets always get them)")
+    p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+
+def add_serve_arguments(p) -> None:
+    p.add_argument("--target", default="distserve://localhost:50051", help="distserve://host:port or openai://host:port")
+    p.add_argument("--rate", type=float, default=1.0, help="requests per second (open loop)")
+    p.add_argument("--concurrency", type=int, default=0, help="closed loop with this many clients (overrides --rate)")
+    add_common_arguments(p)
+    p.add_argument("--per-request", action="store_true", help="with --json: print every request's timeline too")
+    p.add_argument("--out", default="", help="write the full JSON (every request's timeline) here")

@@ -1,0 +1,160 @@
+"""Request lists for `distserve bench serve`: lengths, prompts and arrival times, all from one seed.
+
+A workload is a length mix (prompt tokens, output tokens) plus an arrival process. The same seed
+gives the same list (lengths, prompt token ids, arrival offsets) on every run, so two serving
+systems are measured on identical requests. Prompts are synthetic text made of real English words,
+tokenized with the served model's tokenizer and cut to the exact target length; the token ids are
+sent where the target accepts them (distserve), the decoded text elsewhere (OpenAI-compatible).
+
+Length mixes are scaled to what a 135M model on 2 CPU cores serves (DESIGN.md section 7):
+- chat: ShareGPT-like, prompts 64-384 tokens, outputs 16-128 (both long-tailed);
+- code: HumanEval-like, short prompts (32-192), medium outputs (48-192);
+- summarize: LongBench-like, long prompts (384-1024), short outputs (8-48);
+- a JSONL file of `{"prompt": str, "output_len": int}` per line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+WORDS = (
+    "the of and to in is was for that on as with by he at from his it an were are which this be "
+    "also or had first one their its new after who they two her she been other when there all during "
+    "into school time may years more most only over city some world would where later up such used "
+    "many can state about national out known university united then made government year against "
+    "people part each series team war family between under river music century system game number "
+    "three company since north well both second south group early high water house history language "
+    "because during public small around before through market light power order story science field "
+    "morning garden window letter bridge station village mountain island forest animal answer "
+    "question reason simple paper voice result money energy design travel winter summer doctor "
+    "teacher student market country report network engine memory signal planet kitchen picture"
+).split()
+
+
+@dataclass(frozen=True, slots=True)
+class LengthMix:
+    """Log-normal lengths clipped to [lo, hi]; `median` is the log-normal's median."""
+
+    prompt_median: float
+    prompt_sigma: float
+    prompt_lo: int
+    prompt_hi: int
+    output_median: float
+    output_sigma: float
+    output_lo: int
+    output_hi: int
+
+
+MIXES: dict[str, LengthMix] = {
+    "chat": LengthMix(160, 0.55, 64, 384, 48, 0.7, 16, 128),
+    "code": LengthMix(96, 0.45, 32, 192, 96, 0.4, 48, 192),
+    "summarize": LengthMix(700, 0.3, 384, 1024, 20, 0.45, 8, 48),
+}
+WORKLOADS = (*MIXES, "jsonl:PATH")
+
+
+@dataclass(slots=True)
+class RequestSpec:
+    index: int  # position in the list (also the request's id suffix)
+    prompt_ids: list[int] | None  # exact token ids (None for a JSONL prompt sent as text)
+    prompt_text: str  # the same prompt as text
+    prompt_len: int  # tokens in the prompt (as tokenized here)
+    output_len: int  # tokens asked for (max_tokens, with ignore_eos)
+    arrival_s: float = 0.0  # offset from the run's start (open loop only)
+
+
+def _clipped_lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, round(math.exp(rng.gauss(math.log(median), sigma))))))
+
+
+def synthetic_ids(tokenizer, n: int, rng: random.Random) -> list[int]:
+    """Exactly `n` token ids of random real words (no special tokens)."""
+    ids: list[int] = []
+    words = max(8, n)
+    while len(ids) < n:
+        text = " ".join(rng.choice(WORDS) for _ in range(words))
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        words *= 2
+    return ids[:n]
+
+
+def lengths(workload: str, n: int, seed: int) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens) for `n` requests of a named mix."""
+    mix = MIXES[workload]
+    rng = random.Random(f"{workload}:{seed}")
+    return [
+        (_clipped_lognormal(rng, mix.prompt_median, mix.prompt_sigma, mix.prompt_lo, mix.prompt_hi),
+         _clipped_lognormal(rng, mix.output_median, mix.output_sigma, mix.output_lo, mix.output_hi))
+        for _ in range(n)
+    ]
+
+
+def build_requests(workload: str, n: int, tokenizer, seed: int = 0) -> list[RequestSpec]:
+    """The request list (no arrival times yet): identical for identical (workload, n, seed, tokenizer)."""
+    if workload.startswith("jsonl:"):
+        return _from_jsonl(Path(workload[len("jsonl:"):]), n, tokenizer)
+    if workload not in MIXES:
+        raise ValueError(f"unknown workload {workload!r}: use one of {', '.join(WORKLOADS)}")
+    rng = random.Random(f"prompts:{workload}:{seed}")
+    out = []
+    for i, (p, o) in enumerate(lengths(workload, n, seed)):
+        ids = synthetic_ids(tokenizer, p, rng)
+        out.append(RequestSpec(i, ids, tokenizer.decode(ids), p, o))
+    return out
+
+
+def _from_jsonl(path: Path, n: int, tokenizer) -> list[RequestSpec]:
+    out = []
+    with path.open() as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            text, out_len = str(row["prompt"]), int(row["output_len"])
+            if not text or out_len < 1:
+                raise ValueError(f"{path}: each line needs a non-empty prompt and output_len >= 1, got {row}")
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            out.append(RequestSpec(len(out), ids, text, len(ids), out_len))
+            if len(out) == n:
+                break
+    if not out:
+        raise ValueError(f"{path} holds no requests")
+    while len(out) < n:  # cycle a short file
+        src = out[len(out) % len(out)]
+        out.append(RequestSpec(len(out), src.prompt_ids, src.prompt_text, src.prompt_len, src.output_len))
+    return out
+
+
+# -- arrivals ----------------------------------------------------------------------------------
+
+
+def arrival_times(n: int, rate: float, process: str = "poisson", cv: float = 1.0, seed: int = 0) -> list[float]:
+    """Offsets (seconds) of `n` arrivals at `rate` req/s: Poisson, or gamma with coefficient of variation `cv`.
+
+    Gamma inter-arrival times with shape k = 1/cv^2 and scale 1/(rate k) have mean 1/rate and
+    standard deviation cv/rate; cv = 1 is Poisson, cv > 1 burstier. The first request goes at 0.
+    """
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0, got {rate}")
+    rng = random.Random(f"arrivals:{seed}")
+    if process == "poisson":
+        cv = 1.0
+    elif process != "gamma":
+        raise ValueError(f"arrival process must be poisson or gamma, got {process!r}")
+    if cv <= 0:
+        raise ValueError(f"cv must be > 0, got {cv}")
+    shape = 1.0 / (cv * cv)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.gammavariate(shape, 1.0 / (rate * shape))
+    return out
+
+
+def with_arrivals(reqs: list[RequestSpec], rate: float, process: str = "poisson", cv: float = 1.0, seed: int = 0) -> list[RequestSpec]:
+    times = arrival_times(len(reqs), rate, process, cv, seed)
+    return [RequestSpec(r.index, r.prompt_ids, r.prompt_text, r.prompt_len, r.output_len, t) for r, t in zip(reqs, times)]
