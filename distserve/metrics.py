@@ -1,15 +1,38 @@
 """Prometheus metrics of one service process, on its own registry and HTTP port.
 
-Names follow Prometheus conventions with a `distserve_` prefix; every service creates one `Metrics`
-and updates it from its servicers. Gauges that mirror engine state are refreshed by the heartbeat.
+Names follow Prometheus conventions with a `distserve_` prefix (counters end in `_total` on the wire,
+durations are in seconds, sizes in bytes). Every service creates one `Metrics` and updates it from its
+servicers; gauges that mirror engine state are refreshed by the worker's heartbeat, and the router's
+pool gauges by each read of the registry. The series, by who exports them:
+
+| series | labels | router | prefill | decode |
+|---|---|---|---|---|
+| `distserve_requests_total` | role, outcome | finished, failed, cancelled, rejected | held, finished, failed, cancelled | finished, failed, cancelled |
+| `distserve_ttft_seconds`, `distserve_tpot_seconds`, `distserve_e2e_seconds` | | x | | |
+| `distserve_queue_seconds` | role | | x | x |
+| `distserve_queue_depth`, `distserve_queued_tokens`, `distserve_running_requests` | role | | x | x |
+| `distserve_inflight_requests`, `distserve_draining` | role | x | x | x |
+| `distserve_kv_blocks_used`, `distserve_kv_blocks_total` | role | | x | x |
+| `distserve_kv_leases_held` | | | x | |
+| `distserve_kv_transfer_seconds`, `distserve_kv_transfer_bytes_total` | transport | | | x |
+| `distserve_disaggregation_decisions_total` | decision | x | | x |
+| `distserve_retries_total` | leg | x | | x |
+| `distserve_generated_tokens_total` | role | x | x | x |
+| `distserve_pool_workers`, `distserve_pool_queue_depth`, `distserve_pool_queued_tokens`, `distserve_pool_running_requests`, `distserve_pool_kv_blocks_free`, `distserve_pool_kv_blocks_total` | role | x | | |
+| `distserve_info` | role, model, instance_id | x | x | x |
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1)
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+POOL_ROLES = ("prefill", "decode", "colocated")
 
 
 class Metrics:
@@ -17,31 +40,72 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.role = role
-        self.requests = Counter("distserve_requests", "Requests finished, by outcome", ["role", "outcome"], registry=r)
-        self.ttft = Histogram("distserve_ttft_seconds", "Time to first token", registry=r, buckets=LATENCY_BUCKETS)
+        # requests and latency
+        self.requests = Counter("distserve_requests", "Requests ended, by outcome", ["role", "outcome"], registry=r)
+        self.ttft = Histogram("distserve_ttft_seconds", "Time to first token, as the router saw it", registry=r, buckets=LATENCY_BUCKETS)
         self.tpot = Histogram("distserve_tpot_seconds", "Time per output token after the first", registry=r, buckets=TPOT_BUCKETS)
         self.e2e = Histogram("distserve_e2e_seconds", "End-to-end request latency", registry=r, buckets=LATENCY_BUCKETS)
+        self.queue_seconds = Histogram("distserve_queue_seconds", "Time a request waited for the engine (prefill) or for KV blocks (decode)", ["role"], registry=r, buckets=LATENCY_BUCKETS)
+        self.tokens = Counter("distserve_generated_tokens", "Tokens generated", ["role"], registry=r)
+        # this process's load
         self.queue_depth = Gauge("distserve_queue_depth", "Requests waiting for the engine", ["role"], registry=r)
         self.queued_tokens = Gauge("distserve_queued_tokens", "Prompt tokens waiting for prefill", ["role"], registry=r)
         self.running = Gauge("distserve_running_requests", "Requests in the running batch", ["role"], registry=r)
+        self.inflight = Gauge("distserve_inflight_requests", "RPCs this process is serving now", ["role"], registry=r)
+        self.draining = Gauge("distserve_draining", "1 while the process drains before it exits", ["role"], registry=r)
         self.kv_blocks_used = Gauge("distserve_kv_blocks_used", "KV blocks in use", ["role"], registry=r)
         self.kv_blocks_total = Gauge("distserve_kv_blocks_total", "KV blocks in the cache", ["role"], registry=r)
-        self.kv_leases = Gauge("distserve_kv_leases_held", "Prefilled KV held for decode workers", registry=r)
-        self.transfer_seconds = Counter("distserve_kv_transfer_seconds", "Time spent pulling KV, by transport", ["transport"], registry=r)
+        self.kv_leases = Gauge("distserve_kv_leases_held", "Prefilled KV held under a lease for a decode worker", registry=r)
+        # KV data plane and routing
+        self.transfer_seconds = Histogram("distserve_kv_transfer_seconds", "Time to pull one request's KV, by transport", ["transport"], registry=r, buckets=TRANSFER_BUCKETS)
         self.transfer_bytes = Counter("distserve_kv_transfer_bytes", "KV bytes pulled, by transport", ["transport"], registry=r)
         self.decisions = Counter("distserve_disaggregation_decisions", "Where a request's prefill ran", ["decision"], registry=r)
-        self.retries = Counter("distserve_retries", "Calls to a worker retried on another one", ["leg"], registry=r)
-        self.tokens = Counter("distserve_generated_tokens", "Tokens generated", ["role"], registry=r)
+        self.retries = Counter("distserve_retries", "Calls retried, by leg (prefill, decode, kv_pull)", ["leg"], registry=r)
+        # the pools, as the router's last read of the registry saw them
+        self.pool_workers = Gauge("distserve_pool_workers", "Live, non-draining workers", ["role"], registry=r)
+        self.pool_queue_depth = Gauge("distserve_pool_queue_depth", "Requests queued on the pool's workers", ["role"], registry=r)
+        self.pool_queued_tokens = Gauge("distserve_pool_queued_tokens", "Prompt tokens queued on the pool's workers", ["role"], registry=r)
+        self.pool_running = Gauge("distserve_pool_running_requests", "Requests running on the pool's workers", ["role"], registry=r)
+        self.pool_blocks_free = Gauge("distserve_pool_kv_blocks_free", "Free KV blocks on the pool's workers", ["role"], registry=r)
+        self.pool_blocks_total = Gauge("distserve_pool_kv_blocks_total", "KV blocks on the pool's workers", ["role"], registry=r)
+        self.info = Gauge("distserve_info", "Always 1; labels name the process", ["role", "model", "instance_id"], registry=r)
+        # zero-valued children, so every series is scrapeable before its first event
+        for outcome in ("finished", "failed", "cancelled"):
+            self.requests.labels(role, outcome)
+        for gauge in (self.inflight, self.draining):
+            gauge.labels(role).set(0)
+        for decision in ("disaggregated", "colocated", "local_prefill"):
+            self.decisions.labels(decision)
+        for leg in ("prefill", "decode", "kv_pull"):
+            self.retries.labels(leg)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Starts the HTTP endpoint; port 0 picks a free one. Returns the port."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port
 
-    def observe_engine(self, stats) -> None:
+    def set_info(self, model: str, instance_id: str) -> None:
+        self.info.labels(self.role, model, instance_id).set(1)
+
+    def observe_engine(self, stats, inflight: int = 0, draining: bool = False) -> None:
         role = self.role
         self.queue_depth.labels(role).set(stats.queued_requests)
         self.queued_tokens.labels(role).set(stats.queued_tokens)
         self.running.labels(role).set(stats.running_requests)
         self.kv_blocks_used.labels(role).set(stats.total_blocks - stats.free_blocks)
         self.kv_blocks_total.labels(role).set(stats.total_blocks)
+        self.inflight.labels(role).set(inflight)
+        self.draining.labels(role).set(int(draining))
+
+    def observe_pool(self, views: Iterable) -> None:
+        """Pool gauges from registry views (`WorkerView`: .info.role and .load)."""
+        sums = {role: [0, 0, 0, 0, 0, 0] for role in POOL_ROLES}
+        for v in views:
+            s = sums.setdefault(v.info.role, [0, 0, 0, 0, 0, 0])
+            ld = v.load
+            for i, x in enumerate((1, ld.queued_requests, ld.queued_tokens, ld.running_requests, ld.free_blocks, ld.total_blocks)):
+                s[i] += x
+        gauges = (self.pool_workers, self.pool_queue_depth, self.pool_queued_tokens, self.pool_running, self.pool_blocks_free, self.pool_blocks_total)
+        for role, s in sums.items():
+            for gauge, x in zip(gauges, s):
+                gauge.labels(role).set(x)

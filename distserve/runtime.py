@@ -3,8 +3,10 @@ server, registry heartbeat, metrics, and shutdown in order.
 
 Start: load the model -> start the engine thread -> warm it with one request -> bind the gRPC server
 (health NOT_SERVING) -> register in Redis and start the heartbeat -> health SERVING.
-Stop (SIGTERM/SIGINT): health NOT_SERVING and `draining` published -> leave the registry -> wait up to
-`drain_s` for in-flight requests -> stop the server -> release held KV -> stop the engine -> close Redis.
+Stop (SIGTERM/SIGINT): health NOT_SERVING (routers watching it stop sending at once) -> leave the
+registry -> keep serving for `leave_s` what routers with an older view still send -> wait up to `drain_s`
+for in-flight requests and for held KV to be pulled -> stop the server -> release what is still held ->
+stop the engine -> close Redis.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class WorkerSettings:
     heartbeat_s: float = setting(0.5, "how often load is published to Redis")
     ttl_s: float = setting(3.0, "registry entry lifetime without a heartbeat")
     metrics_port: int = setting(0, "Prometheus HTTP port (0 = any free port, -1 = off)")
-    drain_s: float = setting(30.0, "grace period for in-flight requests on shutdown")
+    drain_s: float = setting(30.0, "grace period for in-flight requests (and held KV) on shutdown")
+    leave_s: float = setting(0.5, "on shutdown, how long requests routed before the worker left the registry are still accepted")
     seed: int = setting(0, "seed of tiny-llama's weights and of unseeded sampling")
 
     def __post_init__(self):
@@ -111,6 +114,7 @@ class WorkerRuntime:
         self.heartbeat: Heartbeat | None = None
         self.draining = False
         self.inflight = 0
+        self.metrics_port: int | None = None  # bound Prometheus port, None when off
         self.stop_event = asyncio.Event()
 
     # -- start -------------------------------------------------------------------------------
@@ -142,6 +146,7 @@ class WorkerRuntime:
         self.built = await build_server(self.services, host=s.host, port=s.port)
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_port, host=s.host)
+        self.metrics.set_info(s.model, self.worker_id)
         self.redis = aioredis.from_url(s.redis_url)
         self.registry = Registry(self.redis)
 
@@ -168,7 +173,7 @@ class WorkerRuntime:
 
     def load_now(self) -> WorkerLoad:
         st = self.worker.stats
-        self.metrics.observe_engine(st)
+        self.metrics.observe_engine(st, self.inflight, self.draining)
         return WorkerLoad(
             queued_requests=st.queued_requests,
             queued_tokens=st.queued_tokens,
@@ -188,8 +193,8 @@ class WorkerRuntime:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
-        log.info("%s serving on %s (role %s)", self.worker_id, self.advertise(), self.settings.role)
-        print(f"READY {self.settings.role} {self.advertise()}", flush=True)
+        log.info("%s serving on %s (role %s, metrics port %s)", self.worker_id, self.advertise(), self.settings.role, self.metrics_port)
+        print(f"READY {self.settings.role} {self.advertise()} metrics={self.metrics_port or ''}", flush=True)
         await self.stop_event.wait()
         await self.shutdown()
 
@@ -199,14 +204,23 @@ class WorkerRuntime:
         await self.built.health.enter_graceful_shutdown()
         if self.heartbeat is not None:
             await self.heartbeat.stop(deregister=True)
-        deadline = time.monotonic() + self.settings.drain_s
-        while self.inflight > 0 and time.monotonic() < deadline:
+        self.metrics.draining.labels(self.settings.role).set(1)
+        now = time.monotonic()
+        settle, deadline = now + self.settings.leave_s, now + self.settings.drain_s
+        while (self.busy() or time.monotonic() < settle) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self.busy():
+            log.warning("%s: drain period over with %d requests in flight and %d KV held; ending them",
+                        self.worker_id, self.inflight, self.worker.stats.held_requests)
         await self.built.server.stop(grace=1.0)
         self.on_stop()
         self.worker.stop()
         await self.redis.aclose()
         log.info("%s stopped", self.worker_id)
+
+    def busy(self) -> bool:
+        """Requests being served, or prefilled KV still waiting for a decode worker to pull it."""
+        return self.inflight > 0 or self.worker.stats.held_requests > 0
 
     def on_stop(self) -> None:
         """Hook for services (the prefill worker releases its held KV here)."""

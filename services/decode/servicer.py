@@ -65,10 +65,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             kv = await self.grpc.pull(handle)
         except Unavailable:
             log.warning("KV pull of %s failed once; retrying over grpc", rid)
+            self.rt.metrics.retries.labels("kv_pull").inc()
             kv = await self.grpc.pull(handle)
         seconds = time.monotonic() - t
         m = self.rt.metrics
-        m.transfer_seconds.labels(transport).inc(seconds)
+        m.transfer_seconds.labels(transport).observe(seconds)
         m.transfer_bytes.labels(transport).inc(kv.numel() * kv.element_size())
         task = asyncio.create_task(self.grpc.release(handle))
         self._background.add(task)
@@ -84,12 +85,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         rt.inflight += 1
         t0 = time.monotonic()
         finished = False
+        outcome = "failed"
         try:
             if request.HasField("kv_handle"):
                 handle = KvHandle.from_proto(request.kv_handle)
                 self._check_layout(handle)
                 await self._admit(rid, prompt, params, handle, context)
                 queue_s = time.monotonic() - t0
+                rt.metrics.queue_seconds.labels("decode").observe(queue_s)
                 try:
                     kv, transfer_s, transport = await self._pull(rid, handle)
                 except BaseException:
@@ -117,9 +120,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     finished = True
                 yield msg
             rt.metrics.tokens.labels("decode").inc(n)
-            rt.metrics.requests.labels("decode", "finished" if finished else "cancelled").inc()
+            outcome = "finished" if finished else "cancelled"
             log.info("decoded %s: %d prompt + %d new tokens in %.3fs", rid, len(prompt), n, time.monotonic() - t0)
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
         finally:
+            rt.metrics.requests.labels("decode", outcome).inc()
             rt.inflight -= 1
             if not finished:
                 rt.worker.abort_nowait(rid)

@@ -50,7 +50,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             if out is None:
                 raise asyncio.CancelledError()
         except asyncio.CancelledError:
+            rt.metrics.requests.labels("prefill", "cancelled").inc()
             await rt.worker.abort(rid)
+            raise
+        except BaseException:
+            rt.metrics.requests.labels("prefill", "failed").inc()
             raise
         finally:
             rt.inflight -= 1
@@ -62,6 +66,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             worker_id=rt.worker_id,
         )
         rt.metrics.tokens.labels("prefill").inc()
+        rt.metrics.queue_seconds.labels("prefill").observe(out.queue_s)
         if out.finished:
             resp.finish_reason = finish_to_pb(out.finish_reason)
             rt.metrics.requests.labels("prefill", "finished").inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -47,22 +48,25 @@ async def run(settings: RouterSettings) -> None:
     r = aioredis.from_url(settings.redis_url)
     metrics = Metrics("router")
     pool = ChannelPool()
-    picker = WorkerPicker(Registry(r), settings.model, settings.refresh_s)
+    picker = WorkerPicker(Registry(r), settings.model, settings.refresh_s, pool=pool, metrics=metrics)
     servicer = GenerationServicer(tokenizer, settings.model, picker, RequestStateStore(r, ttl_s=settings.state_ttl_s), pool, metrics, settings.prefill_timeout_s)
     built = await build_server(SERVICES, host=settings.host, port=settings.port)
     generation_pb2_grpc.add_GenerationServicer_to_server(servicer, built.server)
-    if settings.metrics_port >= 0:
-        metrics.serve(settings.metrics_port, host=settings.host)
+    metrics_port = metrics.serve(settings.metrics_port, host=settings.host) if settings.metrics_port >= 0 else None
+    metrics.set_info(settings.model, f"router-{socket.gethostname()}-{built.port}")
     await built.server.start()
     await built.health.set_serving()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("router serving %s on %s", settings.model, built.address)
-    print(f"READY router {built.address}", flush=True)
+    log.info("router serving %s on %s (metrics port %s)", settings.model, built.address, metrics_port)
+    print(f"READY router {built.address} metrics={metrics_port or ''}", flush=True)
     await stop.wait()
+    log.info("router draining")
+    metrics.draining.labels("router").set(1)
     await built.health.enter_graceful_shutdown()
     await built.server.stop(grace=settings.drain_s)
+    await picker.close()
     await pool.close_all()
     await r.aclose()

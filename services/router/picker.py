@@ -4,25 +4,47 @@ The router reads the registry at most every `refresh_s` and between reads adds w
 (prompt tokens to a prefill worker, a running request to a decode worker), so a burst of requests
 spreads over the pool instead of piling onto whichever worker looked idlest at the last read.
 Draining workers get nothing new.
+
+Given a channel pool, the picker also watches each registered worker's gRPC health (one
+`grpc.health.v1.Health/Watch` stream per worker): a worker that turns NOT_SERVING (it drains on
+SIGTERM) or whose stream breaks (it died) is left out at once, without waiting for the next registry
+read or for its entry to expire; it comes back when its health says SERVING again. Watches end when the
+worker leaves the registry, and all of them on `close()`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from distserve.engine.errors import ResourceExhausted, Unavailable
+from distserve.metrics import Metrics
+from distserve.rpc.channels import ChannelPool
 from distserve.state.registry import Registry, WorkerView
+
+log = logging.getLogger(__name__)
+
+WATCH_RETRY_S = 0.5  # pause before watching a worker's health again after its stream broke
 
 
 class WorkerPicker:
-    def __init__(self, registry: Registry, model: str, refresh_s: float = 0.2):
+    def __init__(self, registry: Registry, model: str, refresh_s: float = 0.2,
+                 pool: ChannelPool | None = None, metrics: Metrics | None = None):
         self.registry = registry
         self.model = model
         self.refresh_s = refresh_s
+        self.pool = pool  # when given, workers' health is watched
+        self.metrics = metrics  # when given, pool gauges are set at every read
         self._views: list[WorkerView] = []
         self._read_at = 0.0
         self._pending_tokens: dict[str, int] = {}  # sent since the last read
         self._pending_running: dict[str, int] = {}
+        self._watches: dict[str, tuple[str, asyncio.Task]] = {}  # worker id -> (address, its health watch)
+        self._down: set[str] = set()  # registered, but its health is not SERVING
 
     async def workers(self, force: bool = False) -> list[WorkerView]:
         now = time.monotonic()
@@ -31,7 +53,48 @@ class WorkerPicker:
             self._read_at = now
             self._pending_tokens.clear()
             self._pending_running.clear()
+            if self.pool is not None:
+                self._watch(self._views)
+            if self.metrics is not None:
+                self.metrics.observe_pool(v for v in self._views if v.worker_id not in self._down)
+        if self._down:
+            return [v for v in self._views if v.worker_id not in self._down]
         return self._views
+
+    # -- health watches ----------------------------------------------------------------------
+    def _watch(self, views: list[WorkerView]) -> None:
+        live = {v.worker_id: v.info.address for v in views}
+        for wid, (address, task) in list(self._watches.items()):
+            if live.get(wid) != address:  # left, or came back elsewhere under the same id
+                task.cancel()
+                del self._watches[wid]
+                self._down.discard(wid)
+        for wid, address in live.items():
+            if wid not in self._watches:
+                self._watches[wid] = (address, asyncio.create_task(self._watch_one(wid, address), name=f"health-{wid}"))
+
+    async def _watch_one(self, worker_id: str, address: str) -> None:
+        stub = health_pb2_grpc.HealthStub(self.pool.get(address))
+        while True:
+            try:
+                async for resp in stub.Watch(health_pb2.HealthCheckRequest(service="")):
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        self._down.discard(worker_id)
+                    elif worker_id not in self._down:
+                        self._down.add(worker_id)
+                        log.info("worker %s at %s is %s: no new requests go to it", worker_id, address,
+                                 health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+            except grpc.aio.AioRpcError as exc:
+                if worker_id not in self._down:
+                    log.info("health watch of %s at %s broke (%s): no new requests go to it", worker_id, address, exc.code().name)
+            self._down.add(worker_id)
+            await asyncio.sleep(WATCH_RETRY_S)
+
+    async def close(self) -> None:
+        watches, self._watches = [task for _, task in self._watches.values()], {}
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
 
     async def by_role(self, role: str) -> list[WorkerView]:
         return [v for v in await self.workers() if v.info.role == role]

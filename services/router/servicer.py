@@ -124,9 +124,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         t0 = time.monotonic()
         rid = request.request_id or uuid.uuid4().hex
-        params = params_from_pb(request.params)
-        prompt = self._tokens(request)
-        await self._validate(prompt, params)
+        try:
+            params = params_from_pb(request.params)
+            prompt = self._tokens(request)
+            await self._validate(prompt, params)
+        except DistserveError:
+            self.metrics.requests.labels("router", "rejected").inc()
+            raise
+        self.metrics.inflight.labels("router").inc()
         state = _StateWriter(self.states, rid)
         state.update(RequestPhase.QUEUED, prompt_tokens=len(prompt), max_tokens=params.max_tokens)
         detok = IncrementalDetokenizer(self.tokenizer)
@@ -140,6 +145,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         outcome = "failed"
         try:
             colocated = not await self.picker.by_role("prefill") and await self.picker.by_role("colocated")
+            self.metrics.decisions.labels("colocated" if colocated else "disaggregated").inc()
             first = None
             if not colocated:
                 phases.router_s = time.monotonic() - t0
@@ -193,6 +199,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             metrics.phases.CopyFrom(phases)
             yield generation_pb2.GenerateResponse(request_id=rid, text=tail, finish_reason=finish, metrics=metrics)
             outcome = "finished"
+            self.metrics.tokens.labels("router").inc(emitted)
             self.metrics.ttft.observe(metrics.ttft_s)
             if emitted > 1:
                 self.metrics.tpot.observe(metrics.tpot_s)
@@ -212,6 +219,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             raise error_from_rpc(exc) from None
         finally:
             self.metrics.requests.labels("router", outcome).inc()
+            self.metrics.inflight.labels("router").dec()
             if decode_call is not None:
                 decode_call.cancel()
             if handle is not None:  # prefilled but never handed to a decode worker
