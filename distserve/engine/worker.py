@@ -135,12 +135,13 @@ class EngineWorker:
             result = fn(self.engine)
         except BaseException as exc:  # handed to the caller, never kills the thread
             if fut is not None:
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(exc))
+                # bind exc now: the name is unbound once this except block ends
+                loop.call_soon_threadsafe(lambda e=exc: fut.done() or fut.set_exception(e))
             else:
                 log.warning("engine command failed: %s", exc)
             return
         if fut is not None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+            loop.call_soon_threadsafe(lambda r=result: fut.done() or fut.set_result(r))
 
     def _loop(self) -> None:
         if self.threads:

@@ -1,0 +1,52 @@
+"""The engine thread bridge: errors reach the awaiting caller, streams end, nothing hangs."""
+
+import asyncio
+
+import pytest
+
+from distserve.engine.engine import EngineConfig, LLMEngine
+from distserve.engine.errors import InvalidRequest, ResourceExhausted
+from distserve.engine.sampling import SamplingParams
+from distserve.engine.worker import EngineWorker
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_errors_from_the_engine_thread_reach_the_caller(tiny):
+    async def go():
+        w = EngineWorker(LLMEngine(tiny, EngineConfig(mode="decode", num_blocks=4)))
+        w.start()
+        try:
+            with pytest.raises(InvalidRequest):
+                await w.generate("bad", [], SamplingParams())
+            await w.reserve("a", [5] * 40, SamplingParams(max_tokens=9))
+            with pytest.raises(ResourceExhausted):
+                await w.reserve("b", [5] * 40, SamplingParams(max_tokens=9))
+            assert await w.abort("a")
+            stream = await w.generate("ok", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+            outs = [o async for o in stream]
+            assert sum(len(o.new_token_ids) for o in outs) == 4 and outs[-1].finished
+        finally:
+            w.stop()
+
+    asyncio.run(go())
+
+
+def test_abort_ends_a_running_stream(tiny):
+    async def go():
+        w = EngineWorker(LLMEngine(tiny, EngineConfig(num_blocks=64)))
+        w.start()
+        try:
+            stream = await w.generate("long", [5] * 10, SamplingParams(max_tokens=900, ignore_eos=True))
+            n = 0
+            async for o in stream:
+                n += 1
+                if n == 3:
+                    await w.abort("long")
+            assert n < 900
+            await asyncio.sleep(0.1)
+            assert w.engine.blocks.num_free == 64
+        finally:
+            w.stop()
+
+    asyncio.run(go())
