@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -63,10 +64,27 @@ class WorkerSettings:
     seed: int = setting(0, "seed of tiny-llama's weights and of unseeded sampling")
 
     def __post_init__(self):
-        if self.block_size < 1 or self.kv_cache_bytes < 1 or self.max_num_seqs < 1:
-            raise ValueError("block_size, kv_cache_bytes and max_num_seqs must be >= 1")
-        if self.ttl_s <= self.heartbeat_s:
-            raise ValueError(f"ttl_s ({self.ttl_s}) must exceed heartbeat_s ({self.heartbeat_s})")
+        rules = (  # (setting, valid?, what it must be); every failure is named at start
+            ("port", 0 <= self.port <= 65535, "a TCP port (0 = any)"),
+            ("metrics_port", -1 <= self.metrics_port <= 65535, "a TCP port (0 = any, -1 = off)"),
+            ("redis_url", self.redis_url.startswith(("redis://", "rediss://", "unix://")), "a redis://, rediss:// or unix:// URL"),
+            ("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device), "auto, cpu or cuda[:N]"),
+            ("threads", self.threads >= 0, ">= 0"),
+            ("cpus", re.fullmatch(r"(\d+(-\d+)?(,\d+(-\d+)?)*)?", self.cpus), "a core list like 0-1 or 2,3"),
+            ("block_size", self.block_size >= 1, ">= 1"),
+            ("kv_cache_bytes", self.kv_cache_bytes >= 1, ">= 1"),
+            ("num_blocks", self.num_blocks >= 0, ">= 0"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1"),
+            ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
+            ("lease_s", self.lease_s > 0, "> 0"),
+            ("heartbeat_s", self.heartbeat_s > 0, "> 0"),
+            ("ttl_s", self.ttl_s > self.heartbeat_s, f"more than heartbeat_s ({self.heartbeat_s})"),
+            ("drain_s", self.drain_s >= 0, ">= 0"),
+            ("leave_s", 0 <= self.leave_s <= self.drain_s, f"between 0 and drain_s ({self.drain_s})"),
+        )
+        bad = [f"{name} must be {what}, got {getattr(self, name)!r}" for name, ok, what in rules if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
 
     def engine_config(self, mode: str) -> EngineConfig:
         return EngineConfig(

@@ -39,8 +39,18 @@ class RouterSettings:
     drain_s: float = setting(30.0, "grace period for in-flight requests on shutdown")
 
     def __post_init__(self):
-        if self.refresh_s <= 0:
-            raise ValueError(f"refresh_s must be > 0, got {self.refresh_s}")
+        rules = (  # (setting, valid?, what it must be); every failure is named at start
+            ("port", 0 <= self.port <= 65535, "a TCP port (0 = any)"),
+            ("metrics_port", -1 <= self.metrics_port <= 65535, "a TCP port (0 = any, -1 = off)"),
+            ("redis_url", self.redis_url.startswith(("redis://", "rediss://", "unix://")), "a redis://, rediss:// or unix:// URL"),
+            ("refresh_s", self.refresh_s > 0, "> 0"),
+            ("prefill_timeout_s", self.prefill_timeout_s > 0, "> 0"),
+            ("state_ttl_s", self.state_ttl_s > 0, "> 0"),
+            ("drain_s", self.drain_s >= 0, ">= 0"),
+        )
+        bad = [f"{name} must be {what}, got {getattr(self, name)!r}" for name, ok, what in rules if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
 
 
 async def run(settings: RouterSettings) -> None:
