@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 class Progress:
-    """`what [#####.....] 12/30 4.1s` on stderr, redrawn as requests finish; a final line on exit."""
+    """`what [#####.....] 12/30 4.1s` on stderr, redrawn as requests finish on a terminal; a final line on exit."""
 
     WIDTH = 24
 
@@ -27,7 +27,8 @@ class Progress:
     def update(self, _result=None) -> None:
         self.done += 1
         now = time.monotonic()
-        if now - self._drawn >= 0.2 or self.done == self.total:
+        live = getattr(self.stream, "isatty", lambda: False)()  # into a file or pipe: only the final line
+        if live and (now - self._drawn >= 0.2 or self.done == self.total):
             self._drawn = now
             self._draw("\r")
 
@@ -41,7 +42,8 @@ class Progress:
         self.stream.flush()
 
     def __enter__(self):
-        self._draw("")
+        if getattr(self.stream, "isatty", lambda: False)():
+            self._draw("")
         return self
 
     def __exit__(self, *exc):

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Goodput of one suite configuration on this machine, as recorded in benchmarks/README.md.
+#
+#   flock /tmp/distserve-cpu.lock benchmarks/run_goodput.sh CONFIG WORKLOAD...
+#   flock /tmp/distserve-cpu.lock benchmarks/run_goodput.sh coloc1 calibrate
+#
+# CONFIG: disagg (1 prefill + 1 decode worker, one core each), coloc2 (2 colocated workers, one core
+# each), coloc1 (1 colocated worker with both cores and 2 threads), and coloc2-chunked / coloc1-chunked
+# (the same with chunked prefill). `distserve up` divides and pins the
+# cores; the pinning of every worker is printed from /proc before the runs. WORKLOAD: chat, code,
+# summarize, or `calibrate` (one request at a time, for the SLOs). Results go to benchmarks/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+config=$1; shift
+model=${MODEL:-smollm2-135m}
+requests=${REQUESTS:-30}
+out=${RESULTS:-benchmarks/results}
+case $config in
+  disagg) up=(--prefill 1 --decode 1); label="disaggregated 1P+1D, 1 core each" ;;
+  coloc2) up=(--colocated 2 --prefill 0 --decode 0); label="colocated x2, 1 core each" ;;
+  coloc1) up=(--colocated 1 --prefill 0 --decode 0); label="colocated x1, 2 cores" ;;
+  coloc2-chunked) up=(--colocated 2 --prefill 0 --decode 0 --worker-arg=--chunked-prefill=true); label="colocated x2 chunked, 1 core each" ;;
+  coloc1-chunked) up=(--colocated 1 --prefill 0 --decode 0 --worker-arg=--chunked-prefill=true); label="colocated x1 chunked, 2 cores" ;;
+  *) echo "unknown config $config" >&2; exit 2 ;;
+esac
+
+# SLOs (seconds) and sweep per workload: see "How the SLOs were set" in benchmarks/README.md.
+params() {
+  case $1 in
+    chat)      echo "--slo-ttft ${CHAT_TTFT:-2.5} --slo-tpot ${CHAT_TPOT:-0.15} --rates ${CHAT_RATES:-0.5,1,2} --scale-rate ${CHAT_SCALE_RATE:-1}" ;;
+    code)      echo "--slo-ttft ${CODE_TTFT:-1.5} --slo-tpot ${CODE_TPOT:-0.15} --rates ${CODE_RATES:-0.5,1,2} --scale-rate ${CODE_SCALE_RATE:-0.5}" ;;
+    summarize) echo "--slo-ttft ${SUM_TTFT:-6} --slo-tpot ${SUM_TPOT:-0.15} --rates ${SUM_RATES:-0.25,0.5,1} --scale-rate ${SUM_SCALE_RATE:-0.5}" ;;
+  esac
+}
+
+mkdir -p "$out"
+run=$(mktemp -d)
+port=$(python -c "from distserve.state.redis_server import free_port; print(free_port())")
+python -m distserve.cli --log-level warning up --model "$model" --port "$port" --logs "$run/logs" "${up[@]}" > "$run/up.out" 2>&1 &
+up_pid=$!
+trap 'kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
+until grep -q "distserve is up" "$run/up.out"; do
+  kill -0 $up_pid 2>/dev/null || { cat "$run/up.out"; tail -n 30 "$run"/logs/*.log; exit 1; }
+  sleep 0.5
+done
+redis=$(grep -o "redis://[^;]*" "$run/up.out")
+echo "commit $(git rev-parse --short HEAD), $config: $label"
+for pid in $(pgrep -f -- "--redis-url $redis"); do
+  cmd=$(tr '\0' ' ' < /proc/$pid/cmdline)
+  echo "  $(grep -o -- '--worker-id [^ ]*\|serve router' <<< "$cmd" | head -1): $(grep -o -- '--threads [0-9]*' <<< "$cmd" || echo 'threads: default'), $(grep Cpus_allowed_list /proc/$pid/status | tr -s '\t' ' ')"
+done
+
+for w in "$@"; do
+  if [ "$w" = calibrate ]; then
+    for cw in chat code summarize; do
+      python -m distserve.cli --log-level warning bench serve --target "distserve://127.0.0.1:$port" --workload "$cw" \
+        --concurrency 1 --num-requests "${CAL_REQUESTS:-6}" --no-progress --out "$out/calibrate_${cw}_${config}.json"
+    done
+    continue
+  fi
+  # shellcheck disable=SC2046
+  python -m distserve.cli --log-level warning bench goodput --target "distserve://127.0.0.1:$port" --label "$label" \
+    --workload "$w" --num-requests "$requests" --bisect-steps "${BISECT:-2}" $(params "$w") \
+    --note "distserve up ${up[*]} --model $model" --out "$out/goodput_${w}_${config}.json"
+done
