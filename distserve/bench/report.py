@@ -147,6 +147,8 @@ def plot_goodput(doc: dict, folder: Path, prefix: str) -> list[Path]:
         ax.axvline(slo * unit, color="grey", ls="--", lw=0.8)
         ax.set_xlabel("TTFT (s)" if key == "ttft" else "TPOT (ms)")
         ax.set_ylabel("requests (%)")
+        ax.set_ylim(0, 102)
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{doc['workload']}: latency CDFs (dashed: SLO)", fontsize=10)
