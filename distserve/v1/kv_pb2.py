@@ -24,21 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64istserve/v1/kv.proto\x12\x0c\x64istserve.v1\"P\n\rPullKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransfer_token\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\"Z\n\x07KvChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\r\n\x05shape\x18\x04 \x03(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\">\n\x10ReleaseKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransfer_token\x18\x02 \x01(\x0c\"%\n\x11ReleaseKvResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\x96\x01\n\nKvTransfer\x12<\n\x04Pull\x12\x1b.distserve.v1.PullKvRequest\x1a\x15.distserve.v1.KvChunk0\x01\x12J\n\x07Release\x12\x1e.distserve.v1.ReleaseKvRequest\x1a\x1f.distserve.v1.ReleaseKvResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64istserve/v1/kv.proto\x12\x0c\x64istserve.v1\"d\n\rPullKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransfer_token\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\x12\n\nwire_dtype\x18\x04 \x01(\t\"n\n\x07KvChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\r\n\x05shape\x18\x04 \x03(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nwire_dtype\x18\x06 \x01(\t\">\n\x10ReleaseKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransfer_token\x18\x02 \x01(\x0c\"%\n\x11ReleaseKvResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xed\x01\n\rPushKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransfer_token\x18\x02 \x01(\x0c\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x04\x12\x12\n\nwire_dtype\x18\x06 \x01(\t\x12\x37\n\x06params\x18\x07 \x03(\x0b\x32\'.distserve.v1.PushKvRequest.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\x0ePushKvResponse\x12\x12\n\nwire_bytes\x18\x01 \x01(\x04\x12\r\n\x05shape\x18\x02 \x03(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nwire_dtype\x18\x04 \x01(\t\x12\x14\n\x0c\x63hannel_gone\x18\x05 \x01(\x08\"\xb2\x01\n\x10\x43onnectKvRequest\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12:\n\x06params\x18\x04 \x03(\x0b\x32*.distserve.v1.ConnectKvRequest.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11\x43onnectKvResponse\"9\n\x13\x44isconnectKvRequest\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x02 \x01(\t\"\'\n\x14\x44isconnectKvResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\x32\xfa\x02\n\nKvTransfer\x12<\n\x04Pull\x12\x1b.distserve.v1.PullKvRequest\x1a\x15.distserve.v1.KvChunk0\x01\x12J\n\x07Release\x12\x1e.distserve.v1.ReleaseKvRequest\x1a\x1f.distserve.v1.ReleaseKvResponse\x12\x41\n\x04Push\x12\x1b.distserve.v1.PushKvRequest\x1a\x1c.distserve.v1.PushKvResponse\x12J\n\x07\x43onnect\x12\x1e.distserve.v1.ConnectKvRequest\x1a\x1f.distserve.v1.ConnectKvResponse\x12S\n\nDisconnect\x12!.distserve.v1.DisconnectKvRequest\x1a\".distserve.v1.DisconnectKvResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'distserve.v1.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PUSHKVREQUEST_PARAMSENTRY']._loaded_options = None
+  _globals['_PUSHKVREQUEST_PARAMSENTRY']._serialized_options = b'8\001'
+  _globals['_CONNECTKVREQUEST_PARAMSENTRY']._loaded_options = None
+  _globals['_CONNECTKVREQUEST_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_PULLKVREQUEST']._serialized_start=39
-  _globals['_PULLKVREQUEST']._serialized_end=119
-  _globals['_KVCHUNK']._serialized_start=121
-  _globals['_KVCHUNK']._serialized_end=211
-  _globals['_RELEASEKVREQUEST']._serialized_start=213
-  _globals['_RELEASEKVREQUEST']._serialized_end=275
-  _globals['_RELEASEKVRESPONSE']._serialized_start=277
-  _globals['_RELEASEKVRESPONSE']._serialized_end=314
-  _globals['_KVTRANSFER']._serialized_start=317
-  _globals['_KVTRANSFER']._serialized_end=467
+  _globals['_PULLKVREQUEST']._serialized_end=139
+  _globals['_KVCHUNK']._serialized_start=141
+  _globals['_KVCHUNK']._serialized_end=251
+  _globals['_RELEASEKVREQUEST']._serialized_start=253
+  _globals['_RELEASEKVREQUEST']._serialized_end=315
+  _globals['_RELEASEKVRESPONSE']._serialized_start=317
+  _globals['_RELEASEKVRESPONSE']._serialized_end=354
+  _globals['_PUSHKVREQUEST']._serialized_start=357
+  _globals['_PUSHKVREQUEST']._serialized_end=594
+  _globals['_PUSHKVREQUEST_PARAMSENTRY']._serialized_start=549
+  _globals['_PUSHKVREQUEST_PARAMSENTRY']._serialized_end=594
+  _globals['_PUSHKVRESPONSE']._serialized_start=596
+  _globals['_PUSHKVRESPONSE']._serialized_end=704
+  _globals['_CONNECTKVREQUEST']._serialized_start=707
+  _globals['_CONNECTKVREQUEST']._serialized_end=885
+  _globals['_CONNECTKVREQUEST_PARAMSENTRY']._serialized_start=549
+  _globals['_CONNECTKVREQUEST_PARAMSENTRY']._serialized_end=594
+  _globals['_CONNECTKVRESPONSE']._serialized_start=887
+  _globals['_CONNECTKVRESPONSE']._serialized_end=906
+  _globals['_DISCONNECTKVREQUEST']._serialized_start=908
+  _globals['_DISCONNECTKVREQUEST']._serialized_end=965
+  _globals['_DISCONNECTKVRESPONSE']._serialized_start=967
+  _globals['_DISCONNECTKVRESPONSE']._serialized_end=1006
+  _globals['_KVTRANSFER']._serialized_start=1009
+  _globals['_KVTRANSFER']._serialized_end=1387
 # @@protoc_insertion_point(module_scope)

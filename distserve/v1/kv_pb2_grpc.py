@@ -45,6 +45,21 @@ class KvTransferStub:
                 request_serializer=distserve_dot_v1_dot_kv__pb2.ReleaseKvRequest.SerializeToString,
                 response_deserializer=distserve_dot_v1_dot_kv__pb2.ReleaseKvResponse.FromString,
                 _registered_method=True)
+        self.Push = channel.unary_unary(
+                '/distserve.v1.KvTransfer/Push',
+                request_serializer=distserve_dot_v1_dot_kv__pb2.PushKvRequest.SerializeToString,
+                response_deserializer=distserve_dot_v1_dot_kv__pb2.PushKvResponse.FromString,
+                _registered_method=True)
+        self.Connect = channel.unary_unary(
+                '/distserve.v1.KvTransfer/Connect',
+                request_serializer=distserve_dot_v1_dot_kv__pb2.ConnectKvRequest.SerializeToString,
+                response_deserializer=distserve_dot_v1_dot_kv__pb2.ConnectKvResponse.FromString,
+                _registered_method=True)
+        self.Disconnect = channel.unary_unary(
+                '/distserve.v1.KvTransfer/Disconnect',
+                request_serializer=distserve_dot_v1_dot_kv__pb2.DisconnectKvRequest.SerializeToString,
+                response_deserializer=distserve_dot_v1_dot_kv__pb2.DisconnectKvResponse.FromString,
+                _registered_method=True)
 
 
 class KvTransferServicer:
@@ -65,6 +80,28 @@ class KvTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request, context):
+        """Sends the KV of one request over a side channel the puller opened (a torch.distributed pair,
+        a shared-memory segment, a Mooncake buffer); returns once the bytes are in the puller's buffer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Connect(self, request, context):
+        """Joins the holder's end of a pairwise channel the puller is opening (a torch.distributed group).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Disconnect(self, request, context):
+        """Drops the holder's end of a pairwise channel the puller closed (idle or shutting down).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KvTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +114,21 @@ def add_KvTransferServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=distserve_dot_v1_dot_kv__pb2.ReleaseKvRequest.FromString,
                     response_serializer=distserve_dot_v1_dot_kv__pb2.ReleaseKvResponse.SerializeToString,
+            ),
+            'Push': grpc.unary_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=distserve_dot_v1_dot_kv__pb2.PushKvRequest.FromString,
+                    response_serializer=distserve_dot_v1_dot_kv__pb2.PushKvResponse.SerializeToString,
+            ),
+            'Connect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=distserve_dot_v1_dot_kv__pb2.ConnectKvRequest.FromString,
+                    response_serializer=distserve_dot_v1_dot_kv__pb2.ConnectKvResponse.SerializeToString,
+            ),
+            'Disconnect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Disconnect,
+                    request_deserializer=distserve_dot_v1_dot_kv__pb2.DisconnectKvRequest.FromString,
+                    response_serializer=distserve_dot_v1_dot_kv__pb2.DisconnectKvResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +186,87 @@ class KvTransfer:
             '/distserve.v1.KvTransfer/Release',
             distserve_dot_v1_dot_kv__pb2.ReleaseKvRequest.SerializeToString,
             distserve_dot_v1_dot_kv__pb2.ReleaseKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distserve.v1.KvTransfer/Push',
+            distserve_dot_v1_dot_kv__pb2.PushKvRequest.SerializeToString,
+            distserve_dot_v1_dot_kv__pb2.PushKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distserve.v1.KvTransfer/Connect',
+            distserve_dot_v1_dot_kv__pb2.ConnectKvRequest.SerializeToString,
+            distserve_dot_v1_dot_kv__pb2.ConnectKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Disconnect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distserve.v1.KvTransfer/Disconnect',
+            distserve_dot_v1_dot_kv__pb2.DisconnectKvRequest.SerializeToString,
+            distserve_dot_v1_dot_kv__pb2.DisconnectKvResponse.FromString,
             options,
             channel_credentials,
             insecure,
