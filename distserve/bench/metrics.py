@@ -102,7 +102,7 @@ def slo_scale(results: list[RequestResult], slo_ttft: float, slo_tpot: float, ta
 
 
 def summarize(results: list[RequestResult], slo_ttft: float, slo_tpot: float, duration_s: float | None = None) -> dict:
-    """The figures of one run: latency percentiles, throughput, attainment, mean phase breakdown."""
+    """The figures of one run: latency percentiles, throughput, attainment, mean phase breakdown (None where undefined)."""
     ok = [r for r in results if r.ok]
     if duration_s is None:
         start = min((r.send_s for r in results), default=0.0)
@@ -130,4 +130,13 @@ def summarize(results: list[RequestResult], slo_ttft: float, slo_tpot: float, du
     errors = sorted({r.error for r in results if r.error})
     if errors:
         out["errors"] = errors[:5]
-    return out
+    return _json_safe(out)
+
+
+def _json_safe(x):
+    """inf/nan (no answer: every request failed) become None, so the JSON is standard."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

@@ -4,6 +4,7 @@ SLO scale, the goodput search, arrivals and request lists (no servers, no model)
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import statistics
 
@@ -44,6 +45,9 @@ def test_failed_request_meets_nothing_and_counts():
     assert attainment([bad, good], 1.0, 1.0) == 0.5
     s = summarize([bad, good], 1.0, 1.0)
     assert s["failed"] == 1 and s["requests"] == 2 and s["errors"] == ["Unavailable: no worker"]
+    none_ok = summarize([bad], 1.0, 1.0)
+    assert none_ok["slo_scale"] is None and none_ok["ttft"]["p50"] is None and none_ok["attainment"] == 0.0
+    json.dumps(none_ok, allow_nan=False)  # standard JSON, no Infinity/NaN
 
 
 def test_percentile_matches_statistics_inclusive():
