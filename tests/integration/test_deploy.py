@@ -188,3 +188,33 @@ def test_worker_hpas_scale_on_metrics_the_workers_export():
         metrics = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]]
         assert metrics and set(metrics) <= exported, set(metrics) - exported
     assert "distserve_queued_tokens" in [m["pods"]["metric"]["name"] for m in hpas["prefill"]["spec"]["metrics"]]
+
+
+# -- the health check the compose file runs --------------------------------------------------------
+def test_distserve_health_exits_zero_only_while_serving():
+    import asyncio
+
+    from distserve.rpc.server import build_server
+    from distserve.state.redis_server import free_port
+
+    def check(target: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "distserve.cli", "health", "--target", target, "--timeout", "2"],
+                              capture_output=True, text=True, timeout=60)
+
+    async def go():
+        built = await build_server(("distserve.v1.Decode",))
+        await built.server.start()
+        try:
+            codes = [(await asyncio.to_thread(check, built.address)).returncode]  # NOT_SERVING while warming up
+            await built.health.set_serving()
+            ok = await asyncio.to_thread(check, built.address)
+            codes.append(ok.returncode)
+            await built.health.enter_graceful_shutdown()  # draining
+            codes.append((await asyncio.to_thread(check, built.address)).returncode)
+            return codes, ok.stdout
+        finally:
+            await built.server.stop(grace=None)
+
+    codes, out = asyncio.run(go())
+    assert codes == [1, 0, 1] and "SERVING" in out
+    assert check(f"127.0.0.1:{free_port()}").returncode == 1  # nothing listening
