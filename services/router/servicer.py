@@ -131,7 +131,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except DistserveError:
             self.metrics.requests.labels("router", "rejected").inc()
             raise
-        self.metrics.inflight.labels("router").inc()
         state = _StateWriter(self.states, rid)
         state.update(RequestPhase.QUEUED, prompt_tokens=len(prompt), max_tokens=params.max_tokens)
         detok = IncrementalDetokenizer(self.tokenizer)
@@ -143,6 +142,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         decode_call = None
         handle = None
         outcome = "failed"
+        self.metrics.inflight.labels("router").inc()
         try:
             colocated = not await self.picker.by_role("prefill") and await self.picker.by_role("colocated")
             self.metrics.decisions.labels("colocated" if colocated else "disaggregated").inc()
@@ -207,7 +207,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             state.update(RequestPhase.FINISHED, tokens_emitted=emitted, finish_reason=finish_name(finish), e2e_s=metrics.e2e_s)
             log.info("finished %s: %d prompt + %d tokens, ttft %.3fs, tpot %.4fs, e2e %.3fs, prefill %s, decode %s",
                      rid, len(prompt), emitted, metrics.ttft_s, metrics.tpot_s, metrics.e2e_s, metrics.prefill_worker, metrics.decode_worker)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (task cancel or generator close)
             outcome = "cancelled"
             state.update(RequestPhase.CANCELLED, tokens_emitted=emitted)
             raise
