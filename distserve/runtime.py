@@ -62,6 +62,10 @@ class WorkerSettings:
     drain_s: float = setting(30.0, "grace period for in-flight requests (and held KV) on shutdown")
     leave_s: float = setting(0.5, "on shutdown, how long requests routed before the worker left the registry are still accepted")
     seed: int = setting(0, "seed of tiny-llama's weights and of unseeded sampling")
+    kv_transport: str = setting("auto", "KV transport: auto = the best both sides offer; a name forces it (a prefill worker then offers only it and grpc)", ("auto", "grpc", "gloo", "nccl", "shm", "mooncake"))
+    kv_wire_dtype: str = setting("auto", "KV dtype on the wire when pulling (decode): auto = as cached; float16 or int8 (per-block scales) compress it", ("auto", "float16", "int8"))
+    kv_idle_s: float = setting(60.0, "pairwise KV channels (torch.distributed groups, shared-memory segments) idle this long are closed")
+    kv_buffer_bytes: int = setting(1 << 30, "warm KV receive buffers kept for reuse (decode), bytes")
 
     def __post_init__(self):
         rules = (  # (setting, valid?, what it must be); every failure is named at start
@@ -81,6 +85,8 @@ class WorkerSettings:
             ("ttl_s", self.ttl_s > self.heartbeat_s, f"more than heartbeat_s ({self.heartbeat_s})"),
             ("drain_s", self.drain_s >= 0, ">= 0"),
             ("leave_s", 0 <= self.leave_s <= self.drain_s, f"between 0 and drain_s ({self.drain_s})"),
+            ("kv_idle_s", self.kv_idle_s > 0, "> 0"),
+            ("kv_buffer_bytes", self.kv_buffer_bytes >= 0, ">= 0"),
         )
         bad = [f"{name} must be {what}, got {getattr(self, name)!r}" for name, ok, what in rules if not ok]
         if bad:
