@@ -81,21 +81,37 @@ class GrpcKvTransport(KvTransport):
 
     name = "grpc"
 
-    def __init__(self, channel_pool: ChannelPool, *, timeout_s: float = 30.0, chunk_bytes: int = 0):
+    def __init__(self, channel_pool: ChannelPool, *, timeout_s: float = 30.0, chunk_bytes: int = 0, wire_dtype: str = ""):
         self._pool = channel_pool
         self._timeout_s = timeout_s  # deadline of one whole pull
         self._chunk_bytes = chunk_bytes  # asked of the holder; 0 = its default
+        self.wire_dtype = wire_dtype  # "" = as held; "float16"/"int8" ask the holder to compress
 
     def _stub(self, address: str) -> kv_pb2_grpc.KvTransferStub:
         return kv_pb2_grpc.KvTransferStub(self._pool.get(address))
 
+    async def borrow(self, handle: KvHandle):
+        """The KV as a `distserve.kv.push.Pulled` (owned memory; release() is a no-op)."""
+        from distserve.kv.compression import normalize, wire_nbytes
+        from distserve.kv.push import Pulled
+
+        tensor = await self.pull(handle)
+        wire = normalize(self.wire_dtype, handle.layout.dtype)
+        return Pulled(tensor, wire_nbytes(handle.layout, handle.num_tokens, wire), wire)
+
     async def pull(self, handle: KvHandle, timeout_s: float | None = None) -> torch.Tensor:
-        shape = handle.shape
-        dst = torch.empty(shape, dtype=handle.layout.torch_dtype)
+        from distserve.kv.compression import decode, normalize, wire_nbytes
+
+        wire = normalize(self.wire_dtype, handle.layout.dtype)
+        if wire:
+            dst = torch.empty(wire_nbytes(handle.layout, handle.num_tokens, wire), dtype=torch.uint8)
+        else:
+            dst = torch.empty(handle.shape, dtype=handle.layout.torch_dtype)
         view = _byte_view(dst)
         expected = len(view)
         request = kv_pb2.PullKvRequest(
-            request_id=handle.request_id, transfer_token=handle.transfer_token, chunk_bytes=self._chunk_bytes
+            request_id=handle.request_id, transfer_token=handle.transfer_token, chunk_bytes=self._chunk_bytes,
+            wire_dtype=wire,
         )
         call = self._stub(handle.kv_address).Pull(request, timeout=timeout_s or self._timeout_s)
         received = 0
@@ -103,7 +119,7 @@ class GrpcKvTransport(KvTransport):
         try:
             async for chunk in call:
                 if first:
-                    _check_header(handle, chunk, expected)
+                    _check_header(handle, chunk, expected, wire)
                     first = False
                 n = len(chunk.data)
                 if chunk.offset != received or received + n > expected:
@@ -118,7 +134,7 @@ class GrpcKvTransport(KvTransport):
             call.cancel()  # no-op when the stream ended; stops the holder when we bail out
         if received != expected:
             raise Unavailable(f"KV of {handle.request_id}: stream ended after {received} of {expected} bytes")
-        return dst
+        return decode(dst, handle.layout, handle.num_tokens, wire) if wire else dst
 
     async def release(self, handle: KvHandle, timeout_s: float = 5.0) -> bool:
         """Tell the holder to free the KV; False if it was already gone."""
@@ -130,8 +146,8 @@ class GrpcKvTransport(KvTransport):
         return response.released
 
 
-def _check_header(handle: KvHandle, chunk: kv_pb2.KvChunk, expected: int) -> None:
-    if tuple(chunk.shape) != handle.shape or chunk.dtype != handle.layout.dtype or chunk.total_bytes != expected:
+def _check_header(handle: KvHandle, chunk: kv_pb2.KvChunk, expected: int, wire: str = "") -> None:
+    if tuple(chunk.shape) != handle.shape or chunk.dtype != handle.layout.dtype or chunk.total_bytes != expected or chunk.wire_dtype != wire:
         raise Unavailable(
             f"KV of {handle.request_id}: holder sent shape {tuple(chunk.shape)} {chunk.dtype} "
             f"({chunk.total_bytes} bytes), handle says {handle.shape} {handle.layout.dtype} ({expected} bytes)"

@@ -1,0 +1,116 @@
+"""The holder's KvTransfer service with every transport: gRPC Pull (optionally compressed) and Push
+over the side channels of the registered `KvSender`s.
+
+Lifecycle: a prefill worker builds `KvTransferServer(leases, senders)`, adds it to its gRPC server and
+runs `run_reaper()` as a task (drops channels idle too long); `close()` at shutdown drops them all.
+Push: validate and pin the lease -> export the KV (a worker thread) -> encode it for the wire -> the
+sender writes it into the puller's buffer -> unpin. Pinning defers a release or expiry that lands
+meanwhile until the write ends, so the KV is never freed under a transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable
+
+import grpc
+import torch
+
+from distserve.engine.errors import InvalidRequest, Unavailable
+from distserve.kv.compression import encode, normalize
+from distserve.kv.grpc_transport import KvTransferServicer, _byte_view
+from distserve.kv.handle import dtype_name
+from distserve.kv.lease import LeaseTable
+from distserve.kv.push import KvSender
+from distserve.rpc.errors import grpc_errors
+from distserve.v1 import kv_pb2
+
+logger = logging.getLogger(__name__)
+
+
+class KvTransferServer(KvTransferServicer):
+    def __init__(self, lease_table: LeaseTable, senders: Iterable[KvSender] = (), *, block_size: int = 16, **kw):
+        super().__init__(lease_table, **kw)
+        self.senders = {s.name: s for s in senders}
+        self.block_size = block_size  # tokens per scale block of int8 KV on the wire
+
+    def transport_params(self) -> dict[str, str]:
+        """What KvHandles carry so pullers can reach each sender."""
+        params: dict[str, str] = {}
+        for sender in self.senders.values():
+            params.update(sender.params())
+        return params
+
+    def _export(self, export_fn, wire: str) -> torch.Tensor:
+        return encode(export_fn(), wire, self.block_size)
+
+    @grpc_errors
+    async def Pull(self, request: kv_pb2.PullKvRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[kv_pb2.KvChunk]:
+        if not request.wire_dtype:
+            async for chunk in super().Pull.__wrapped__(self, request, context):
+                yield chunk
+            return
+        chunk = min(request.chunk_bytes or self._chunk_bytes, self._chunk_bytes)
+        with self._leases.pinned(request.request_id, request.transfer_token) as export_fn:
+            kv = await asyncio.to_thread(export_fn)
+            wire = normalize(request.wire_dtype, dtype_name(kv.dtype))
+            payload = await asyncio.to_thread(lambda: encode(kv, wire, self.block_size).cpu())
+            data = _byte_view(payload)
+            total = len(data)
+            offset = 0
+            while True:
+                end = min(offset + chunk, total)
+                msg = kv_pb2.KvChunk(offset=offset, data=bytes(data[offset:end]), total_bytes=total)
+                if offset == 0:
+                    msg.shape.extend(kv.shape)
+                    msg.dtype = dtype_name(kv.dtype)
+                    msg.wire_dtype = wire
+                yield msg
+                offset = end
+                if offset >= total:
+                    break
+
+    @grpc_errors
+    async def Push(self, request: kv_pb2.PushKvRequest, context: grpc.aio.ServicerContext) -> kv_pb2.PushKvResponse:
+        sender = self._sender(request.transport)
+        with self._leases.pinned(request.request_id, request.transfer_token) as export_fn:
+            kv = await asyncio.to_thread(export_fn)
+            wire = normalize(request.wire_dtype, dtype_name(kv.dtype))
+            payload = await asyncio.to_thread(encode, kv, wire, self.block_size)
+            if payload.numel() > request.capacity:
+                raise InvalidRequest("capacity", f"{payload.numel()} bytes of KV do not fit the puller's {request.capacity}")
+            if not await sender.push(request, payload):
+                return kv_pb2.PushKvResponse(channel_gone=True)
+        return kv_pb2.PushKvResponse(wire_bytes=payload.numel(), shape=list(kv.shape), dtype=dtype_name(kv.dtype), wire_dtype=wire)
+
+    @grpc_errors
+    async def Connect(self, request: kv_pb2.ConnectKvRequest, context: grpc.aio.ServicerContext) -> kv_pb2.ConnectKvResponse:
+        await self._sender(request.transport).connect(request)
+        return kv_pb2.ConnectKvResponse()
+
+    @grpc_errors
+    async def Disconnect(self, request: kv_pb2.DisconnectKvRequest, context: grpc.aio.ServicerContext) -> kv_pb2.DisconnectKvResponse:
+        return kv_pb2.DisconnectKvResponse(dropped=await self._sender(request.transport).disconnect(request))
+
+    def _sender(self, name: str) -> KvSender:
+        try:
+            return self.senders[name]
+        except KeyError:
+            raise Unavailable(f"transport {name!r} is not served here (serving: grpc, {', '.join(self.senders)})") from None
+
+    async def run_reaper(self, interval_s: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            for sender in self.senders.values():
+                try:
+                    sender.evict_idle()
+                except Exception:
+                    logger.exception("evicting idle %s channels failed; continuing", sender.name)
+
+    async def close(self) -> None:
+        for sender in self.senders.values():
+            try:
+                await sender.close()
+            except Exception:
+                logger.exception("closing KV sender %s failed", sender.name)
