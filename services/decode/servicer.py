@@ -19,7 +19,7 @@ import grpc
 from distserve.engine.errors import InvalidRequest, ResourceExhausted, Unavailable
 from distserve.kv.grpc_transport import GrpcKvTransport
 from distserve.kv.handle import KvHandle, dtype_name
-from distserve.kv.transport import choose_transport
+from distserve.kv.puller import KvPuller, PullResult
 from distserve.rpc.convert import finish_to_pb, params_from_pb
 from distserve.rpc.errors import grpc_errors
 from distserve.runtime import WorkerRuntime, host_id
@@ -31,12 +31,10 @@ ADMISSION_POLL_S = 0.01
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, runtime: WorkerRuntime, grpc_transport: GrpcKvTransport, transports: tuple[str, ...], force_transport: str | None = None):
+    def __init__(self, runtime: WorkerRuntime, grpc_transport: GrpcKvTransport, puller: KvPuller):
         self.rt = runtime
-        self.grpc = grpc_transport
-        self.offers = transports
-        self.force = force_transport
-        self.host = host_id()
+        self.grpc = grpc_transport  # releases leases
+        self.puller = puller  # negotiates the transport per handle, falls back to grpc
         self._background: set[asyncio.Task] = set()
 
     def _check_layout(self, handle: KvHandle) -> None:
@@ -58,23 +56,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     raise
                 await asyncio.sleep(ADMISSION_POLL_S)
 
-    async def _pull(self, rid: str, handle: KvHandle):
-        transport = choose_transport(self.offers, handle.transports, same_host=handle.host_id == self.host, forced=self.force)
-        t = time.monotonic()
-        try:
-            kv = await self.grpc.pull(handle)
-        except Unavailable:
-            log.warning("KV pull of %s failed once; retrying over grpc", rid)
-            self.rt.metrics.retries.labels("kv_pull").inc()
-            kv = await self.grpc.pull(handle)
-        seconds = time.monotonic() - t
-        m = self.rt.metrics
-        m.transfer_seconds.labels(transport).observe(seconds)
-        m.transfer_bytes.labels(transport).inc(kv.numel() * kv.element_size())
+    async def _pull(self, rid: str, handle: KvHandle) -> PullResult:
+        result = await self.puller.pull(handle)
         task = asyncio.create_task(self.grpc.release(handle))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        return kv, seconds, transport
+        return result
 
     @grpc_errors
     async def Decode(self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
@@ -94,16 +81,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 queue_s = time.monotonic() - t0
                 rt.metrics.queue_seconds.labels("decode").observe(queue_s)
                 try:
-                    kv, transfer_s, transport = await self._pull(rid, handle)
+                    pulled = await self._pull(rid, handle)
                 except BaseException:
                     await rt.worker.abort(rid)
                     raise
                 lp = request.first_logprob if params.logprobs else None
-                stream = await rt.worker.decode_prefilled(rid, request.first_token, lp, kv)
+                try:
+                    stream = await rt.worker.decode_prefilled(rid, request.first_token, lp, pulled.pulled.tensor)
+                except BaseException:
+                    pulled.pulled.release(reuse=False)  # the engine may still read it
+                    raise
+                pulled.pulled.release()
                 rt.metrics.decisions.labels("disaggregated").inc()
                 yield decode_pb2.DecodeResponse(
-                    queue_s=queue_s, kv_transfer_s=transfer_s, kv_bytes=kv.numel() * kv.element_size(),
-                    kv_transport=transport, worker_id=rt.worker_id,
+                    queue_s=queue_s, kv_transfer_s=pulled.seconds, kv_bytes=pulled.pulled.wire_bytes,
+                    kv_transport=pulled.transport, worker_id=rt.worker_id,
                 )
             else:
                 stream = await rt.worker.generate(rid, prompt, params)

@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, runtime: WorkerRuntime, leases: LeaseTable, transports: tuple[str, ...]):
+    def __init__(self, runtime: WorkerRuntime, leases: LeaseTable, transports: tuple[str, ...], transport_params: dict[str, str] | None = None):
         self.rt = runtime
         self.leases = leases
         self.transports = transports
+        self.transport_params = dict(transport_params or {})  # endpoints of the side-channel transports
         e: LLMEngine = runtime.engine
         lay = e.layout
         self.layout = KvLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, dtype_name(lay.dtype))
@@ -90,6 +91,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             lease_expiry_unix=expiry,
             transfer_token=token,
             host_id=host_id(),
+            transport_params=self.transport_params,
         )
         resp.kv_handle.CopyFrom(handle.to_proto())
         rt.metrics.requests.labels("prefill", "held").inc()
