@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from distserve.bench.metrics import RequestResult, attainment, slo_scale
-from distserve.bench.serve import RunConfig, build_requests, git_commit, measure, parse_target, resolve_model, tokenizer_for
+from distserve.bench.serve import RunConfig, build_requests, git_commit, measure, parse_target, resolve_model, tokenizer_for, warm_up
 
 TARGET_ATTAINMENT = 0.9
 SCALES = [round(0.1 * i, 2) for i in range(1, 31)]  # the attainment-vs-scale curve, 0.1x .. 3.0x
@@ -84,6 +84,7 @@ async def measure_system(target_spec: str, label: str, args, progress_factory) -
     try:
         model = await resolve_model(target, args.model)
         base = build_requests(args.workload, args.num_requests, tokenizer_for(model), args.seed)
+        await warm_up(target, base, args.warmup)
         cfg = RunConfig(workload=args.workload, num_requests=args.num_requests, arrival=args.arrival, cv=args.cv,
                         seed=args.seed, slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot)
         rates = [float(r) for r in args.rates.split(",") if r.strip()]

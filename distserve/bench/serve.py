@@ -152,6 +152,15 @@ async def measure(target, base: list[RequestSpec], cfg: RunConfig, progress=None
     }
 
 
+async def warm_up(target, base: list[RequestSpec], n: int) -> None:
+    """`n` requests of the list one after another, not recorded: first-use costs stay out of the figures."""
+    t0 = time.monotonic()
+    for spec in base[:n]:
+        res = await target.send(spec, t0)
+        if res.error:
+            raise SystemExit(f"warm-up request failed: {res.error}")
+
+
 def run_config(args) -> RunConfig:
     arrival = "closed" if args.concurrency else args.arrival
     return RunConfig(workload=args.workload, num_requests=args.num_requests, rate=args.rate, arrival=arrival, cv=args.cv,
@@ -166,6 +175,7 @@ async def serve_main(args) -> dict:
     try:
         model = await resolve_model(target, args.model)
         base = build_requests(cfg.workload, cfg.num_requests, tokenizer_for(model), cfg.seed)
+        await warm_up(target, base, args.warmup)
         with Progress(len(base), f"{args.target} {cfg.workload}", enabled=not args.no_progress) as bar:
             run = await measure(target, base, cfg, bar.update)
     finally:
@@ -199,6 +209,7 @@ def add_common_arguments(p) -> None:
     p.add_argument("--model", default="", help="tokenizer for the prompts and model name for openai targets (default: what a distserve target serves, else smollm2-135m)")
     p.add_argument("--token-ids", action="store_true", help="send token ids to openai targets too (distserve targets always get them)")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    p.add_argument("--warmup", type=int, default=2, help="requests sent one by one before measuring, not recorded")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
 
