@@ -25,6 +25,10 @@ case $config in
 esac
 
 # SLOs (seconds) and sweep per workload: see "How the SLOs were set" in benchmarks/README.md.
+# The SLOs come from the calibration run (slo.env) unless set in the environment.
+if [ -f "$out/slo.env" ]; then
+  while read -r line; do for kv in $line; do name=${kv%%=*}; [ -n "${!name:-}" ] || export "$kv"; done; done < "$out/slo.env"
+fi
 params() {
   case $1 in
     chat)      echo "--slo-ttft ${CHAT_TTFT:-2.5} --slo-tpot ${CHAT_TPOT:-0.15} --rates ${CHAT_RATES:-0.5,1,2} --scale-rate ${CHAT_SCALE_RATE:-1}" ;;
@@ -56,6 +60,17 @@ for w in "$@"; do
       python -m distserve.cli --log-level warning bench serve --target "distserve://127.0.0.1:$port" --workload "$cw" \
         --concurrency 1 --num-requests "${CAL_REQUESTS:-6}" --no-progress --out "$out/calibrate_${cw}_${config}.json"
     done
+    # SLO = 5 x the unloaded p50 TTFT and 3 x the unloaded p50 TPOT, two significant digits
+    python - "$out" "$config" > "$out/slo.env" <<'PY'
+import json, sys
+from math import floor, log10
+out, config = sys.argv[1], sys.argv[2]
+sig2 = lambda x: round(x, 1 - floor(log10(x)))
+for w, key in (("chat", "CHAT"), ("code", "CODE"), ("summarize", "SUM")):
+    s = json.load(open(f"{out}/calibrate_{w}_{config}.json"))["summary"]
+    print(f"{key}_TTFT={sig2(5 * s['ttft']['p50'])} {key}_TPOT={sig2(3 * s['tpot']['p50'])}")
+PY
+    cat "$out/slo.env"
     continue
   fi
   # shellcheck disable=SC2046
