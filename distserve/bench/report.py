@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from distserve.bench.metrics import PHASES
+
 
 class Progress:
     """`what [#####.....] 12/30 4.1s` on stderr, redrawn as requests finish on a terminal; a final line on exit."""
@@ -103,7 +105,17 @@ def goodput_table(doc: dict) -> str:
             if s["goodput_rps"] > 0:
                 lines.append(f"{first['label']} / {s['label']}: {first['goodput_rps'] / s['goodput_rps']:.2f}x goodput")
     lines.append("('+': no failing rate found above it, so goodput is at least this)")
+    lines += ["", "at the fixed rate: latency and mean server-side phases (s)",
+              f"{'system':34}{'req/s':>6}{'TTFT p90':>9}{'TPOT p90':>9}" + "".join(f"{h:>10}" for h in PHASE_HEADS)]
+    for s in doc["systems"]:
+        m = s["scale"]["summary"]
+        ph = m.get("phases_mean") or {}
+        lines.append(f"{s['label'][:33]:34}{s['scale']['rate']:>6g}{_s(m['ttft']['p90']):>9}{_ms(m['tpot']['p90']) + 'ms':>9}"
+                     + "".join(f"{ph[p]:>10.3f}" if p in ph else f"{'-':>10}" for p in PHASES))
     return "\n".join(lines)
+
+
+PHASE_HEADS = ("router", "pf queue", "prefill", "kv xfer", "dec queue", "decode")
 
 
 def plot_goodput(doc: dict, folder: Path, prefix: str) -> list[Path]:
