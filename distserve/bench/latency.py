@@ -40,7 +40,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 async def breakdown(target: str, n: int, prompt_len: int, max_tokens: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
-    prompts = [[rng.randrange(100, 20000) for _ in range(prompt_len)] for _ in range(n)]
+    prompts = [[rng.randrange(100, 250) for _ in range(prompt_len)] for _ in range(n)]  # valid for every model here
     async with AsyncClient(target) as c:
         await c.generate(prompts[0][:16], max_tokens=2, temperature=0.0)  # warm the path
         outs = await asyncio.gather(*(c.generate(p, max_tokens=max_tokens, temperature=0.0, ignore_eos=True) for p in prompts))

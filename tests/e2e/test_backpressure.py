@@ -56,6 +56,7 @@ def stack(tmp_path_factory):
         Service(tmp, "prefill", "prefill", *common, "--num-blocks", "12", "--lease-s", "2", "--worker-id", "p1"),
         Service(tmp, "decode", "decode", *common, "--num-blocks", "8", "--worker-id", "d1"),
         Service(tmp, "router", "router", "--model", "tiny-llama", "--redis-url", redis.url),
+        Service(tmp, "router2", "router", "--model", "tiny-llama", "--redis-url", redis.url),
     ]
     try:
         for s in services:
@@ -80,7 +81,7 @@ async def loads(redis_url):
 
 
 def test_full_prefill_queues_prompts_until_leases_end(stack):
-    redis, (prefill, _, _) = stack
+    redis, (prefill, *_) = stack
     params = common_pb2.SamplingParams(max_tokens=8, temperature=0.0)
 
     async def go():
@@ -128,3 +129,17 @@ def test_full_decode_worker_admits_requests_as_blocks_free(stack):
     assert [len(o.token_ids) for o in outs] == [40, 40, 40]
     assert max(o.metrics.phases.decode_queue_s for o in outs) > 0.05  # someone waited for blocks
     assert end["d1"].free_blocks == 8 and end["p1"].held_requests == 0
+
+
+def test_two_routers_share_the_pools(stack):
+    redis, services = stack
+    router, router2 = services[2], services[3]
+
+    async def go():
+        async with AsyncClient(router.address) as a, AsyncClient(router2.address) as b:
+            return await asyncio.gather(*(c.generate([20 + i] * 10, max_tokens=5, temperature=0.0, ignore_eos=True)
+                                          for i, c in enumerate([a, b, a, b])))
+
+    outs = asyncio.run(go())
+    assert all(len(o.token_ids) == 5 and o.metrics.decode_worker == "d1" for o in outs)
+    assert outs[0].token_ids != outs[1].token_ids  # different prompts, served by both routers
