@@ -182,6 +182,10 @@ class LLMEngine:
             raise NotFound(f"no held KV for request {request_id!r}")
         return self.cache.export(seq.block_table, seq.num_prompt_tokens)
 
+    def request_ids(self) -> list[str]:
+        """Every request that holds or awaits blocks here."""
+        return list(self._seqs)
+
     def has_work(self) -> bool:
         s = self.scheduler
         return bool(s.waiting or s.prefilling or s.running)

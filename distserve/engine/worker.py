@@ -165,7 +165,7 @@ class EngineWorker:
                     outs = engine.step()
                 except Exception:
                     log.exception("engine step failed; aborting the requests in it")
-                    for rid in list(engine._seqs):
+                    for rid in engine.request_ids():
                         engine.abort(rid)
                         self._close(rid)
                     outs = []
