@@ -70,6 +70,12 @@ def cmd_bench(args) -> None:
         from distserve.bench.latency import main
 
         main(args)
+    elif args.what == "kv":
+        from distserve.bench.kv_bench import run, table
+
+        result = run(sizes_mb=[int(x) for x in args.sizes_mb.split(",")], prompts=[int(x) for x in args.prompts.split(",") if x],
+                     reps=args.reps, model=args.model, transports=tuple(args.transports.split(",")), agreement=not args.no_agreement)
+        print(json.dumps(result) if args.json else table(result))
     elif args.what == "serve":
         from distserve.bench.serve import main
 
@@ -197,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--prompt-len", type=int, default=256)
     bl.add_argument("--max-tokens", type=int, default=32)
     bl.add_argument("--json", action="store_true")
+    bk = bsub.add_parser("kv", help="KV transports (grpc, gloo, shm, mooncake) vs memcpy, raw socket and raw gloo; fp16/int8 wire agreement")
+    bk.add_argument("--sizes-mb", default="1,4,16,64,256", help="synthetic payloads, MiB")
+    bk.add_argument("--prompts", default="128,512,2048", help="prompt lengths whose real KV is moved")
+    bk.add_argument("--reps", type=int, default=5)
+    bk.add_argument("--model", default="smollm2-135m")
+    bk.add_argument("--transports", default="grpc,gloo,shm", help="mooncake is added when its wheel imports")
+    bk.add_argument("--no-agreement", action="store_true", help="skip the fp16/int8 greedy-agreement run")
+    bk.add_argument("--json", action="store_true")
     from distserve.bench.goodput import add_goodput_arguments
     from distserve.bench.serve import add_serve_arguments
 
