@@ -40,6 +40,7 @@ params() {
 mkdir -p "$out"
 run=$(mktemp -d)
 port=$(python -c "from distserve.state.redis_server import free_port; print(free_port())")
+: > "$run/up.out"
 python -m distserve.cli --log-level warning up --model "$model" --port "$port" --logs "$run/logs" "${up[@]}" > "$run/up.out" 2>&1 &
 up_pid=$!
 trap 'kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
@@ -54,7 +55,16 @@ for pid in $(pgrep -f -- "--redis-url $redis"); do
   echo "  $(grep -o -- '--worker-id [^ ]*\|serve router' <<< "$cmd" | head -1): $(grep -o -- '--threads [0-9]*' <<< "$cmd" || echo 'threads: default'), $(grep Cpus_allowed_list /proc/$pid/status | tr -s '\t' ' ')"
 done
 
+others() {  # processes busy right now that are not this run's, so a disturbed figure can be told apart
+  local busy="" pid
+  for pid in $(top -bn2 -d 0.5 | awk '/^top/ {n++} n == 2 && $1 ~ /^[0-9]+$/ && $9 > 20 {print $1}'); do
+    cmd=$(tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null | cut -c1-70) || continue
+    case $cmd in *"$redis"*|*"bench goodput"*|*"bench serve"*|*"distserve.cli --log-level warning up"*) ;; *) busy="$busy [$pid] $cmd;" ;; esac
+  done
+  echo "  other busy processes at $(date -u +%H:%M:%S):${busy:- none}"
+}
 for w in "$@"; do
+  others
   if [ "$w" = calibrate ]; then
     for cw in chat code summarize; do
       python -m distserve.cli --log-level warning bench serve --target "distserve://127.0.0.1:$port" --workload "$cw" \
@@ -78,3 +88,4 @@ PY
     --workload "$w" --num-requests "$requests" --bisect-steps "${BISECT:-2}" $(params "$w") \
     --note "distserve up ${up[*]} --model $model" --out "$out/goodput_${w}_${config}.json"
 done
+others
