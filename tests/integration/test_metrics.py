@@ -113,8 +113,14 @@ def test_each_service_exports_the_named_series_with_values_matching_the_run(tmp_
         assert total(d, "distserve_requests_total", role="decode", outcome="finished") == N
         assert total(d, "distserve_requests_total", role="decode") == N
         assert total(d, "distserve_generated_tokens_total", role="decode") == N * (MAX_TOKENS - 1)
-        assert total(d, "distserve_kv_transfer_seconds_count", transport="grpc") == N
-        assert total(d, "distserve_kv_transfer_bytes_total", transport="grpc") == kv_bytes
+        by_transport = {}  # transport -> (pulls, bytes) as the responses report them
+        for o in outs:
+            n, b = by_transport.get(o.metrics.kv_transport, (0, 0))
+            by_transport[o.metrics.kv_transport] = (n + 1, b + o.metrics.kv_bytes)
+        for transport, (n, b) in by_transport.items():
+            assert total(d, "distserve_kv_transfer_seconds_count", transport=transport) == n, transport
+            assert total(d, "distserve_kv_transfer_bytes_total", transport=transport) == b, transport
+        assert total(d, "distserve_kv_transfer_seconds_count") == N and total(d, "distserve_kv_transfer_bytes_total") == kv_bytes
         assert total(d, "distserve_disaggregation_decisions_total", decision="disaggregated") == N
         assert total(d, "distserve_queue_seconds_count", role="decode") == N
         assert total(d, "distserve_kv_blocks_total", role="decode") == BLOCKS
