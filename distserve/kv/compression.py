@@ -34,7 +34,7 @@ def normalize(wire_dtype: str, held_dtype: str) -> str:
     if wire_dtype not in WIRE_DTYPES:
         raise InvalidRequest("wire_dtype", f"unknown KV wire dtype {wire_dtype!r}; allowed: {', '.join(WIRE_DTYPES)}")
     if not torch_dtype(held_dtype).is_floating_point:
-        raise InvalidRequest("wire_dtype", f"cannot compress {held_dtype} KV to {wire_dtype}")
+        return ""  # already quantized (an int8 cache carries its own scales): sent as held
     return wire_dtype
 
 

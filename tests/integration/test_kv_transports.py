@@ -65,7 +65,7 @@ CASES = [  # (shape, dtype): one block, ragged tokens, a multi-chunk 6.3 MB payl
     ((2, 2, 16, 2, 8), "float32"),
     ((30, 2, 37, 3, 64), "bfloat16"),
     ((30, 2, 257, 3, 64), "float32"),
-    ((4, 2, 33, 2, 64), "int8"),
+    ((4, 2, 33, 2, 64), "uint8"),
 ]
 
 
@@ -258,6 +258,57 @@ def test_lease_gone_is_not_found_over_side_channels(peer):
 
 @pytest.mark.gpu
 def test_nccl_pair_moves_cuda_kv_bit_exactly():
+    """The torch transport's group factory with the nccl backend: two ranks (one per GPU, as NCCL
+    refuses two ranks on one device) exchange a multi-chunk CUDA payload bit-exactly."""
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        pytest.skip("needs two CUDA devices (NCCL refuses two ranks on one GPU); none here")
-    pytest.skip("two-GPU run not wired into this harness yet")  # pragma: no cover
+        pytest.skip("needs two CUDA devices (NCCL refuses two ranks on one GPU); this machine has none")
+    import threading
+
+    import torch.distributed as dist
+
+    from distserve.kv.torch_transport import _chunks, make_group
+
+    store = dist.HashStore()
+    want = random_kv((30, 2, 300, 3, 64), torch.float32, 9).reshape(-1).view(torch.uint8)
+    got = {}
+
+    def rank(r):
+        dev = torch.device(f"cuda:{r}")
+        pg = make_group(dist.PrefixStore("kv/nccl-test", store), r, "nccl", 60, dev)
+        buf = want.to(dev) if r == 0 else torch.empty_like(want, device=dev)
+        for i, (o, n) in enumerate(_chunks(buf.numel(), 1 << 20)):
+            (pg.send if r == 0 else pg.recv)([buf[o : o + n]], 1 - r, i).wait()
+        torch.cuda.synchronize(dev)
+        got[r] = buf.cpu()
+        pg.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert torch.equal(got[1], want)
+
+MOONCAKE_OK, MOONCAKE_WHY = __import__("distserve.kv.mooncake_transport", fromlist=["status"]).status()
+
+
+@pytest.mark.skipif(not MOONCAKE_OK, reason=f"mooncake wheel unusable here: {MOONCAKE_WHY}")
+def test_mooncake_moves_kv_bit_exactly_over_tcp():
+    from distserve.kv.mooncake_transport import MooncakeKvTransport
+
+    with Peer(transports="mooncake") as p:
+        handles = [(p.hold(f"mc-{i}", shape, dtype, seed=i), random_kv(shape, getattr(torch, dtype), i)) for i, (shape, dtype) in enumerate(CASES)]
+
+        async def main():
+            pool = ChannelPool()
+            t = MooncakeKvTransport(pool, "127.0.0.1")
+            try:
+                for handle, want in handles:
+                    for _ in range(2):
+                        pulled = await t.borrow(handle)
+                        assert bits_equal(pulled.tensor, want)
+                        pulled.release()
+                assert t.buffers.stats().in_use == 0
+            finally:
+                await t.close()
+                await pool.close_all()
+
+        asyncio.run(main())
