@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -62,12 +63,14 @@ class EngineWorker:
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Adds a request to be prefilled here; yields its outputs until it finishes (or is held)."""
         q = self._open(request_id)
+        submitted = time.monotonic()
         try:
-            await self.call(lambda e: e.add_request(request_id, prompt, params))
+            # the engine stamps arrival when the command runs, after the step in flight; count that wait too
+            taken = await self.call(lambda e: (e.add_request(request_id, prompt, params), time.monotonic())[1])
         except BaseException:
             self._close(request_id)
             raise
-        return self._drain(request_id, q)
+        return self._drain(request_id, q, waited_s=max(0.0, taken - submitted))
 
     async def decode_prefilled(self, request_id: str, first_token: int, first_logprob: float | None, kv: torch.Tensor) -> AsyncIterator[RequestOutput]:
         """Imports KV into blocks reserved earlier with `reserve`; yields the outputs after the first token."""
@@ -107,12 +110,16 @@ class EngineWorker:
             loop, q = entry
             loop.call_soon_threadsafe(q.put_nowait, _END)
 
-    async def _drain(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _drain(self, request_id: str, q: asyncio.Queue, waited_s: float = 0.0) -> AsyncIterator[RequestOutput]:
         try:
+            first = True
             while True:
                 out = await q.get()
                 if out is _END:
                     return
+                if first and out.new_token_ids:
+                    out.queue_s += waited_s
+                    first = False
                 yield out
                 if out.finished or out.held:
                     return

@@ -50,3 +50,24 @@ def test_abort_ends_a_running_stream(tiny):
             w.stop()
 
     asyncio.run(go())
+
+
+def test_queue_time_counts_the_wait_behind_a_running_step(tiny):
+    async def go():
+        eng = LLMEngine(tiny, EngineConfig(num_blocks=64))
+        w = EngineWorker(eng)
+        w.start()
+        try:
+            gate = __import__("threading").Event()
+            blocker = asyncio.ensure_future(w.call(lambda e: gate.wait(5)))  # the engine thread is busy
+            await asyncio.sleep(0.05)
+            pending = asyncio.ensure_future(w.generate("q", [5, 6, 7], SamplingParams(max_tokens=1, temperature=0.0)))
+            await asyncio.sleep(0.3)
+            gate.set()
+            await blocker
+            outs = [o async for o in await pending]
+            return outs[0].queue_s
+        finally:
+            w.stop()
+
+    assert asyncio.run(go()) >= 0.25
