@@ -26,10 +26,13 @@ from distserve.engine.sampler import Sampler
 from distserve.engine.sampling import SamplingParams, find_stop, validate_request
 from distserve.engine.scheduler import Scheduler, SchedulerOutput
 from distserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from distserve.engine.weights import load as load_weights
 
 log = logging.getLogger(__name__)
 
 MODES = ("prefill", "decode", "colocated")
+WEIGHTS = ("fp32", "int8")
+KV_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +45,18 @@ class EngineConfig:
     max_num_seqs: int = 64  # most sequences in one step
     chunked_prefill: bool = False  # mix prompt chunks into decode steps (colocated/decode modes)
     seed: int | None = None  # seeds sampling of requests that bring no seed
+    weights: str = "fp32"  # linear layers: "fp32" (the model's dtype) or "int8" (see distserve.engine.quant)
+    kv_dtype: str = "auto"  # KV cache: "auto" (the model's dtype) or "int8" (per-block scales)
+    share_weights: bool = False  # read the weights from a read-only map of a file every worker on the host shares
+    free_model_weights: bool = False  # drop the LoadedModel's own weights once the runner has its own (workers)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -86,12 +97,15 @@ class LLMEngine:
         model = loaded.model
         self.vocab_size = model.config.vocab_size
         self.max_model_len = loaded.max_model_len
-        dtype = next(model.parameters()).dtype
+        dtype = torch.int8 if config.kv_dtype == "int8" else next(model.parameters()).dtype
         layout = ModelRunner.layout_of(model, config.block_size, dtype)
-        num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // (layout.bytes_per_token * config.block_size))
+        num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // layout.bytes_per_block)
         self.cache = PagedKVCache(layout, num_blocks, loaded.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.runner = ModelRunner(model, self.cache, self.max_model_len)
+        runner_weights = load_weights(loaded, config.weights, config.share_weights)
+        self.runner = ModelRunner(model, self.cache, self.max_model_len, runner_weights)
+        if config.free_model_weights:
+            loaded.drop_weights()
         self.sampler = Sampler(config.seed)
         self.scheduler = Scheduler(
             self.blocks,

@@ -1,14 +1,17 @@
 """One forward pass over a mixed batch: decode tokens of running sequences plus prefill chunks.
 
-The runner owns fused copies of the model's weights (QKV and gate/up concatenated) and runs a Llama-
-family forward with the paged cache: new K/V are written to their slots; decode attention gathers
-each sequence's slots once per layer and multiplies grouped queries against them (no repeat of KV
+The runner reads fused weights (QKV and gate/up concatenated, `distserve.engine.weights`) and runs a
+Llama-family forward with the paged cache: new K/V are written to their slots; decode attention reads
+each sequence's slots in place per layer and multiplies grouped queries against them (no repeat of KV
 heads); prefill attention runs SDPA per sequence. Logits are computed only where a token is sampled.
 
-On CPU the linear layers run on oneDNN with weights packed once at start (MKL's fp32 GEMM is several
-times slower for the skinny matrices of a decode step on this class of machine), and decode
-attention runs the native paged kernel (`distserve.engine.kernels`) that reads each sequence's
-blocks in place; without a compiler it falls back to a gather in torch, which gives the same tokens.
+Linear layers, by weights format:
+- fp32 in private memory: on CPU through oneDNN with weights packed once at start (MKL's fp32 GEMM is
+  several times slower for the skinny matrices of a decode step on this class of machine);
+- fp32 mapped from a shared file: `F.linear` on the mapped weight (a packed copy would be private);
+- int8 (mapped or not): `quant.Int8Linear`, which reads the int8 codes in place.
+On CPU decode attention runs the native paged kernel (`distserve.engine.kernels`, fp32 or int8 cache)
+that reads each sequence's blocks in place; without a compiler it falls back to a gather in torch.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distserve.engine import kernels
+from distserve.engine import kernels, quant
 from distserve.engine.kv_cache import KVLayout, PagedKVCache
 from distserve.engine.sequence import Sequence
+from distserve.engine.weights import LINEARS, ModelWeights, from_model
 
 
 @dataclass(slots=True)
@@ -55,14 +59,14 @@ def _use_onednn(w: torch.Tensor) -> bool:
 
 
 class _Linear:
-    """y = x W^T + b, on oneDNN with a prepacked weight where that is faster (CPU fp32)."""
+    """y = x W^T + b, on oneDNN with a prepacked weight where that is faster (CPU fp32, `pack`)."""
 
     __slots__ = ("weight", "bias", "packed")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True):
         self.weight = weight.detach()
         self.bias = bias.detach() if bias is not None else None
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16) if _use_onednn(self.weight) else None
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16) if pack and _use_onednn(self.weight) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -70,27 +74,46 @@ class _Linear:
         return F.linear(x, self.weight, self.bias)
 
 
-def _cat_bias(*mods) -> torch.Tensor | None:
-    biases = [m.bias for m in mods]
-    return torch.cat(biases) if all(b is not None for b in biases) else None
+def _linear(w: torch.Tensor | quant.QuantizedWeight, bias: torch.Tensor | None, pack: bool, **prologue):
+    """An fp32 linear, or an int8 one that also applies `prologue` (see quant.Int8Linear)."""
+    if isinstance(w, quant.QuantizedWeight):
+        return quant.Int8Linear(w, bias, **prologue)
+    return _Linear(w, bias, pack)
 
 
 class _Layer:
-    __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down")
+    """One decoder layer's weights. `fused`: its linears apply the pre-norms and the SiLU gate
+    product themselves (int8), so the forward hands them the residual stream / gate-up output."""
 
-    def __init__(self, layer: torch.nn.Module):
-        attn, mlp = layer.self_attn, layer.mlp
-        self.ln1 = layer.input_layernorm.weight.detach()
-        self.ln2 = layer.post_attention_layernorm.weight.detach()
-        qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
-        self.qkv = _Linear(torch.cat([m.weight for m in qkv]), _cat_bias(*qkv))
-        self.o = _Linear(attn.o_proj.weight, attn.o_proj.bias)
-        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), _cat_bias(mlp.gate_proj, mlp.up_proj))
-        self.down = _Linear(mlp.down_proj.weight, mlp.down_proj.bias)
+    __slots__ = ("ln1", "ln2", "fused", *LINEARS)
+
+    def __init__(self, w: ModelWeights, i: int, pack: bool, eps: float):
+        p = f"layers.{i}"
+        self.ln1 = w.tensors[f"{p}.ln1"]
+        self.ln2 = w.tensors[f"{p}.ln2"]
+        self.fused = all(isinstance(w.matrix(f"{p}.{n}"), quant.QuantizedWeight) for n in LINEARS)
+        pro = {
+            "qkv": dict(prologue="rms_norm", norm_weight=self.ln1, eps=eps),
+            "gate_up": dict(prologue="rms_norm", norm_weight=self.ln2, eps=eps),
+            "down": dict(prologue="silu_mul"),
+        }
+        for name in LINEARS:
+            extra = pro.get(name, {}) if self.fused else {}
+            setattr(self, name, _linear(w.matrix(f"{p}.{name}"), w.bias(f"{p}.{name}"), pack, **extra))
+
+
+def _rotary(model: torch.nn.Module, max_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_len, head_dim] from a fresh copy of the model's rotary embedding (works whether
+    or not the model still holds its weights)."""
+    rope = type(model.model.rotary_emb)(config=model.config)
+    pos = torch.arange(max_len)[None]
+    with torch.no_grad():
+        cos, sin = rope(torch.zeros((1, 1), dtype=dtype), position_ids=pos)
+    return cos[0].to(device=device, dtype=dtype), sin[0].to(device=device, dtype=dtype)
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, max_model_len: int):
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, max_model_len: int, weights: ModelWeights | None = None):
         cfg = model.config
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported activation {cfg.hidden_act!r} (Llama-family models use silu)")
@@ -102,17 +125,20 @@ class ModelRunner:
         self.scale = self.head_dim**-0.5
         self.eps = cfg.rms_norm_eps
         self.device = cache.data.device
-        inner = model.model
-        self.embed = inner.embed_tokens.weight.detach()
-        self.norm = inner.norm.weight.detach()
-        self.lm_head = _Linear(model.lm_head.weight)
-        self.layers = [_Layer(layer) for layer in inner.layers]
-        native = self.device.type == "cpu" and cache.data.dtype == torch.float32
+        self.weights = weights if weights is not None else from_model(model, "fp32")
+        w = self.weights
+        pack = not w.mapped  # a packed copy of mapped weights would be private memory
+        self.embed = w.matrix("embed")
+        self.norm = w.tensors["norm"]
+        head = w.matrix(w.head_name())
+        self.head_fused = isinstance(head, quant.QuantizedWeight)  # applies the final norm itself
+        norm = dict(prologue="rms_norm", norm_weight=self.norm, eps=self.eps) if self.head_fused else {}
+        self.lm_head = _linear(head, w.bias("lm_head"), pack, **norm)
+        self.layers = [_Layer(w, i, pack, self.eps) for i in range(w.num_layers)]
+        self.dtype = self.norm.dtype
+        native = self.device.type == "cpu" and self.dtype == torch.float32
         self.kernel = kernels.paged_attention() if native else None
-        with torch.no_grad():
-            pos = torch.arange(max_model_len, device=self.device)[None]
-            cos, sin = inner.rotary_emb(self.embed[:1][None], position_ids=pos)
-        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        self.cos, self.sin = _rotary(model, max_model_len, self.device, self.dtype)  # [max_len, head_dim]
 
     @staticmethod
     def layout_of(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> KVLayout:
@@ -146,7 +172,7 @@ class ModelRunner:
                 slots = (table[:, :, None] * bs + torch.arange(bs)).view(len(decode), -1)[:, :lmax]
                 gather = slots.reshape(-1).to(self.device)
                 valid = torch.arange(lmax)[None, :] < len_t[:, None]
-                mask = torch.zeros((len(decode), lmax), dtype=cache.data.dtype)
+                mask = torch.zeros((len(decode), lmax), dtype=self.dtype)
                 mask.masked_fill_(~valid, float("-inf"))
                 mask = mask.view(1, len(decode), 1, lmax).to(self.device)
         chunk_specs = []
@@ -187,56 +213,61 @@ class ModelRunner:
         H, KH, D, G = self.num_heads, self.num_kv_heads, self.head_dim, self.group
         cos = self.cos[b.positions][:, None, :]
         sin = self.sin[b.positions][:, None, :]
-        h = F.embedding(b.input_ids, self.embed)
-        kv = self.cache.data
+        h = quant.embedding(b.input_ids, self.embed)
+        cache = self.cache
         for li, L in enumerate(self.layers):
-            x = self._rms(h, L.ln1)
-            qkv = L.qkv(x)
+            qkv = L.qkv(h) if L.fused else L.qkv(self._rms(h, L.ln1))
             q = qkv[:, : H * D].view(n, H, D)
             k = qkv[:, H * D : (H + KH) * D].view(n, KH, D)
             v = qkv[:, (H + KH) * D :].view(n, KH, D)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            kc, vc = kv[li, 0], kv[li, 1]  # [KH, slots, D]
-            kc.index_copy_(1, b.write_slots, k.transpose(0, 1))
-            vc.index_copy_(1, b.write_slots, v.transpose(0, 1))
+            cache.write(li, b.write_slots, k, v)
             out = torch.empty((n, H, D), dtype=h.dtype, device=h.device)
             if b.num_decode:
-                out[: b.num_decode] = self._decode_attention(q[: b.num_decode], kc, vc, b)
+                out[: b.num_decode] = self._decode_attention(q[: b.num_decode], li, b)
             for a, e, ctx_start, ctx in b.chunks:
-                out[a:e] = self._prefill_attention(q[a:e], k[a:e], v[a:e], kc, vc, ctx_start, ctx)
-            h = h + L.o(out.view(n, H * D))
-            x = self._rms(h, L.ln2)
-            gu = L.gate_up(x)
-            m = gu.shape[-1] // 2
-            h = h + L.down(F.silu(gu[:, :m]) * gu[:, m:])
-        h = self._rms(h[b.logits_index], self.norm)
-        return self.lm_head(h).float()
+                out[a:e] = self._prefill_attention(q[a:e], k[a:e], v[a:e], li, ctx_start, ctx)
+            if L.fused:  # norms, gate product and residual adds inside the int8 linears
+                h = L.o(out.view(n, H * D), h)
+                h = L.down(L.gate_up(h), h)
+            else:
+                h = h + L.o(out.view(n, H * D))
+                gu = L.gate_up(self._rms(h, L.ln2))
+                m = gu.shape[-1] // 2
+                h = h + L.down(F.silu(gu[:, :m]) * gu[:, m:])
+        h = h[b.logits_index]
+        return self.lm_head(h if self.head_fused else self._rms(h, self.norm)).float()
 
-    def _decode_attention(self, q, kc, vc, b: ForwardBatch) -> torch.Tensor:
+    def _decode_attention(self, q, li: int, b: ForwardBatch) -> torch.Tensor:
         B, KH, G, D, Lm = b.num_decode, self.num_kv_heads, self.group, self.head_dim, b.decode_max_len
+        cache = self.cache
+        kc, vc = cache.data[li, 0], cache.data[li, 1]  # [KH, slots, D]
         if self.kernel is not None:
             out = torch.empty((B, KH * G, D), dtype=q.dtype)
-            self.kernel.paged_decode_attention(
-                out, q.contiguous(), kc, vc, b.decode_tables, b.decode_lens, self.cache.layout.block_size, self.scale
-            )
+            bs = cache.layout.block_size
+            if cache.scales is None:
+                self.kernel.paged_decode_attention(out, q.contiguous(), kc, vc, b.decode_tables, b.decode_lens, bs, self.scale)
+            else:
+                ks, vs = cache.scales[li, 0], cache.scales[li, 1]
+                self.kernel.paged_decode_attention_int8(out, q.contiguous(), kc, vc, ks, vs, b.decode_tables, b.decode_lens, bs, self.scale)
             return out
         qg = q.view(B, KH, G, D).transpose(0, 1)  # [KH, B, G, D]
-        keys = kc.index_select(1, b.decode_gather).view(KH, B, Lm, D)
-        vals = vc.index_select(1, b.decode_gather).view(KH, B, Lm, D)
+        keys, vals = cache.read(li, b.decode_gather, q.dtype)
+        keys, vals = keys.view(KH, B, Lm, D), vals.view(KH, B, Lm, D)
         scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scale + b.decode_mask
         probs = torch.softmax(scores, dim=-1)
         return torch.matmul(probs, vals).transpose(0, 1).reshape(B, KH * G, D)
 
-    def _prefill_attention(self, q, k, v, kc, vc, ctx_start: int, ctx) -> torch.Tensor:
+    def _prefill_attention(self, q, k, v, li: int, ctx_start: int, ctx) -> torch.Tensor:
         T = q.shape[0]
         qh = q.transpose(0, 1)[None]  # [1, H, T, D]
         if ctx is None:
             kh, vh = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
-            kh = kc.index_select(1, ctx)[None]
-            vh = vc.index_select(1, ctx)[None]
+            keys, vals = self.cache.read(li, ctx, q.dtype)
+            kh, vh = keys[None], vals[None]
             total = ctx.shape[0]
             allowed = torch.arange(total, device=q.device)[None, :] <= (
                 torch.arange(T, device=q.device)[:, None] + ctx_start

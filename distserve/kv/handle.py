@@ -5,7 +5,9 @@ Lifecycle: the prefill worker holds the KV under a lease (`distserve.kv.lease`),
 returns it as `common_pb2.KvHandle`; the router passes it on untouched; the decode worker turns it
 back into a `KvHandle` and pulls over a transport (`distserve.kv.transport`).
 The KV of one request travels as one contiguous tensor [num_layers, 2, num_tokens, num_kv_heads,
-head_dim] of `layout.dtype`.
+head_dim] of `layout.dtype`. dtype "int8" is an int8 paged cache with per-block scales: each row then
+has head_dim + 4 bytes, the codes followed by the fp32 scale of the token's cache block
+(`distserve.engine.kv_cache` documents the format).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distserve.engine.errors import InvalidRequest
+from distserve.engine.kv_cache import KV_SCALE_BYTES
 from distserve.v1 import common_pb2
 
 # dtypes a KV tensor may have on the wire, by torch name.
@@ -67,12 +70,13 @@ class KvLayout:
         return DTYPES[self.dtype]
 
     def shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
-        """Shape of one request's exported KV."""
-        return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
+        """Shape of one request's exported KV (int8: each row carries its block's fp32 scale too)."""
+        last = self.head_dim + (KV_SCALE_BYTES if self.dtype == "int8" else 0)
+        return (self.num_layers, 2, num_tokens, self.num_kv_heads, last)
 
     def bytes_per_token(self) -> int:
         itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
+        return self.num_layers * 2 * self.num_kv_heads * self.shape(1)[-1] * itemsize
 
     def nbytes(self, num_tokens: int) -> int:
         return self.bytes_per_token() * num_tokens

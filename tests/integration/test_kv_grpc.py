@@ -89,7 +89,7 @@ async def raw_chunks(pool: ChannelPool, handle: KvHandle, chunk_bytes: int = 0) 
     "dtype, shape, chunk",
     [
         (torch.float32, (8, 2, 128, 4, 64), 256 * 1024),  # 2 MiB, divides evenly
-        (torch.int8, (30, 2, 257, 3, 64), 100_000),  # 2.96 MB, ragged last chunk
+        (torch.uint8, (30, 2, 257, 3, 64), 100_000),  # 2.96 MB, ragged last chunk ("int8" is the int8 cache format)
         (torch.bfloat16, (4, 2, 33, 2, 64), 7_000),
     ],
 )

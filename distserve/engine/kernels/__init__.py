@@ -1,7 +1,9 @@
 """Optional native kernels, compiled on first use and cached under $DISTSERVE_HOME/kernels.
 
-`paged_attention()` returns the compiled module, or None when it cannot be built (no compiler, no
-ninja, or DISTSERVE_KERNELS=0); callers then use the pure-torch path, which gives the same tokens.
+`paged_attention()` (decode attention over the paged cache, fp32 or int8 with per-block scales, and
+the quantising int8 KV write) and `int8_linear()` (int8 x int8 linear layer reading a plain int8
+weight in place) return the compiled module, or None when it cannot be built (no compiler, no ninja,
+or DISTSERVE_KERNELS=0); callers then use the pure-torch paths, which compute the same thing.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 
-@functools.cache
-def paged_attention():
+
+def _build(name: str, source: str):
     if os.environ.get("DISTSERVE_KERNELS", "1") == "0":
         return None
     try:
@@ -26,15 +29,19 @@ def paged_attention():
 
         build = home() / "kernels" / f"{platform.machine()}-{platform.node()}"
         build.mkdir(parents=True, exist_ok=True)
-        src = Path(__file__).with_name("paged_attention.cpp")
-        return load(
-            name="distserve_paged_attention",
-            sources=[str(src)],
-            build_directory=str(build),
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        src = Path(__file__).with_name(source)
+        return load(name=name, sources=[str(src)], build_directory=str(build), extra_cflags=_CFLAGS,
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler or headers: fall back to the torch path
-        log.warning("native paged attention unavailable, using the torch path: %s", exc)
+        log.warning("native kernel %s unavailable, using the torch path: %s", name, exc)
         return None
+
+
+@functools.cache
+def paged_attention():
+    return _build("distserve_paged_attention", "paged_attention.cpp")
+
+
+@functools.cache
+def int8_linear():
+    return _build("distserve_int8_linear", "int8_linear.cpp")
