@@ -27,11 +27,12 @@ from distserve.engine.sampling import SamplingParams, find_stop, validate_reques
 from distserve.engine.scheduler import Scheduler, SchedulerOutput
 from distserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from distserve.engine.weights import load as load_weights
+from distserve.engine.weights import resolve_format
 
 log = logging.getLogger(__name__)
 
 MODES = ("prefill", "decode", "colocated")
-WEIGHTS = ("fp32", "int8")
+WEIGHTS = ("auto", "fp32", "int8")
 KV_DTYPES = ("auto", "int8")
 
 
@@ -45,9 +46,9 @@ class EngineConfig:
     max_num_seqs: int = 64  # most sequences in one step
     chunked_prefill: bool = False  # mix prompt chunks into decode steps (colocated/decode modes)
     seed: int | None = None  # seeds sampling of requests that bring no seed
-    weights: str = "fp32"  # linear layers: "fp32" (the model's dtype) or "int8" (see distserve.engine.quant)
+    weights: str = "fp32"  # linear layers: "fp32" (the model's dtype), "int8" or "auto" (weights.resolve_format)
     kv_dtype: str = "auto"  # KV cache: "auto" (the model's dtype) or "int8" (per-block scales)
-    share_weights: bool = False  # read the weights from a read-only map of a file every worker on the host shares
+    share_weights: bool | str = False  # weights from a read-only map of a file the host's workers share; "auto": int8 only
     free_model_weights: bool = False  # drop the LoadedModel's own weights once the runner has its own (workers)
 
     def __post_init__(self):
@@ -55,6 +56,8 @@ class EngineConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if self.share_weights not in (True, False, "auto"):
+            raise ValueError(f"share_weights must be True, False or 'auto', got {self.share_weights!r}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "kv_cache_bytes"):
@@ -102,7 +105,9 @@ class LLMEngine:
         num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // layout.bytes_per_block)
         self.cache = PagedKVCache(layout, num_blocks, loaded.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        runner_weights = load_weights(loaded, config.weights, config.share_weights)
+        fmt = resolve_format(config.weights, loaded)
+        share = fmt == "int8" if config.share_weights == "auto" else config.share_weights
+        runner_weights = load_weights(loaded, fmt, share)
         self.runner = ModelRunner(model, self.cache, self.max_model_len, runner_weights)
         if config.free_model_weights:
             loaded.drop_weights()

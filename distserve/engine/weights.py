@@ -238,6 +238,15 @@ def ensure_file(loaded, fmt: str) -> Path:
     return path
 
 
+def resolve_format(choice: str, loaded) -> str:
+    """"auto" -> the default for this model and device: int8 on CPU for a real checkpoint (faster at
+    the same greedy tokens, docs/quantization.md), fp32 on CUDA and for tiny-llama (whose job is to
+    match transformers token for token)."""
+    if choice != "auto":
+        return choice
+    return "int8" if loaded.device.type == "cpu" and loaded.source_dir is not None else "fp32"
+
+
 def load(loaded, fmt: str = "fp32", share: bool = False) -> ModelWeights:
     """The runner's weights for an engine (see the module docstring)."""
     if fmt not in FORMATS:
