@@ -66,6 +66,9 @@ class WorkerSettings:
     kv_wire_dtype: str = setting("auto", "KV dtype on the wire when pulling (decode): auto = as cached; float16 or int8 (per-block scales) compress it", ("auto", "float16", "int8"))
     kv_idle_s: float = setting(60.0, "pairwise KV channels (torch.distributed groups, shared-memory segments) idle this long are closed")
     kv_buffer_bytes: int = setting(1 << 30, "warm KV receive buffers kept for reuse (decode), bytes")
+    weights: str = setting("auto", "linear-layer weights: fp32 (the --dtype), int8, or auto (int8 on CPU for checkpoints, fp32 on CUDA and for tiny-llama; docs/quantization.md)", ("auto", "fp32", "int8"))
+    kv_dtype: str = setting("auto", "KV cache dtype: auto (the --dtype) or int8 with per-block scales (prefill and decode workers must agree)", ("auto", "int8"))
+    share_weights: str = setting("auto", "map the weights read-only from a file every worker on the host shares: on, off, or auto (on for int8, off for fp32, whose private packed copy is faster)", ("auto", "on", "off"))
 
     def __post_init__(self):
         rules = (  # (setting, valid?, what it must be); every failure is named at start
@@ -102,6 +105,10 @@ class WorkerSettings:
             max_num_seqs=self.max_num_seqs,
             chunked_prefill=self.chunked_prefill,
             seed=self.seed,
+            weights=self.weights,
+            kv_dtype=self.kv_dtype,
+            share_weights={"on": True, "off": False}.get(self.share_weights, "auto"),
+            free_model_weights=True,  # the worker's LoadedModel serves nothing else
         )
 
 
