@@ -64,7 +64,8 @@ def cmd_bench(args) -> None:
     if args.what == "engine":
         from distserve.bench.engine_bench import run
 
-        result = run(model=args.model, batch=args.batch, context=args.context, steps=args.steps, threads=args.threads or None)
+        result = run(model=args.model, batch=args.batch, context=args.context, steps=args.steps, threads=args.threads or None,
+                     weights=args.weights, kv_dtype=args.kv_dtype)
         print(json.dumps(result) if args.json else "\n".join(f"{k:>20}: {v}" for k, v in result.items()))
     elif args.what == "latency":
         from distserve.bench.latency import main
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-pin", action="store_true", help="do not pin workers to cores")
     up.add_argument("--worker-arg", action="append", default=[], help="extra flag passed to every worker, e.g. --worker-arg=--kv-cache-bytes=268435456")
     up.add_argument("--logs", default="", help="folder for the processes' logs (default: a new folder under $DISTSERVE_HOME/logs)")
+    up.add_argument("--weights", default="", choices=("", "auto", "fp32", "int8"), help="every worker's --weights (default: theirs, auto)")
+    up.add_argument("--kv-dtype", default="", choices=("", "auto", "int8"), help="every worker's --kv-dtype (default: theirs, auto)")
+    up.add_argument("--share-weights", default="", choices=("", "auto", "on", "off"), help="every worker's --share-weights (default: theirs, auto)")
     up.set_defaults(fn=cmd_up)
 
     serve = sub.add_parser("serve", help="run one service (for containers)")
@@ -193,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--context", type=int, default=256)
     be.add_argument("--steps", type=int, default=32)
     be.add_argument("--threads", type=int, default=0)
+    be.add_argument("--weights", default="fp32", choices=("fp32", "int8"), help="int8 also prints its speed against fp32 and the quality figures")
+    be.add_argument("--kv-dtype", default="auto", choices=("auto", "int8"), help="int8 also prints the quality figures against fp32 KV")
     be.add_argument("--json", action="store_true")
     bl = bsub.add_parser("latency", help="per-phase latency breakdown and router overhead on a running suite")
     bl.add_argument("--target", default="", help="a running router (default: start a suite with distserve up)")

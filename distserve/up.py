@@ -88,6 +88,9 @@ class Suite:
             raise SystemExit("need decode workers for prefill workers, or colocated workers")
         plan = core_plan(len(roles), a.threads, not a.no_pin)
         common = ["--model", a.model, "--redis-url", self.redis.url, "--host", a.host]
+        for flag in ("weights", "kv_dtype", "share_weights"):  # pass-through, when given
+            if getattr(a, flag, ""):
+                common += ["--" + flag.replace("_", "-"), getattr(a, flag)]
         workers = []
         counts: dict[str, int] = {}
         for role, (threads, cpus) in zip(roles, plan):
