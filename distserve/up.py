@@ -88,16 +88,17 @@ class Suite:
             raise SystemExit("need decode workers for prefill workers, or colocated workers")
         plan = core_plan(len(roles), a.threads, not a.no_pin)
         common = ["--model", a.model, "--redis-url", self.redis.url, "--host", a.host]
-        for flag in ("weights", "kv_dtype", "share_weights"):  # pass-through, when given
+        engine_flags = []  # workers only, when given
+        for flag in ("weights", "kv_dtype", "share_weights"):
             if getattr(a, flag, ""):
-                common += ["--" + flag.replace("_", "-"), getattr(a, flag)]
+                engine_flags += ["--" + flag.replace("_", "-"), getattr(a, flag)]
         workers = []
         counts: dict[str, int] = {}
         for role, (threads, cpus) in zip(roles, plan):
             counts[role] = counts.get(role, 0) + 1
             port = free_port(a.host)
             name = f"{role}-{counts[role]}"
-            argv = ["serve", role, *common, "--port", str(port), "--threads", str(threads), "--worker-id", name, *a.worker_arg]
+            argv = ["serve", role, *common, *engine_flags, "--port", str(port), "--threads", str(threads), "--worker-id", name, *a.worker_arg]
             if cpus:
                 argv += ["--cpus", cpus]
             workers.append(self._spawn(name, argv, f"{a.host}:{port}"))
