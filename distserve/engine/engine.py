@@ -111,6 +111,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache, self.max_model_len, runner_weights)
         if config.free_model_weights:
             loaded.drop_weights()
+        log.info("%s weights (%s, %.0f MB), %s KV cache of %d blocks", fmt,
+                 f"mapped read-only from {runner_weights.path}" if runner_weights.mapped else "private",
+                 runner_weights.nbytes / 1e6, "int8" if layout.quantized else str(dtype).removeprefix("torch."), num_blocks)
         self.sampler = Sampler(config.seed)
         self.scheduler = Scheduler(
             self.blocks,

@@ -32,7 +32,7 @@ from distserve.engine import kernels
 
 GROUP = 32  # inputs per scale/offset group
 BLOCK = 16  # output channels per block of the stored layout
-PREFILL_ROWS = 96  # from this many rows on, a transient fp32 weight and the fp32 GEMM win (measured)
+PREFILL_ROWS = 512  # from this many rows on, a transient fp32 weight and the fp32 GEMM win (measured)
 PROLOGUES = {"none": 0, "rms_norm": 1, "silu_mul": 2}  # what the native kernel applies to x first
 
 
@@ -184,7 +184,7 @@ def kv_write_int8_torch(cache: torch.Tensor, scales: torch.Tensor, slots: torch.
     KH = x.shape[1]
     amax = x.abs().amax(-1).transpose(0, 1)  # [KH, n]
     need = torch.zeros((KH, len(uniq)), dtype=scales.dtype, device=x.device)
-    need.index_reduce_(1, inv, amax / 127, "amax", include_self=True)
+    need.scatter_reduce_(1, inv.expand(KH, -1), amax / 127, "amax", include_self=True)
     fresh = torch.zeros(len(uniq), dtype=torch.bool, device=x.device)
     fresh[inv[slots % block_size == 0]] = True
     old = torch.where(fresh, torch.zeros_like(need), scales[:, uniq])
