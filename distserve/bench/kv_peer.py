@@ -128,11 +128,14 @@ class _Holder:
         return {"address": self.built.address, "pid": os.getpid(), "transports": ["grpc", *self.senders], "params": self.server.transport_params()}
 
     def _handle(self, rid: str, kv: torch.Tensor, export_fn, ttl_s: float = 600.0) -> str:
-        from distserve.kv.handle import KvHandle, KvLayout, dtype_name
+        from distserve.kv.handle import KV_SCALE_BYTES, KvHandle, KvLayout, dtype_name
 
         token, expiry = self.leases.hold(rid, export_fn, lambda: self.freed.append(rid), ttl_s, nbytes=kv.nbytes)
         layers, _, tokens, heads, dim = kv.shape
-        layout = KvLayout(layers, heads, dim, 16, dtype_name(kv.dtype))
+        dtype = dtype_name(kv.dtype)
+        if dtype == "int8":  # an int8 cache's export: each row is head_dim codes plus its block's scale
+            dim -= KV_SCALE_BYTES
+        layout = KvLayout(layers, heads, dim, 16, dtype)
         handle = KvHandle(rid, "peer", self.built.address, ("grpc", *self.senders), layout, tokens, expiry, token,
                           _host_id(), self.server.transport_params())
         return handle.to_proto().SerializeToString().hex()

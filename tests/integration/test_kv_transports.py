@@ -61,11 +61,12 @@ def run(body, *, wire: str = "", idle_s: float = 60.0, chunk_bytes: int | None =
     return asyncio.run(main())
 
 
-CASES = [  # (shape, dtype): one block, ragged tokens, a multi-chunk 6.3 MB payload
+CASES = [  # (shape, dtype): one block, ragged tokens, a multi-chunk 6.3 MB payload, an int8 cache's export
     ((2, 2, 16, 2, 8), "float32"),
     ((30, 2, 37, 3, 64), "bfloat16"),
     ((30, 2, 257, 3, 64), "float32"),
     ((4, 2, 33, 2, 64), "uint8"),
+    ((30, 2, 45, 3, 68), "int8"),  # int8 KV cache: 64 codes + the block's fp32 scale per row
 ]
 
 
