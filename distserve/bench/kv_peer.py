@@ -119,10 +119,10 @@ class _Holder:
 
     async def start(self) -> dict:
         from distserve.rpc.server import build_server
-        from distserve.v1 import kv_pb2_grpc
+        from distserve.kv.grpc_transport import add_to_server as add_kv_transfer
 
         self.built = await build_server(["distserve.v1.KvTransfer"], host="127.0.0.1", port=0)
-        kv_pb2_grpc.add_KvTransferServicer_to_server(self.server, self.built.server)
+        add_kv_transfer(self.server, self.built.server)
         await self.built.server.start()
         self.reaper = asyncio.create_task(self.server.run_reaper(0.2))
         return {"address": self.built.address, "pid": os.getpid(), "transports": ["grpc", *self.senders], "params": self.server.transport_params()}

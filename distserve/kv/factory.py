@@ -53,7 +53,7 @@ def build_senders(names: tuple[str, ...], advertise_host: str, device: torch.dev
 def build_pullers(names: tuple[str, ...], pool: ChannelPool, *, worker_id: str, device: torch.device, wire_dtype: str = "",
                   idle_s: float = 60.0, buffer_bytes: int = 1 << 30, advertise_host: str = "127.0.0.1") -> KvTransports:
     wire = "" if wire_dtype == "auto" else wire_dtype
-    transports = KvTransports([GrpcKvTransport(pool, wire_dtype=wire)])
+    transports = KvTransports([GrpcKvTransport(pool, wire_dtype=wire, max_idle_bytes=buffer_bytes, idle_s=idle_s)])
     for name in names:
         if name in ("gloo", "nccl"):
             transports.register(TorchKvTransport(name, pool, worker_id=worker_id, device=device, wire_dtype=wire,

@@ -3,6 +3,7 @@ over the side channels of the registered `KvSender`s.
 
 Lifecycle: a prefill worker builds `KvTransferServer(leases, senders)`, adds it to its gRPC server and
 runs `run_reaper()` as a task (drops channels idle too long); `close()` at shutdown drops them all.
+Pull streams the KV (compressed when asked) as in `grpc_transport`.
 Push: validate and pin the lease -> export the KV (a worker thread) -> encode it for the wire -> the
 sender writes it into the puller's buffer -> unpin. Pinning defers a release or expiry that lands
 meanwhile until the write ends, so the KV is never freed under a transfer.
@@ -12,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 
 import grpc
 import torch
 
 from distserve.engine.errors import InvalidRequest, Unavailable
 from distserve.kv.compression import encode, normalize
-from distserve.kv.grpc_transport import KvTransferServicer, _byte_view
+from distserve.kv.grpc_transport import KvTransferServicer
 from distserve.kv.handle import dtype_name
 from distserve.kv.lease import LeaseTable
 from distserve.kv.push import KvSender
@@ -42,34 +43,10 @@ class KvTransferServer(KvTransferServicer):
             params.update(sender.params())
         return params
 
-    def _export(self, export_fn, wire: str) -> torch.Tensor:
-        return encode(export_fn(), wire, self.block_size)
-
-    @grpc_errors
-    async def Pull(self, request: kv_pb2.PullKvRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[kv_pb2.KvChunk]:
-        if not request.wire_dtype:
-            async for chunk in super().Pull.__wrapped__(self, request, context):
-                yield chunk
-            return
-        chunk = min(request.chunk_bytes or self._chunk_bytes, self._chunk_bytes)
-        with self._leases.pinned(request.request_id, request.transfer_token) as export_fn:
-            kv = await asyncio.to_thread(export_fn)
-            wire = normalize(request.wire_dtype, dtype_name(kv.dtype))
-            payload = await asyncio.to_thread(lambda: encode(kv, wire, self.block_size).cpu())
-            data = _byte_view(payload)
-            total = len(data)
-            offset = 0
-            while True:
-                end = min(offset + chunk, total)
-                msg = kv_pb2.KvChunk(offset=offset, data=bytes(data[offset:end]), total_bytes=total)
-                if offset == 0:
-                    msg.shape.extend(kv.shape)
-                    msg.dtype = dtype_name(kv.dtype)
-                    msg.wire_dtype = wire
-                yield msg
-                offset = end
-                if offset >= total:
-                    break
+    def _payload(self, export_fn, wire_dtype: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+        kv = export_fn()
+        wire = normalize(wire_dtype, dtype_name(kv.dtype))
+        return kv, (encode(kv, wire, self.block_size) if wire else kv), wire
 
     @grpc_errors
     async def Push(self, request: kv_pb2.PushKvRequest, context: grpc.aio.ServicerContext) -> kv_pb2.PushKvResponse:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from distserve.kv import factory
+from distserve.kv.grpc_transport import add_to_server as add_kv_transfer
 from distserve.kv.lease import LeaseTable
 from distserve.kv.server import KvTransferServer
 from distserve.runtime import WorkerRuntime, WorkerSettings
-from distserve.v1 import kv_pb2_grpc, prefill_pb2_grpc
+from distserve.v1 import prefill_pb2_grpc
 from services.prefill.servicer import PrefillServicer
 
 SERVICES = ("distserve.v1.Prefill", "distserve.v1.KvTransfer")
@@ -25,7 +26,7 @@ async def run(settings: WorkerSettings) -> None:
     transports = ("grpc", *(s.name for s in senders))
     transports = tuple(n for n in offers if n in transports)
     prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(rt, leases, transports, kv.transport_params()), rt.built.server)
-    kv_pb2_grpc.add_KvTransferServicer_to_server(kv, rt.built.server)
+    add_kv_transfer(kv, rt.built.server)
     reaper = asyncio.create_task(leases.run_reaper(0.5))
     kv_reaper = asyncio.create_task(kv.run_reaper(min(5.0, settings.kv_idle_s / 2)))
     rt.on_stop = leases.release_all

@@ -13,13 +13,13 @@ import torch
 from distserve.client import Client
 from distserve.engine.engine import EngineConfig, LLMEngine
 from distserve.engine.sampling import SamplingParams
-from distserve.kv.grpc_transport import GrpcKvTransport, KvTransferServicer
+from distserve.kv.grpc_transport import GrpcKvTransport, KvTransferServicer, add_to_server
 from distserve.kv.handle import KvHandle, KvLayout, dtype_name
 from distserve.kv.lease import LeaseTable
 from distserve.rpc.channels import ChannelPool
 from distserve.rpc.server import build_server
 from distserve.up import UpProcess
-from distserve.v1 import kv_pb2, kv_pb2_grpc
+from distserve.v1 import kv_pb2
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -62,7 +62,7 @@ def test_int8_kv_crosses_grpc_bit_exact_and_decodes_to_the_colocated_tokens(tiny
     async def move():
         table = LeaseTable()
         built = await build_server([KV_SERVICE])
-        kv_pb2_grpc.add_KvTransferServicer_to_server(KvTransferServicer(table, chunk_bytes=64 * 1024), built.server)
+        add_to_server(KvTransferServicer(table, chunk_bytes=64 * 1024), built.server)
         await built.server.start()
         pool = ChannelPool()
         transport = GrpcKvTransport(pool, timeout_s=10)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distserve.engine.errors import InvalidRequest, NotFound, Unavailable
-from distserve.kv.grpc_transport import GrpcKvTransport, KvTransferServicer
+from distserve.kv.grpc_transport import GrpcKvTransport, KvTransferServicer, add_to_server, encode_chunks, split_chunk
 from distserve.kv.handle import KvHandle, KvLayout
 from distserve.kv.lease import LeaseTable
 from distserve.kv.transport import KvTransports, choose_transport
@@ -50,7 +50,7 @@ def run_kv(body: Callable[[Holder, GrpcKvTransport, ChannelPool], Awaitable[Any]
     async def main() -> Any:
         table = LeaseTable()
         built = await build_server([KV_SERVICE])
-        kv_pb2_grpc.add_KvTransferServicer_to_server(KvTransferServicer(table, chunk_bytes=chunk_bytes), built.server)
+        add_to_server(KvTransferServicer(table, chunk_bytes=chunk_bytes), built.server)
         await built.server.start()
         await built.health.set_serving()
         pool = ChannelPool()
@@ -116,6 +116,41 @@ def test_pull_is_bit_exact_in_bounded_chunks(dtype: torch.dtype, shape: tuple[in
         assert holder.frees == {"r1": 1}
 
     run_kv(body, chunk_bytes=chunk)
+
+
+def test_hand_written_chunks_are_ordinary_kvchunks_both_ways() -> None:
+    data = memoryview(bytes(range(256)) * 10)
+    messages = list(encode_chunks(data, 1000, [2, 2, 5, 2, 8], "float32"))
+    parsed = [kv_pb2.KvChunk.FromString(m) for m in messages]  # what any gRPC client sees
+    assert b"".join(p.data for p in parsed) == bytes(data)
+    assert [p.offset for p in parsed] == [0, 1000, 2000] and {p.total_bytes for p in parsed} == {2560}
+    assert list(parsed[0].shape) == [2, 2, 5, 2, 8] and parsed[0].dtype == "float32"
+    assert [split_chunk(m)[0] for m in messages] == [kv_pb2.KvChunk(offset=p.offset, total_bytes=p.total_bytes, shape=p.shape, dtype=p.dtype) for p in parsed]
+    # and a chunk protobuf wrote, fields in its order, parses the same way
+    std = kv_pb2.KvChunk(offset=7, data=b"abc", total_bytes=10, shape=[1, 2], dtype="int8", wire_dtype="int8").SerializeToString()
+    head, got = split_chunk(std)
+    assert bytes(got) == b"abc" and not head.data
+    assert (head.offset, head.total_bytes, list(head.shape), head.dtype, head.wire_dtype) == (7, 10, [1, 2], "int8", "int8")
+    for broken in (std[:-1], std[:3], b"\x13"):  # a field cut short, a truncated varint, an unknown wire type
+        with pytest.raises(Unavailable, match="malformed"):
+            split_chunk(broken)
+
+
+def test_borrowed_kv_lives_in_a_warm_buffer_reused_by_the_next_pull() -> None:
+    kv = random_kv((8, 2, 100, 4, 64), torch.float32, 3)
+
+    async def body(holder: Holder, transport: GrpcKvTransport, pool: ChannelPool) -> None:
+        for i in range(3):
+            pulled = await transport.borrow(holder.hold(f"r{i}", kv))
+            assert bits_equal(pulled.tensor, kv) and pulled.wire_bytes == kv.nbytes
+            pulled.release()
+        stats = transport.buffers.stats()
+        assert stats.created == 1 and stats.in_use == 0 and stats.idle == 1
+        held = await transport.borrow(holder.hold("r3", kv))  # not released: the next pull needs another buffer
+        assert bits_equal((await transport.borrow(holder.hold("r4", kv))).tensor, kv)
+        assert transport.buffers.stats().created == 2 and bits_equal(held.tensor, kv)
+
+    run_kv(body)
 
 
 def test_wrong_token_is_not_found_and_looks_like_unknown_id() -> None:
