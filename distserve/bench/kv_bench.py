@@ -197,7 +197,8 @@ def run(sizes_mb=(1, 4, 16, 64, 256), prompts=(128, 512, 2048), reps: int = 5, m
     names = tuple(n for n in names if n != "mooncake" or mooncake_ok)
     out: dict = {"reps": reps, "unit": "GB/s = 1e9 bytes/s; latency = median of reps after one warm-up",
                  "threads": torch.get_num_threads(), "mooncake": "used (tcp)" if "mooncake" in names else f"skipped: {mooncake_why}"}
-    with Peer(transports=",".join(n for n in names if n != "grpc")) as peer:
+    held = ["gloo", *(n for n in names if n not in ("grpc", "gloo"))]  # gloo always: the raw gloo baseline uses its store
+    with Peer(transports=",".join(held)) as peer:
         base = _Baselines(peer)
         try:
             payload_rows = []
