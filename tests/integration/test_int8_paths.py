@@ -5,7 +5,6 @@ int8 weights and int8 KV serves the tokens the same settings give in process, an
 from __future__ import annotations
 
 import asyncio
-import random
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from distserve.rpc.channels import ChannelPool
 from distserve.rpc.server import build_server
 from distserve.up import UpProcess
 from distserve.v1 import kv_pb2
+from tests.engine_helpers import prompts, run_to_end
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -27,21 +27,8 @@ KV_SERVICE = kv_pb2.DESCRIPTOR.services_by_name["KvTransfer"].full_name
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
 
-def prompts(n, seed):
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 259) for _ in range(rng.randrange(5, 80))] for _ in range(n)]
-
-
-def run_to_end(engine):
-    outs = {}
-    while engine.has_work():
-        for o in engine.step():
-            outs.setdefault(o.request_id, []).extend(o.new_token_ids)
-    return outs
-
-
 def test_int8_kv_crosses_grpc_bit_exact_and_decodes_to_the_colocated_tokens(tiny):
-    ps = prompts(4, seed=21)
+    ps = prompts(4, seed=21, lo=5, hi=80)
     colo = LLMEngine(tiny, EngineConfig(num_blocks=80, kv_dtype="int8"))
     for i, p in enumerate(ps):
         colo.add_request(str(i), p, GREEDY)
@@ -100,7 +87,7 @@ def test_int8_kv_crosses_grpc_bit_exact_and_decodes_to_the_colocated_tokens(tiny
 def test_suite_with_int8_weights_and_int8_kv_serves_valid_tokens(tmp_path, tiny):
     up = UpProcess(tmp_path, "--model", "tiny-llama", "--prefill", "1", "--decode", "1",
                    "--weights", "int8", "--kv-dtype", "int8", "--worker-arg=--num-blocks=128")
-    ps = prompts(6, seed=22)
+    ps = prompts(6, seed=22, lo=5, hi=80)
     try:
         ref = LLMEngine(tiny, EngineConfig(num_blocks=128, weights="int8", kv_dtype="int8"))
         for i, p in enumerate(ps):

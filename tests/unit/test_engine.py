@@ -10,6 +10,7 @@ from distserve.engine.engine import EngineConfig, LLMEngine
 from distserve.engine.errors import InvalidRequest, NotFound, ResourceExhausted
 from distserve.engine.sampling import SamplingParams
 from distserve.engine.sequence import FinishReason
+from tests.engine_helpers import prompts, run_to_end
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 
@@ -18,19 +19,6 @@ def reference(lm, prompt, max_tokens):
     ids = torch.tensor([prompt])
     out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
     return out[0, len(prompt):].tolist()
-
-
-def prompts(n, seed=0, lo=3, hi=120):
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 259) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
-
-
-def run_to_end(engine, outputs=None):
-    outputs = {} if outputs is None else outputs
-    while engine.has_work():
-        for o in engine.step():
-            outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
-    return outputs
 
 
 @pytest.mark.parametrize("chunked", [False, True])

@@ -2,7 +2,6 @@
 cache (native write/attention against the torch paths, export/import round trip), and the int8
 engine on tiny-llama against transformers running the dequantised weights."""
 
-import random
 
 import pytest
 import torch
@@ -13,23 +12,11 @@ from distserve.engine.engine import EngineConfig, LLMEngine
 from distserve.engine.kv_cache import KVLayout, PagedKVCache
 from distserve.engine.models import load_model
 from distserve.engine.sampling import SamplingParams
+from tests.engine_helpers import prompts, run_to_end
 
 pytestmark = pytest.mark.timeout(300)
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0)
-
-
-def prompts(n, seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 259) for _ in range(rng.randrange(3, 90))] for _ in range(n)]
-
-
-def run_to_end(engine):
-    outs = {}
-    while engine.has_work():
-        for o in engine.step():
-            outs.setdefault(o.request_id, []).extend(o.new_token_ids)
-    return outs
 
 
 def test_quantiser_picks_the_better_grid_and_reproduces_4_and_8_bit_grids_exactly():
@@ -81,7 +68,7 @@ def test_int8_engine_matches_transformers_on_the_dequantised_weights(tiny):
         for m in fake.model.modules():
             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
                 m.weight.copy_(quant.dequantize_weight(quant.quantize_weight(m.weight)))
-    ps = prompts(6, seed=11)
+    ps = prompts(6, seed=11, hi=90)
     eng = LLMEngine(tiny, EngineConfig(num_blocks=100, weights="int8"))
     assert eng.runner.weights.fmt == "int8"
     for i, p in enumerate(ps):
@@ -146,7 +133,7 @@ def test_int8_cache_round_trips_bit_exact_and_holds_about_4x_the_tokens():
 
 
 def test_int8_kv_engine_is_the_same_colocated_and_through_export_import(tiny):
-    ps = prompts(5, seed=12)
+    ps = prompts(5, seed=12, hi=90)
     colo = LLMEngine(tiny, EngineConfig(num_blocks=100, kv_dtype="int8"))
     for i, p in enumerate(ps):
         colo.add_request(str(i), p, GREEDY)
