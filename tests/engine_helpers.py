@@ -16,3 +16,10 @@ def run_to_end(engine, outputs=None):
         for o in engine.step():
             outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
     return outputs
+
+
+def run_prompts(engine, prompts, params):
+    """Add prompt i as request "i", step until idle; request id -> its tokens."""
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    return run_to_end(engine)

@@ -19,7 +19,7 @@ from distserve.rpc.channels import ChannelPool
 from distserve.rpc.server import build_server
 from distserve.up import UpProcess
 from distserve.v1 import kv_pb2
-from tests.engine_helpers import prompts, run_to_end
+from tests.engine_helpers import prompts, run_prompts, run_to_end
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -29,10 +29,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
 def test_int8_kv_crosses_grpc_bit_exact_and_decodes_to_the_colocated_tokens(tiny):
     ps = prompts(4, seed=21, lo=5, hi=80)
-    colo = LLMEngine(tiny, EngineConfig(num_blocks=80, kv_dtype="int8"))
-    for i, p in enumerate(ps):
-        colo.add_request(str(i), p, GREEDY)
-    want = run_to_end(colo)
+    want = run_prompts(LLMEngine(tiny, EngineConfig(num_blocks=80, kv_dtype="int8")), ps, GREEDY)
 
     pre = LLMEngine(tiny, EngineConfig(mode="prefill", num_blocks=80, kv_dtype="int8"))
     dec = LLMEngine(tiny, EngineConfig(mode="decode", num_blocks=80, kv_dtype="int8"))
@@ -89,10 +86,7 @@ def test_suite_with_int8_weights_and_int8_kv_serves_valid_tokens(tmp_path, tiny)
                    "--weights", "int8", "--kv-dtype", "int8", "--worker-arg=--num-blocks=128")
     ps = prompts(6, seed=22, lo=5, hi=80)
     try:
-        ref = LLMEngine(tiny, EngineConfig(num_blocks=128, weights="int8", kv_dtype="int8"))
-        for i, p in enumerate(ps):
-            ref.add_request(str(i), p, GREEDY)
-        want = run_to_end(ref)
+        want = run_prompts(LLMEngine(tiny, EngineConfig(num_blocks=128, weights="int8", kv_dtype="int8")), ps, GREEDY)
         with Client(up.target, timeout_s=120) as c:
             for i, p in enumerate(ps):
                 out = c.generate(p, max_tokens=12, temperature=0.0)

@@ -12,7 +12,7 @@ from distserve.engine.engine import EngineConfig, LLMEngine
 from distserve.engine.kv_cache import KVLayout, PagedKVCache
 from distserve.engine.models import load_model
 from distserve.engine.sampling import SamplingParams
-from tests.engine_helpers import prompts, run_to_end
+from tests.engine_helpers import prompts, run_prompts, run_to_end
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -71,9 +71,7 @@ def test_int8_engine_matches_transformers_on_the_dequantised_weights(tiny):
     ps = prompts(6, seed=11, hi=90)
     eng = LLMEngine(tiny, EngineConfig(num_blocks=100, weights="int8"))
     assert eng.runner.weights.fmt == "int8"
-    for i, p in enumerate(ps):
-        eng.add_request(str(i), p, GREEDY)
-    outs = run_to_end(eng)
+    outs = run_prompts(eng, ps, GREEDY)
     for i, p in enumerate(ps):
         ids = torch.tensor([p])
         ref = fake.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
@@ -134,10 +132,7 @@ def test_int8_cache_round_trips_bit_exact_and_holds_about_4x_the_tokens():
 
 def test_int8_kv_engine_is_the_same_colocated_and_through_export_import(tiny):
     ps = prompts(5, seed=12, hi=90)
-    colo = LLMEngine(tiny, EngineConfig(num_blocks=100, kv_dtype="int8"))
-    for i, p in enumerate(ps):
-        colo.add_request(str(i), p, GREEDY)
-    want = run_to_end(colo)
+    want = run_prompts(LLMEngine(tiny, EngineConfig(num_blocks=100, kv_dtype="int8")), ps, GREEDY)
     pre = LLMEngine(tiny, EngineConfig(mode="prefill", num_blocks=100, kv_dtype="int8"))
     dec = LLMEngine(tiny, EngineConfig(mode="decode", num_blocks=100, kv_dtype="int8"))
     dec.blocks.allocate(5)  # other physical blocks on the receiving side
@@ -160,9 +155,7 @@ def test_int8_kv_engine_is_the_same_colocated_and_through_export_import(tiny):
     torch_path = LLMEngine(tiny, EngineConfig(num_blocks=100, kv_dtype="int8"))
     torch_path.runner.kernel = None
     torch_path.cache._writer = None
-    for i, p in enumerate(ps):
-        torch_path.add_request(str(i), p, GREEDY)
-    assert run_to_end(torch_path) == want
+    assert run_prompts(torch_path, ps, GREEDY) == want
 
 
 def run_to_end_outputs(engine):
