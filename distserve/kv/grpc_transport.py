@@ -29,8 +29,7 @@ from distserve.kv.buffers import BufferPool, cpu_buffer
 from distserve.kv.compression import decode, normalize, wire_nbytes
 from distserve.kv.handle import KvHandle, dtype_name
 from distserve.kv.lease import LeaseTable
-from distserve.kv.push import Pulled
-from distserve.kv.transport import KvTransport
+from distserve.kv.transport import KvTransport, Pulled
 from distserve.rpc.channels import ChannelPool
 from distserve.rpc.errors import error_from_rpc, grpc_errors
 from distserve.v1 import kv_pb2, kv_pb2_grpc
@@ -204,14 +203,6 @@ class GrpcKvTransport(KvTransport):
             return Pulled(tensor, need, wire)
         tensor = buf[:need].view(handle.layout.torch_dtype).view(handle.shape)
         return Pulled(tensor, need, wire, lambda reuse: self.buffers.release(buf) if reuse else self.buffers.discard(buf))
-
-    async def pull(self, handle: KvHandle, timeout_s: float | None = None) -> torch.Tensor:
-        """The KV as a tensor of its own."""
-        pulled = await self.borrow(handle, timeout_s)
-        try:
-            return pulled.tensor.clone()
-        finally:
-            pulled.release()
 
     async def _receive(self, handle: KvHandle, wire: str, view: memoryview, timeout_s: float | None) -> None:
         expected = len(view)

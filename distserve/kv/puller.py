@@ -20,8 +20,7 @@ from prometheus_client import Counter
 
 from distserve.engine.errors import DistserveError, NotFound, Unavailable
 from distserve.kv.handle import KvHandle
-from distserve.kv.push import Pulled
-from distserve.kv.transport import PREFERENCE, KvTransports, choose_transport
+from distserve.kv.transport import PREFERENCE, KvTransports, Pulled, choose_transport
 
 logger = logging.getLogger(__name__)
 

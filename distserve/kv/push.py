@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -25,28 +24,12 @@ import torch
 from distserve.engine.errors import NotFound, Unavailable
 from distserve.kv.compression import decode, normalize, wire_nbytes
 from distserve.kv.handle import KvHandle
-from distserve.kv.transport import KvTransport
+from distserve.kv.transport import KvTransport, Pulled
 from distserve.rpc.channels import ChannelPool
 from distserve.rpc.errors import error_from_rpc
 from distserve.v1 import kv_pb2, kv_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Pulled:
-    """A pulled KV tensor that may live in a pooled receive buffer."""
-
-    tensor: torch.Tensor  # handle.shape, handle.layout.dtype
-    wire_bytes: int  # bytes that crossed the wire
-    wire_dtype: str = ""  # "" = as held
-    _release: Callable[[bool], None] | None = field(default=None, repr=False)
-
-    def release(self, reuse: bool = True) -> None:
-        """Done with the tensor. reuse=False when something may still read it (the buffer is then left to the GC)."""
-        fn, self._release = self._release, None
-        if fn is not None:
-            fn(reuse)
 
 
 @dataclass(slots=True)
@@ -127,12 +110,6 @@ class PushKvTransport(KvTransport):
             return Pulled(tensor, need, wire, lambda reuse: self._return(channel, buf, reuse))
         raise Unavailable(f"{self.name} channel to {handle.worker_id} vanished twice")
 
-    async def pull(self, handle: KvHandle) -> torch.Tensor:
-        pulled = await self.borrow(handle)
-        try:
-            return pulled.tensor.clone()
-        finally:
-            pulled.release()
 
 
 def _check(handle: KvHandle, resp: kv_pb2.PushKvResponse, need: int, wire: str) -> None:

@@ -2,15 +2,17 @@
 
 Lifecycle: a decode worker builds its transports at start and keeps them in a `KvTransports`
 registry; for each request it calls `choose_transport(its offers, the handle's offers, same_host)`,
-then `await transports.get(name).pull(handle)` for the tensor, then releases the lease through the
-holder's KvTransfer.Release (transport-independent). `close()` at shutdown.
+then `await transports.get(name).borrow(handle)` for the tensor (valid until `Pulled.release()`; `pull`
+gives an owned copy), then releases the lease through the holder's KvTransfer.Release
+(transport-independent). `close()` at shutdown.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,17 +26,41 @@ PREFERENCE: tuple[str, ...] = ("shm", "nccl", "mooncake", "gloo", "grpc")
 SAME_HOST_ONLY = frozenset({"shm"})
 
 
+@dataclass(slots=True)
+class Pulled:
+    """A pulled KV tensor that may live in a pooled receive buffer."""
+
+    tensor: torch.Tensor  # handle.shape, handle.layout.dtype
+    wire_bytes: int  # bytes that crossed the wire
+    wire_dtype: str = ""  # "" = as held
+    _release: Callable[[bool], None] | None = field(default=None, repr=False)
+
+    def release(self, reuse: bool = True) -> None:
+        """Done with the tensor. reuse=False when something may still read it (the buffer is then left to the GC)."""
+        fn, self._release = self._release, None
+        if fn is not None:
+            fn(reuse)
+
+
 class KvTransport(abc.ABC):
     """Moves one request's KV from its holder to here."""
 
     name: str  # one of PREFERENCE
 
     @abc.abstractmethod
-    async def pull(self, handle: KvHandle) -> torch.Tensor:
-        """The held tensor, bit-exact, shape handle.shape and dtype handle.layout.dtype.
+    async def borrow(self, handle: KvHandle) -> Pulled:
+        """The held tensor, bit-exact, shape handle.shape and dtype handle.layout.dtype, until `release()`.
 
         Raises NotFound if the lease is gone, Unavailable if the transfer failed.
         """
+
+    async def pull(self, handle: KvHandle) -> torch.Tensor:
+        """The held tensor as a copy of its own."""
+        pulled = await self.borrow(handle)
+        try:
+            return pulled.tensor.clone()
+        finally:
+            pulled.release()
 
     async def close(self) -> None:
         """Release connections and buffers (default: nothing)."""

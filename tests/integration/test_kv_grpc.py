@@ -232,7 +232,7 @@ def test_unreachable_holder_is_unavailable() -> None:
         handle = holder.hold("r1", random_kv((1, 2, 1, 1, 4), torch.float32))
         fields = {f: getattr(handle, f) for f in KvHandle.__slots__}
         with pytest.raises(Unavailable):
-            await transport.pull(KvHandle(**{**fields, "kv_address": "127.0.0.1:1"}), timeout_s=5)
+            await transport.borrow(KvHandle(**{**fields, "kv_address": "127.0.0.1:1"}), timeout_s=5)
 
     run_kv(body)
 
