@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -58,6 +59,38 @@ static inline void axpy(float* y, float p, const float* x, int64_t n) {
 }
 #endif
 
+// Decode attention of one (sequence, kv head) for its G query heads qb[G, D] over L cached tokens:
+// scores, softmax, weighted sum of V into ob[G, D]. `key(t, buf)` / `value(t, buf)` give token t's row
+// as fp32 (a pointer into the cache, or `buf` after widening) and the factor it is scaled by, so the
+// fp32 and int8 caches share this loop.
+template <class Key, class Value>
+static void attend(const float* qb, int64_t G, int64_t D, int64_t L, float sc, Key key, Value value,
+                   std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& buf, float* ob) {
+  scores.resize(G * L);
+  acc.assign(G * D, 0.f);
+  buf.resize(D);
+  for (int64_t t = 0; t < L; ++t) {
+    const auto [kt, f] = key(t, buf.data());
+    for (int64_t g = 0; g < G; ++g) scores[g * L + t] = dot(qb + g * D, kt, D) * (f * sc);
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* row = scores.data() + g * L;
+    const float m = *std::max_element(row, row + L);
+    float sum = 0.f;
+    for (int64_t t = 0; t < L; ++t) {
+      row[t] = std::exp(row[t] - m);
+      sum += row[t];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < L; ++t) row[t] *= inv;
+  }
+  for (int64_t t = 0; t < L; ++t) {
+    const auto [vt, f] = value(t, buf.data());
+    for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, scores[g * L + t] * f, vt, D);
+  }
+  std::copy(acc.begin(), acc.end(), ob);
+}
+
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor kcache,
                             torch::Tensor vcache, torch::Tensor block_tables, torch::Tensor lens,
                             int64_t block_size, double scale) {
@@ -78,38 +111,14 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor kc
   const float sc = static_cast<float>(scale);
 
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<float> acc;
+    std::vector<float> scores, acc, buf;
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KH, kh = idx % KH;
-      const int64_t L = lp[b];
-      scores.resize(G * L);
-      acc.assign(G * D, 0.f);
-      const float* qb = qp + (b * H + kh * G) * D;
       const int64_t* table = bt + b * maxblocks;
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        const float* kt = kp + kh * ks + slot * kr;
-        for (int64_t g = 0; g < G; ++g) scores[g * L + t] = dot(qb + g * D, kt, D) * sc;
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* row = scores.data() + g * L;
-        const float m = *std::max_element(row, row + L);
-        float sum = 0.f;
-        for (int64_t t = 0; t < L; ++t) {
-          row[t] = std::exp(row[t] - m);
-          sum += row[t];
-        }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < L; ++t) row[t] *= inv;
-      }
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        const float* vt = vp + kh * vs + slot * vr;
-        for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, scores[g * L + t], vt, D);
-      }
-      float* ob = op + (b * H + kh * G) * D;
-      std::copy(acc.begin(), acc.end(), ob);
+      auto slot = [&](int64_t t) { return table[t / block_size] * block_size + t % block_size; };
+      auto key = [&](int64_t t, float*) { return std::pair<const float*, float>(kp + kh * ks + slot(t) * kr, 1.f); };
+      auto value = [&](int64_t t, float*) { return std::pair<const float*, float>(vp + kh * vs + slot(t) * vr, 1.f); };
+      attend(qp + (b * H + kh * G) * D, G, D, lp[b], sc, key, value, scores, acc, buf, op + (b * H + kh * G) * D);
     }
   });
 }
@@ -148,40 +157,20 @@ void paged_decode_attention_int8(torch::Tensor out, torch::Tensor q, torch::Tens
   const float sc = static_cast<float>(scale);
 
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc, row(D);
+    std::vector<float> scores, acc, buf;
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KH, kh = idx % KH;
-      const int64_t L = lp[b];
-      scores.resize(G * L);
-      acc.assign(G * D, 0.f);
-      const float* qb = qp + (b * H + kh * G) * D;
       const int64_t* table = bt + b * maxblocks;
-      for (int64_t t = 0; t < L; ++t) {
+      // int8 rows are widened into buf and scaled by their block's scale
+      auto row = [&](const int8_t* cache, int64_t stride, int64_t rstride, const float* scales, int64_t sstride,
+                     int64_t t, float* dst) {
         const int64_t blk = table[t / block_size];
-        const int64_t slot = blk * block_size + t % block_size;
-        widen_i8(row.data(), kp + kh * ks + slot * kr, D);
-        const float f = ksp[kh * kss + blk] * sc;
-        for (int64_t g = 0; g < G; ++g) scores[g * L + t] = dot(qb + g * D, row.data(), D) * f;
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* r = scores.data() + g * L;
-        const float m = *std::max_element(r, r + L);
-        float sum = 0.f;
-        for (int64_t t = 0; t < L; ++t) {
-          r[t] = std::exp(r[t] - m);
-          sum += r[t];
-        }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < L; ++t) r[t] *= inv;
-      }
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t blk = table[t / block_size];
-        const int64_t slot = blk * block_size + t % block_size;
-        widen_i8(row.data(), vp + kh * vs + slot * vr, D);
-        const float f = vsp[kh * vss + blk];
-        for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, scores[g * L + t] * f, row.data(), D);
-      }
-      std::copy(acc.begin(), acc.end(), op + (b * H + kh * G) * D);
+        widen_i8(dst, cache + kh * stride + (blk * block_size + t % block_size) * rstride, D);
+        return std::pair<const float*, float>(dst, scales[kh * sstride + blk]);
+      };
+      auto key = [&](int64_t t, float* dst) { return row(kp, ks, kr, ksp, kss, t, dst); };
+      auto value = [&](int64_t t, float* dst) { return row(vp, vs, vr, vsp, vss, t, dst); };
+      attend(qp + (b * H + kh * G) * D, G, D, lp[b], sc, key, value, scores, acc, buf, op + (b * H + kh * G) * D);
     }
   });
 }
