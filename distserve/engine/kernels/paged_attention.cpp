@@ -91,35 +91,43 @@ static void attend(const float* qb, int64_t G, int64_t D, int64_t L, float sc, K
   std::copy(acc.begin(), acc.end(), ob);
 }
 
-void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor kcache,
-                            torch::Tensor vcache, torch::Tensor block_tables, torch::Tensor lens,
-                            int64_t block_size, double scale) {
+// Every (sequence, kv head) in parallel: `rows(kh, table)` gives the (key, value) row loaders of that
+// head over that sequence's block table, and `attend` does the rest.
+template <class Rows>
+static void decode_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& block_tables,
+                             const torch::Tensor& lens, int64_t KH, double scale, Rows rows) {
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
-  TORCH_CHECK(kcache.stride(2) == 1 && vcache.stride(2) == 1, "cache rows must be contiguous");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && kcache.scalar_type() == at::kFloat, "fp32 only");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KH = kcache.size(0), G = H / KH;
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), G = H / KH;
   const int64_t maxblocks = block_tables.size(1);
-  const int64_t ks = kcache.stride(0), kr = kcache.stride(1);
-  const int64_t vs = vcache.stride(0), vr = vcache.stride(1);
   const float* qp = q.data_ptr<float>();
-  const float* kp = kcache.data_ptr<float>();
-  const float* vp = vcache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   const float sc = static_cast<float>(scale);
-
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc, buf;
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KH, kh = idx % KH;
-      const int64_t* table = bt + b * maxblocks;
-      auto slot = [&](int64_t t) { return table[t / block_size] * block_size + t % block_size; };
-      auto key = [&](int64_t t, float*) { return std::pair<const float*, float>(kp + kh * ks + slot(t) * kr, 1.f); };
-      auto value = [&](int64_t t, float*) { return std::pair<const float*, float>(vp + kh * vs + slot(t) * vr, 1.f); };
+      const auto [key, value] = rows(kh, bt + b * maxblocks);
       attend(qp + (b * H + kh * G) * D, G, D, lp[b], sc, key, value, scores, acc, buf, op + (b * H + kh * G) * D);
     }
+  });
+}
+
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor kcache,
+                            torch::Tensor vcache, torch::Tensor block_tables, torch::Tensor lens,
+                            int64_t block_size, double scale) {
+  TORCH_CHECK(kcache.stride(2) == 1 && vcache.stride(2) == 1, "cache rows must be contiguous");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && kcache.scalar_type() == at::kFloat, "fp32 only");
+  const int64_t ks = kcache.stride(0), kr = kcache.stride(1);
+  const int64_t vs = vcache.stride(0), vr = vcache.stride(1);
+  const float* kp = kcache.data_ptr<float>();
+  const float* vp = vcache.data_ptr<float>();
+  decode_attention(out, q, block_tables, lens, kcache.size(0), scale, [=](int64_t kh, const int64_t* table) {
+    auto slot = [=](int64_t t) { return table[t / block_size] * block_size + t % block_size; };
+    auto key = [=](int64_t t, float*) { return std::pair<const float*, float>(kp + kh * ks + slot(t) * kr, 1.f); };
+    auto value = [=](int64_t t, float*) { return std::pair<const float*, float>(vp + kh * vs + slot(t) * vr, 1.f); };
+    return std::make_pair(key, value);
   });
 }
 
@@ -135,43 +143,29 @@ static inline void widen_i8(float* dst, const int8_t* src, int64_t n) {
 void paged_decode_attention_int8(torch::Tensor out, torch::Tensor q, torch::Tensor kcache, torch::Tensor vcache,
                                  torch::Tensor kscale, torch::Tensor vscale, torch::Tensor block_tables,
                                  torch::Tensor lens, int64_t block_size, double scale) {
-  TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
   TORCH_CHECK(kcache.stride(2) == 1 && vcache.stride(2) == 1, "cache rows must be contiguous");
   TORCH_CHECK(q.scalar_type() == at::kFloat && kcache.scalar_type() == at::kChar && vcache.scalar_type() == at::kChar,
               "fp32 queries and an int8 cache expected");
   TORCH_CHECK(kscale.stride(1) == 1 && vscale.stride(1) == 1 && kscale.scalar_type() == at::kFloat, "fp32 scales [KH, blocks]");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KH = kcache.size(0), G = H / KH;
-  const int64_t maxblocks = block_tables.size(1);
+  const int64_t D = q.size(2);
   const int64_t ks = kcache.stride(0), kr = kcache.stride(1);
   const int64_t vs = vcache.stride(0), vr = vcache.stride(1);
   const int64_t kss = kscale.stride(0), vss = vscale.stride(0);
-  const float* qp = q.data_ptr<float>();
   const int8_t* kp = kcache.data_ptr<int8_t>();
   const int8_t* vp = vcache.data_ptr<int8_t>();
   const float* ksp = kscale.data_ptr<float>();
   const float* vsp = vscale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t* bt = block_tables.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  const float sc = static_cast<float>(scale);
-
-  at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc, buf;
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / KH, kh = idx % KH;
-      const int64_t* table = bt + b * maxblocks;
-      // int8 rows are widened into buf and scaled by their block's scale
-      auto row = [&](const int8_t* cache, int64_t stride, int64_t rstride, const float* scales, int64_t sstride,
-                     int64_t t, float* dst) {
-        const int64_t blk = table[t / block_size];
-        widen_i8(dst, cache + kh * stride + (blk * block_size + t % block_size) * rstride, D);
-        return std::pair<const float*, float>(dst, scales[kh * sstride + blk]);
-      };
-      auto key = [&](int64_t t, float* dst) { return row(kp, ks, kr, ksp, kss, t, dst); };
-      auto value = [&](int64_t t, float* dst) { return row(vp, vs, vr, vsp, vss, t, dst); };
-      attend(qp + (b * H + kh * G) * D, G, D, lp[b], sc, key, value, scores, acc, buf, op + (b * H + kh * G) * D);
-    }
+  decode_attention(out, q, block_tables, lens, kcache.size(0), scale, [=](int64_t kh, const int64_t* table) {
+    // int8 rows are widened into the caller's buffer and scaled by their block's scale
+    auto row = [=](const int8_t* cache, int64_t stride, int64_t rstride, const float* scales, int64_t sstride,
+                   int64_t t, float* dst) {
+      const int64_t blk = table[t / block_size];
+      widen_i8(dst, cache + kh * stride + (blk * block_size + t % block_size) * rstride, D);
+      return std::pair<const float*, float>(dst, scales[kh * sstride + blk]);
+    };
+    auto key = [=](int64_t t, float* dst) { return row(kp, ks, kr, ksp, kss, t, dst); };
+    auto value = [=](int64_t t, float* dst) { return row(vp, vs, vr, vsp, vss, t, dst); };
+    return std::make_pair(key, value);
   });
 }
 
