@@ -138,6 +138,8 @@ class ModelRunner:
         self.dtype = self.norm.dtype
         native = self.device.type == "cpu" and self.dtype == torch.float32
         self.kernel = kernels.paged_attention() if native else None
+        if self.kernel is not None and not self.kernel.supports_head_dim(self.head_dim):
+            self.kernel = None  # a head size the kernel is not built for: the torch path
         self.cos, self.sin = _rotary(model, max_model_len, self.device, self.dtype)  # [max_len, head_dim]
 
     @staticmethod

@@ -3,9 +3,14 @@
 // For each (sequence, KV head) pair: read the sequence's K and V once through its block table, score
 // all G query heads of that group against them, softmax, and accumulate V. No gather copy of the
 // cache and no repeat of KV heads. Work is split over (sequence, KV head) pairs with at::parallel_for.
+// The loops are written on W-lane vectors (AVX-512: 16, AVX2: 8, as -march=native finds them) and
+// specialised per head size, so a K row, a query head's outputs and a block's V rows sit in registers;
+// the softmax exponentials are vectorised (Cephes' expf polynomial).
 //
-// int8 cache: every (layer, K|V, KV head, block) has one fp32 scale, value = q * scale. A K row is
-// widened to fp32 once and scored against the G query heads; the V scale folds into the softmax weight.
+// int8 cache: every (layer, K|V, KV head, block) has one fp32 scale, value = q * scale. K rows are
+// widened to fp32 in registers and the K scale folds into the scores; a block's V rows are widened
+// once into an L1 tile that every query head of the group reads, and the V scale folds into the
+// softmax weights.
 // `kv_write_int8` quantises new K/V rows into their slots: a block's scale only grows (to the absmax of
 // what it holds / 127); when it grows, the rows already in the block are requantised to the new scale;
 // a block whose first slot is written in this call starts afresh (it was just allocated).
@@ -14,89 +19,186 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
-
-static inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_hadd_ps(lo, lo);
-  lo = _mm_hadd_ps(lo, lo);
-  return _mm_cvtss_f32(lo);
-}
-
-static inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  float s = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-static inline void axpy(float* y, float p, const float* x, int64_t n) {
-  const __m256 pv = _mm256_set1_ps(p);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += p * x[i];
-}
-#else
-static inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-static inline void axpy(float* y, float p, const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += p * x[i];
-}
 #endif
 
-// Decode attention of one (sequence, kv head) for its G query heads qb[G, D] over L cached tokens:
-// scores, softmax, weighted sum of V into ob[G, D]. `key(t, buf)` / `value(t, buf)` give token t's row
-// as fp32 (a pointer into the cache, or `buf` after widening) and the factor it is scaled by, so the
-// fp32 and int8 caches share this loop.
-template <class Key, class Value>
-static void attend(const float* qb, int64_t G, int64_t D, int64_t L, float sc, Key key, Value value,
-                   std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& buf, float* ob) {
+namespace {
+
+// W fp32 lanes: one zmm with AVX-512, one ymm with AVX2, else what the compiler makes of 16 bytes.
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#elif defined(__AVX2__)
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef int8_t vb __attribute__((vector_size(W)));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline vf load(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#else
+  vb b;
+  std::memcpy(&b, p, sizeof b);
+  return __builtin_convertvector(b, vf);
+#endif
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return vf{} + x; }
+
+inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__AVX2__)
+  __m128 lo = _mm256_castps256_ps128((__m256)v), hi = _mm256_extractf128_ps((__m256)v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+#else
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+#endif
+}
+
+// exp(x) for x <= 0 (softmax inputs less their max), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
+// a degree-7 polynomial for exp(r) and 2^n through the exponent bits. Relative error ~1e-7.
+inline vf exp_nonpos(vf x) {
+  x = x < -87.f ? splat(-87.f) : x;
+  const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);  // round(x / ln2), x <= 0
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * (vf)((n + 127) << 23);
+}
+
+// One block of a sequence's cache for one KV head: its first K and V rows (fp32 or int8 codes), the
+// distance between rows, and the factor the codes are scaled by (1 for fp32).
+template <class T>
+struct Block {
+  const T* k;
+  const T* v;
+  int64_t stride;
+  float kscale, vscale;
+};
+
+// Decode attention of one (sequence, kv head) for its G query heads qb[G, D] (D = NC * W) over L
+// cached tokens: scores, softmax, weighted sum of V into ob[G, D]. `block(j)` gives the j-th block.
+// Scores: each K row is loaded (and widened) once into registers and dotted with the G queries.
+// Sums: per block, each query head keeps its D outputs in registers while the block's V rows (widened
+// once per block for int8) stream past.
+template <int NC, class T, class Blocks>
+void attend(const float* qb, int64_t G, int64_t L, int64_t bs, float sc, Blocks block,
+            std::vector<float>& scores, std::vector<float>& vtile, std::vector<float>& acc, float* ob) {
+  constexpr int64_t D = NC * W;
   scores.resize(G * L);
   acc.assign(G * D, 0.f);
-  buf.resize(D);
-  for (int64_t t = 0; t < L; ++t) {
-    const auto [kt, f] = key(t, buf.data());
-    for (int64_t g = 0; g < G; ++g) scores[g * L + t] = dot(qb + g * D, kt, D) * (f * sc);
+  vtile.resize(bs * D);
+  for (int64_t j = 0, t0 = 0; t0 < L; ++j, t0 += bs) {
+    const Block<T> B = block(j);
+    const int64_t n = std::min(bs, L - t0);
+    const float f = B.kscale * sc;
+    for (int64_t r = 0; r < n; ++r) {
+      vf k[NC];
+      for (int c = 0; c < NC; ++c) k[c] = load(B.k + r * B.stride + c * W);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* q = qb + g * D;
+        vf s = load(q) * k[0];
+        for (int c = 1; c < NC; ++c) s += load(q + c * W) * k[c];
+        scores[g * L + t0 + r] = hsum(s) * f;
+      }
+    }
   }
+  std::vector<float> inv(G);
   for (int64_t g = 0; g < G; ++g) {
     float* row = scores.data() + g * L;
     const float m = *std::max_element(row, row + L);
-    float sum = 0.f;
-    for (int64_t t = 0; t < L; ++t) {
+    vf vsum{};
+    int64_t t = 0;
+    for (; t + W <= L; t += W) {
+      const vf e = exp_nonpos(load(row + t) - m);
+      store(row + t, e);
+      vsum += e;
+    }
+    float sum = hsum(vsum);
+    for (; t < L; ++t) {
       row[t] = std::exp(row[t] - m);
       sum += row[t];
     }
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < L; ++t) row[t] *= inv;
+    inv[g] = 1.f / sum;
   }
-  for (int64_t t = 0; t < L; ++t) {
-    const auto [vt, f] = value(t, buf.data());
-    for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, scores[g * L + t] * f, vt, D);
+  for (int64_t j = 0, t0 = 0; t0 < L; ++j, t0 += bs) {
+    const Block<T> B = block(j);
+    const int64_t n = std::min(bs, L - t0);
+    const float* v;
+    int64_t vstride;
+    if constexpr (std::is_same_v<T, float>) {
+      v = B.v;
+      vstride = B.stride;
+    } else {
+      for (int64_t r = 0; r < n; ++r)
+        for (int c = 0; c < NC; ++c) store(vtile.data() + r * D + c * W, load(B.v + r * B.stride + c * W));
+      v = vtile.data();
+      vstride = D;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float* p = scores.data() + g * L + t0;
+      vf a[NC];
+      for (int c = 0; c < NC; ++c) a[c] = load(acc.data() + g * D + c * W);
+      for (int64_t r = 0; r < n; ++r) {
+        const vf pr = splat(p[r] * B.vscale);
+        for (int c = 0; c < NC; ++c) a[c] += pr * load(v + r * vstride + c * W);
+      }
+      for (int c = 0; c < NC; ++c) store(acc.data() + g * D + c * W, a[c]);
+    }
   }
-  std::copy(acc.begin(), acc.end(), ob);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) ob[g * D + d] = acc[g * D + d] * inv[g];
 }
 
-// Every (sequence, kv head) in parallel: `rows(kh, table)` gives the (key, value) row loaders of that
-// head over that sequence's block table, and `attend` does the rest.
-template <class Rows>
-static void decode_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& block_tables,
-                             const torch::Tensor& lens, int64_t KH, double scale, Rows rows) {
+// The head sizes the kernel is built for: D = NC * W for these NC.
+template <class F>
+bool with_chunks(int64_t D, F f) {
+  if (D % W) return false;
+  switch (D / W) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 3: f(std::integral_constant<int, 3>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 5: f(std::integral_constant<int, 5>{}); return true;
+    case 6: f(std::integral_constant<int, 6>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+    case 16: f(std::integral_constant<int, 16>{}); return true;
+    default: return false;
+  }
+}
+
+// Every (sequence, kv head) in parallel: `blocks(kh, table)` gives the block loader of that head over
+// that sequence's block table, and `attend` does the rest.
+template <class T, class Blocks>
+void decode_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& block_tables,
+                      const torch::Tensor& lens, int64_t KH, int64_t block_size, double scale, Blocks blocks) {
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong &&
+                  block_tables.is_contiguous() && lens.is_contiguous(), "int64 block tables and lengths expected");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), G = H / KH;
   const int64_t maxblocks = block_tables.size(1);
   const float* qp = q.data_ptr<float>();
@@ -104,68 +206,61 @@ static void decode_attention(torch::Tensor& out, const torch::Tensor& q, const t
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc, buf;
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / KH, kh = idx % KH;
-      const auto [key, value] = rows(kh, bt + b * maxblocks);
-      attend(qp + (b * H + kh * G) * D, G, D, lp[b], sc, key, value, scores, acc, buf, op + (b * H + kh * G) * D);
-    }
+  const bool ok = with_chunks(D, [&](auto nc) {
+    at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores, vtile, acc;
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / KH, kh = idx % KH;
+        attend<decltype(nc)::value, T>(qp + (b * H + kh * G) * D, G, lp[b], block_size, sc, blocks(kh, bt + b * maxblocks),
+                                       scores, vtile, acc, op + (b * H + kh * G) * D);
+      }
+    });
   });
+  TORCH_CHECK(ok, "head_dim ", D, " is not supported by the native kernel (see supports_head_dim)");
+}
+
+}  // namespace
+
+bool supports_head_dim(int64_t D) {
+  return with_chunks(D, [](auto) {});
 }
 
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor kcache,
                             torch::Tensor vcache, torch::Tensor block_tables, torch::Tensor lens,
                             int64_t block_size, double scale) {
-  TORCH_CHECK(kcache.stride(2) == 1 && vcache.stride(2) == 1, "cache rows must be contiguous");
+  TORCH_CHECK(kcache.stride(2) == 1 && vcache.stride(2) == 1 && kcache.stride(1) == vcache.stride(1),
+              "cache rows must be contiguous");
   TORCH_CHECK(q.scalar_type() == at::kFloat && kcache.scalar_type() == at::kFloat, "fp32 only");
-  const int64_t ks = kcache.stride(0), kr = kcache.stride(1);
-  const int64_t vs = vcache.stride(0), vr = vcache.stride(1);
+  const int64_t ks = kcache.stride(0), vs = vcache.stride(0), r = kcache.stride(1);
   const float* kp = kcache.data_ptr<float>();
   const float* vp = vcache.data_ptr<float>();
-  decode_attention(out, q, block_tables, lens, kcache.size(0), scale, [=](int64_t kh, const int64_t* table) {
-    auto slot = [=](int64_t t) { return table[t / block_size] * block_size + t % block_size; };
-    auto key = [=](int64_t t, float*) { return std::pair<const float*, float>(kp + kh * ks + slot(t) * kr, 1.f); };
-    auto value = [=](int64_t t, float*) { return std::pair<const float*, float>(vp + kh * vs + slot(t) * vr, 1.f); };
-    return std::make_pair(key, value);
+  decode_attention<float>(out, q, block_tables, lens, kcache.size(0), block_size, scale, [=](int64_t kh, const int64_t* table) {
+    return [=](int64_t j) {
+      const int64_t row = table[j] * block_size * r;
+      return Block<float>{kp + kh * ks + row, vp + kh * vs + row, r, 1.f, 1.f};
+    };
   });
-}
-
-static inline void widen_i8(float* dst, const int8_t* src, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(src + i)))));
-#endif
-  for (; i < n; ++i) dst[i] = float(src[i]);
 }
 
 void paged_decode_attention_int8(torch::Tensor out, torch::Tensor q, torch::Tensor kcache, torch::Tensor vcache,
                                  torch::Tensor kscale, torch::Tensor vscale, torch::Tensor block_tables,
                                  torch::Tensor lens, int64_t block_size, double scale) {
-  TORCH_CHECK(kcache.stride(2) == 1 && vcache.stride(2) == 1, "cache rows must be contiguous");
+  TORCH_CHECK(kcache.stride(2) == 1 && vcache.stride(2) == 1 && kcache.stride(1) == vcache.stride(1),
+              "cache rows must be contiguous");
   TORCH_CHECK(q.scalar_type() == at::kFloat && kcache.scalar_type() == at::kChar && vcache.scalar_type() == at::kChar,
               "fp32 queries and an int8 cache expected");
   TORCH_CHECK(kscale.stride(1) == 1 && vscale.stride(1) == 1 && kscale.scalar_type() == at::kFloat, "fp32 scales [KH, blocks]");
-  const int64_t D = q.size(2);
-  const int64_t ks = kcache.stride(0), kr = kcache.stride(1);
-  const int64_t vs = vcache.stride(0), vr = vcache.stride(1);
+  const int64_t ks = kcache.stride(0), vs = vcache.stride(0), r = kcache.stride(1);
   const int64_t kss = kscale.stride(0), vss = vscale.stride(0);
   const int8_t* kp = kcache.data_ptr<int8_t>();
   const int8_t* vp = vcache.data_ptr<int8_t>();
   const float* ksp = kscale.data_ptr<float>();
   const float* vsp = vscale.data_ptr<float>();
-  decode_attention(out, q, block_tables, lens, kcache.size(0), scale, [=](int64_t kh, const int64_t* table) {
-    // int8 rows are widened into the caller's buffer and scaled by their block's scale
-    auto row = [=](const int8_t* cache, int64_t stride, int64_t rstride, const float* scales, int64_t sstride,
-                   int64_t t, float* dst) {
-      const int64_t blk = table[t / block_size];
-      widen_i8(dst, cache + kh * stride + (blk * block_size + t % block_size) * rstride, D);
-      return std::pair<const float*, float>(dst, scales[kh * sstride + blk]);
+  decode_attention<int8_t>(out, q, block_tables, lens, kcache.size(0), block_size, scale, [=](int64_t kh, const int64_t* table) {
+    return [=](int64_t j) {
+      const int64_t blk = table[j], row = blk * block_size * r;
+      return Block<int8_t>{kp + kh * ks + row, vp + kh * vs + row, r, ksp[kh * kss + blk], vsp[kh * vss + blk]};
     };
-    auto key = [=](int64_t t, float* dst) { return row(kp, ks, kr, ksp, kss, t, dst); };
-    auto value = [=](int64_t t, float* dst) { return row(vp, vs, vr, vsp, vss, t, dst); };
-    return std::make_pair(key, value);
   });
 }
 
@@ -239,6 +334,7 @@ void kv_write_int8(torch::Tensor kcache, torch::Tensor vcache, torch::Tensor ksc
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("supports_head_dim", &supports_head_dim, "whether the decode attention kernels take this head size");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
   m.def("paged_decode_attention_int8", &paged_decode_attention_int8, "decode attention over an int8 paged KV cache");
   m.def("kv_write_int8", &kv_write_int8, "quantise new K/V rows into an int8 paged cache with per-block scales");
