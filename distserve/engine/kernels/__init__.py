@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 
 
-def _build(name: str, source: str):
+def build(name: str, source: str, extra_cflags: tuple[str, ...] = (), variant: str = ""):
+    """Compiles `source` as module `name` (cached per machine and `variant`); None if it cannot be
+    built. `extra_cflags` go after -march=native, e.g. ("-mno-avx512f",) for the AVX2 code path."""
     if os.environ.get("DISTSERVE_KERNELS", "1") == "0":
         return None
     try:
@@ -27,10 +29,10 @@ def _build(name: str, source: str):
 
         from distserve.engine.models import home
 
-        build = home() / "kernels" / f"{platform.machine()}-{platform.node()}"
-        build.mkdir(parents=True, exist_ok=True)
+        build_dir = home() / "kernels" / f"{platform.machine()}-{platform.node()}{variant and '-' + variant}"
+        build_dir.mkdir(parents=True, exist_ok=True)
         src = Path(__file__).with_name(source)
-        return load(name=name, sources=[str(src)], build_directory=str(build), extra_cflags=_CFLAGS,
+        return load(name=name, sources=[str(src)], build_directory=str(build_dir), extra_cflags=[*_CFLAGS, *extra_cflags],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler or headers: fall back to the torch path
         log.warning("native kernel %s unavailable, using the torch path: %s", name, exc)
@@ -39,9 +41,9 @@ def _build(name: str, source: str):
 
 @functools.cache
 def paged_attention():
-    return _build("distserve_paged_attention", "paged_attention.cpp")
+    return build("distserve_paged_attention", "paged_attention.cpp")
 
 
 @functools.cache
 def int8_linear():
-    return _build("distserve_int8_linear", "int8_linear.cpp")
+    return build("distserve_int8_linear", "int8_linear.cpp")

@@ -1,0 +1,110 @@
+"""The native CPU kernels against float64 definitions, and the code path this machine does not run.
+
+The kernels are compiled with -march=native, so an AVX-512 machine runs other loops than an AVX2 one;
+on an AVX-512 machine the AVX2 build is compiled too and must compute the same as the native one.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distserve.engine import kernels, quant
+
+pytestmark = [
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(kernels.paged_attention() is None or kernels.int8_linear() is None, reason="no C++ compiler here"),
+]
+
+LENS = [1, 7, 16, 33, 290]
+
+
+def reference_attention(q, kc, vc, tables, lens, bs, scale):
+    """softmax(q K^T * scale) V per (sequence, query head) in float64; kc, vc [KH, slots, D] (fp32)."""
+    B, H, D = q.shape
+    KH = kc.shape[0]
+    out = torch.empty(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        t = torch.arange(int(lens[b]))
+        slots = tables[b][t // bs] * bs + t % bs
+        k, v = kc[:, slots].double(), vc[:, slots].double()  # [KH, L, D]
+        qg = q[b].double().view(KH, H // KH, D)
+        p = torch.softmax(torch.einsum("hgd,hld->hgl", qg, k) * scale, dim=-1)
+        out[b] = torch.einsum("hgl,hld->hgd", p, v).reshape(H, D)
+    return out
+
+
+def paged_case(D, KH, G, bs, seed, blocks=64):
+    g = torch.Generator().manual_seed(seed)
+    kc, vc = torch.randn(KH, blocks * bs, D, generator=g), torch.randn(KH, blocks * bs, D, generator=g)
+    need = (max(LENS) + bs - 1) // bs
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:need] for _ in LENS])  # scattered blocks
+    q = torch.randn(len(LENS), KH * G, D, generator=g)
+    return q, kc, vc, tables, torch.tensor(LENS)
+
+
+def quantized(kc, bs):
+    """An int8 cache with per-block scales holding kc, and its dequantised values."""
+    KH, S, D = kc.shape
+    codes, scales, slots = torch.zeros(KH, S, D, dtype=torch.int8), torch.zeros(KH, S // bs), torch.arange(S)
+    quant.kv_write_int8_torch(codes, scales, slots, kc.transpose(0, 1).contiguous(), bs)
+    return codes, scales, quant.dequantize_kv(codes, scales, slots, bs)
+
+
+@pytest.mark.parametrize("D,KH,G,bs", [(64, 3, 3, 16), (16, 2, 2, 16), (128, 2, 4, 8), (80, 1, 5, 16)])
+def test_paged_decode_attention_matches_the_definition(D, KH, G, bs):
+    mod = kernels.paged_attention()
+    if not mod.supports_head_dim(D):
+        pytest.skip(f"head_dim {D} is not a multiple of this machine's vector width")
+    q, kc, vc, tables, lens = paged_case(D, KH, G, bs, seed=D)
+    out = torch.full_like(q, float("nan"))
+    mod.paged_decode_attention(out, q, kc, vc, tables, lens, bs, D**-0.5)
+    assert (out.double() - reference_attention(q, kc, vc, tables, lens, bs, D**-0.5)).abs().max() < 1e-5
+
+    kq, ks, kd = quantized(kc, bs)
+    vq, vs, vd = quantized(vc, bs)
+    out.fill_(float("nan"))
+    mod.paged_decode_attention_int8(out, q, kq, vq, ks, vs, tables, lens, bs, D**-0.5)
+    assert (out.double() - reference_attention(q, kd, vd, tables, lens, bs, D**-0.5)).abs().max() < 1e-5
+
+
+def test_a_head_size_the_kernel_does_not_take_is_refused_with_a_clear_error():
+    mod = kernels.paged_attention()
+    assert not mod.supports_head_dim(12)  # no vector width divides it
+    q, kc, vc, tables, lens = paged_case(12, 1, 2, 16, seed=1)
+    with pytest.raises(RuntimeError, match="head_dim 12"):
+        mod.paged_decode_attention(torch.empty_like(q), q, kc, vc, tables, lens, 16, 0.3)
+
+
+def host_has_avx512() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return " avx512f" in flags and " avx512_vnni" in flags
+
+
+@pytest.mark.skipif(not host_has_avx512(), reason="this machine's native build already is the AVX2 path")
+def test_the_avx2_build_computes_what_the_avx512_build_computes():
+    off = ("-mno-avx512f", "-mno-avx512vnni", "-mno-avxvnni")
+    pa = kernels.build("distserve_paged_attention_avx2", "paged_attention.cpp", off, variant="avx2")
+    il = kernels.build("distserve_int8_linear_avx2", "int8_linear.cpp", off, variant="avx2")
+    assert pa is not None and il is not None
+    nat_pa, nat_il = kernels.paged_attention(), kernels.int8_linear()
+    assert pa.supports_head_dim(24) and not nat_pa.supports_head_dim(24)  # 8 lanes against 16
+
+    q, kc, vc, tables, lens = paged_case(64, 3, 3, 16, seed=2)
+    a, b = torch.empty_like(q), torch.empty_like(q)
+    pa.paged_decode_attention(a, q, kc, vc, tables, lens, 16, 0.125)
+    nat_pa.paged_decode_attention(b, q, kc, vc, tables, lens, 16, 0.125)
+    assert (a - b).abs().max() < 1e-5
+
+    g = torch.Generator().manual_seed(3)
+    w = quant.quantize_weight(torch.randn(300, 576, generator=g) * 0.02)  # 300: a padded last block
+    res, norm = torch.randn(13, 300, generator=g), torch.rand(576, generator=g) + 0.5
+    for prologue, x, nw in [(0, torch.randn(13, 576, generator=g), None), (1, torch.randn(13, 576, generator=g), norm)]:
+        args = (x, w.codes, w.scale, w.offset, w.n_out, None, prologue, nw, 1e-5, res)
+        want = nat_il.int8_linear(*args)
+        assert (il.int8_linear(*args) - want).abs().max() <= 2e-5 * want.abs().max()  # fp32 sums in another order can move one int16 code
+    w2 = quant.quantize_weight(torch.randn(64, 288, generator=g) * 0.02)
+    gu = torch.randn(9, 576, generator=g)
+    args = (gu, w2.codes, w2.scale, w2.offset, w2.n_out, None, 2, None, 1e-6, None)  # silu_mul
+    want = nat_il.int8_linear(*args)
+    assert (il.int8_linear(*args) - want).abs().max() <= 2e-5 * want.abs().max()  # fp32 sums in another order can move one int16 code
