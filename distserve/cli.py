@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--weights", default="", choices=("", "auto", "fp32", "int8"), help="every worker's --weights (default: theirs, auto)")
     up.add_argument("--kv-dtype", default="", choices=("", "auto", "int8"), help="every worker's --kv-dtype (default: theirs, auto)")
     up.add_argument("--share-weights", default="", choices=("", "auto", "on", "off"), help="every worker's --share-weights (default: theirs, auto)")
+    up.add_argument("--preload", default="on", choices=("on", "off"),
+                    help="on: fork the workers from this process after importing torch and the engine once, so they share those pages; off: spawn each as a fresh interpreter")
     up.set_defaults(fn=cmd_up)
 
     serve = sub.add_parser("serve", help="run one service (for containers)")

@@ -4,6 +4,15 @@ Order: pull the model once -> start our own Redis (free port, no persistence) ->
 each pinned to its share of the cores with a matching torch thread count -> start the router -> wait
 until every process reports SERVING on gRPC health -> print the address. SIGINT/SIGTERM, or any
 process dying, stops everything in reverse: router, workers (each drains), Redis.
+
+Workers are forked (`--preload on`, the default): this process first imports what a worker runs
+(torch, the transformers model code, the engine, gRPC, the compiled kernels), freezes those objects
+out of the garbage collector's reach, then forks one child per worker. The children share those pages
+copy-on-write (the relocated data of torch's libraries and the imported modules: ~200 MiB that each
+spawned worker would hold privately), and with `--share-weights` the weight file's pages as well. No
+thread and no OpenMP pool exists here when it forks (the model is pulled in a subprocess). Each
+child starts its own session, logs to its file and runs `distserve serve <role>` as a spawned one
+would. `--preload off` spawns every worker as a fresh interpreter instead.
 """
 
 from __future__ import annotations
@@ -20,18 +29,115 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from distserve.engine.models import home, resolve_model_dir
+from distserve.engine.models import home
 from distserve.state.redis_server import RedisServer, free_port
 
 READY_TIMEOUT_S = 900.0
+
+
+class Forked:
+    """A forked child with the parts of subprocess.Popen's interface that `up` uses."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 @dataclass(slots=True)
 class Proc:
     name: str
     address: str
-    popen: subprocess.Popen
+    popen: subprocess.Popen | Forked
     log: Path
+
+
+def preload() -> None:
+    """Imports (and compiles) what a worker runs, so forked workers share it; then moves every object
+    made so far out of the collector's generations (gc.freeze), whose passes would otherwise touch,
+    and so copy, the shared pages."""
+    import gc
+
+    import torch  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
+    import distserve.runtime  # noqa: F401
+    import services.decode.main  # noqa: F401
+    import services.prefill.main  # noqa: F401
+    from distserve.engine import kernels
+
+    kernels.paged_attention()
+    kernels.int8_linear()
+    gc.collect()
+    gc.freeze()
+
+
+def set_process_name(name: str) -> None:
+    """The name `ps`, `top` and /proc/PID/comm show (15 bytes at most)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def forked_main(name: str, argv: list[str], log: Path) -> None:
+    """The child's side of a fork: its own session, its log, `distserve <argv>`; never returns."""
+    code = 1
+    try:
+        os.setsid()
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # whatever the parent had bound them to
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        set_process_name(f"ds-{name}")
+        import logging
+
+        logging.root.handlers.clear()  # the worker sets up its own, on the new stderr
+        from distserve.cli import main
+
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def core_plan(workers: int, threads: int, pin: bool) -> list[tuple[int, str]]:
@@ -72,16 +178,35 @@ class Suite:
 
     def _spawn(self, name: str, argv: list[str], address: str) -> Proc:
         log = self.logs / f"{name}.log"
-        f = open(log, "wb")
-        popen = subprocess.Popen([sys.executable, "-m", "distserve.cli", *argv], stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(log, "wb") as f:
+            popen = subprocess.Popen([sys.executable, "-m", "distserve.cli", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         p = Proc(name, address, popen, log)
+        self.procs.append(p)
+        return p
+
+    def _fork(self, name: str, argv: list[str], address: str) -> Proc:
+        log = self.logs / f"{name}.log"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            forked_main(name, argv, log)
+        p = Proc(name, address, Forked(pid), log)
         self.procs.append(p)
         return p
 
     def start(self) -> str:
         a = self.args
         self.logs.mkdir(parents=True, exist_ok=True)
-        resolve_model_dir(a.model)  # pull/convert once, before the workers race for it
+        # pull/convert once, before the workers race for it, in a subprocess: converting runs torch
+        # here otherwise, and a process whose OpenMP pool has started must not fork workers
+        pulled = subprocess.run([sys.executable, "-m", "distserve.cli", "model", "pull", a.model], stdout=subprocess.DEVNULL)
+        if pulled.returncode != 0:
+            raise SystemExit(f"could not resolve model {a.model!r} (its error is above)")
+        fork = getattr(a, "preload", "on") == "on"
+        if fork:
+            preload()
         self.redis = RedisServer(host="127.0.0.1").start()
         roles = ["prefill"] * a.prefill + ["decode"] * a.decode + ["colocated"] * a.colocated
         if not roles or (a.prefill and not a.decode):
@@ -101,7 +226,7 @@ class Suite:
             argv = ["serve", role, *common, *engine_flags, "--port", str(port), "--threads", str(threads), "--worker-id", name, *a.worker_arg]
             if cpus:
                 argv += ["--cpus", cpus]
-            workers.append(self._spawn(name, argv, f"{a.host}:{port}"))
+            workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}"))
         router = self._spawn("router", ["serve", "router", *common, "--port", str(a.port)], f"{a.host}:{a.port}")
         deadline = time.monotonic() + READY_TIMEOUT_S
         for p in [*workers, router]:
@@ -152,6 +277,8 @@ class Suite:
                     break
                 time.sleep(0.5)
         except SystemExit as exc:
+            if exc.code is not None and not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)
             code = exc.code if isinstance(exc.code, int) else 1
         finally:
             self.stop()

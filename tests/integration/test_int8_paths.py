@@ -5,6 +5,8 @@ int8 weights and int8 KV serves the tokens the same settings give in process, an
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,11 +83,31 @@ def test_int8_kv_crosses_grpc_bit_exact_and_decodes_to_the_colocated_tokens(tiny
     assert got == want
 
 
-def test_suite_with_int8_weights_and_int8_kv_serves_valid_tokens(tmp_path, tiny):
-    up = UpProcess(tmp_path, "--model", "tiny-llama", "--prefill", "1", "--decode", "1",
+def worker_children(parent: int) -> dict[str, int]:
+    """/proc/PID/comm -> pid of the children of `parent`."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                out[(d / "comm").read_text().strip()] = int(d.name)
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("preload", ["on", "off"])
+def test_suite_with_int8_weights_and_int8_kv_serves_valid_tokens(tmp_path, tiny, preload):
+    up = UpProcess(tmp_path, "--model", "tiny-llama", "--prefill", "1", "--decode", "1", "--preload", preload,
                    "--weights", "int8", "--kv-dtype", "int8", "--worker-arg=--num-blocks=128")
     ps = prompts(6, seed=22, lo=5, hi=80)
     try:
+        children = worker_children(up.proc.pid)
+        forked = {name: pid for name, pid in children.items() if name.startswith("ds-")}
+        if preload == "on":  # forked from up, each in its own session, named after its role
+            assert sorted(forked) == ["ds-decode-1", "ds-prefill-1"], children
+            assert all(os.getsid(pid) == pid for pid in forked.values())
+        else:
+            assert not forked, children
         want = run_prompts(LLMEngine(tiny, EngineConfig(num_blocks=128, weights="int8", kv_dtype="int8")), ps, GREEDY)
         with Client(up.target, timeout_s=120) as c:
             for i, p in enumerate(ps):
