@@ -213,18 +213,26 @@ class ModelRunner:
         """Runs the batch, writing its K/V into the cache; returns logits [S, vocab] (float32)."""
         n = b.input_ids.shape[0]
         H, KH, D, G = self.num_heads, self.num_kv_heads, self.head_dim, self.group
-        cos = self.cos[b.positions][:, None, :]
-        sin = self.sin[b.positions][:, None, :]
+        native = self.kernel is not None
+        if not native:
+            cos = self.cos[b.positions][:, None, :]
+            sin = self.sin[b.positions][:, None, :]
         h = quant.embedding(b.input_ids, self.embed)
         cache = self.cache
+        fp32_cache = cache.scales is None
         for li, L in enumerate(self.layers):
             qkv = L.qkv(h) if L.fused else L.qkv(self._rms(h, L.ln1))
+            if native:  # rotary in place, and the fp32 cache written, in one pass
+                kv = (cache.data[li, 0], cache.data[li, 1]) if fp32_cache else (None, None)
+                self.kernel.rope_kv_write(qkv, H, KH, self.cos, self.sin, b.positions, *kv, b.write_slots)
             q = qkv[:, : H * D].view(n, H, D)
             k = qkv[:, H * D : (H + KH) * D].view(n, KH, D)
             v = qkv[:, (H + KH) * D :].view(n, KH, D)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            cache.write(li, b.write_slots, k, v)
+            if not native:
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
+            if not (native and fp32_cache):
+                cache.write(li, b.write_slots, k, v)
             out = torch.empty((n, H, D), dtype=h.dtype, device=h.device)
             if b.num_decode:
                 out[: b.num_decode] = self._decode_attention(q[: b.num_decode], li, b)

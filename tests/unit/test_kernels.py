@@ -108,3 +108,36 @@ def test_the_avx2_build_computes_what_the_avx512_build_computes():
     args = (gu, w2.codes, w2.scale, w2.offset, w2.n_out, None, 2, None, 1e-6, None)  # silu_mul
     want = nat_il.int8_linear(*args)
     assert (il.int8_linear(*args) - want).abs().max() <= 2e-5 * want.abs().max()  # fp32 sums in another order can move one int16 code
+
+
+def test_rope_kv_write_rotates_q_and_k_in_place_and_stores_k_and_v_at_their_slots():
+    mod = kernels.paged_attention()
+    g = torch.Generator().manual_seed(4)
+    n, H, KH, D, slots_total = 7, 6, 2, 16, 64
+    cos, sin = torch.rand(100, D, generator=g), torch.rand(100, D, generator=g)
+    qkv = torch.randn(n, (H + 2 * KH) * D, generator=g)
+    pos = torch.tensor([0, 5, 99, 3, 3, 42, 17])
+    slots = torch.randperm(slots_total, generator=g)[:n]
+    kc, vc = torch.zeros(KH, slots_total, D), torch.zeros(KH, slots_total, D)
+
+    def rotate(x):  # transformers' rotate-half convention
+        c, s = cos[pos][:, None], sin[pos][:, None]
+        return x * c + torch.cat((-x[..., D // 2:], x[..., : D // 2]), dim=-1) * s
+
+    q, k, v = qkv[:, : H * D].view(n, H, D), qkv[:, H * D : (H + KH) * D].view(n, KH, D), qkv[:, (H + KH) * D :].view(n, KH, D)
+    want_q, want_k, want_v = rotate(q), rotate(k), v.clone()
+    mod.rope_kv_write(qkv, H, KH, cos, sin, pos, kc, vc, slots)
+    assert torch.allclose(qkv[:, : H * D].view(n, H, D), want_q, atol=1e-6)
+    assert torch.allclose(qkv[:, H * D : (H + KH) * D].view(n, KH, D), want_k, atol=1e-6)
+    assert torch.equal(qkv[:, (H + KH) * D :].view(n, KH, D), want_v)  # values are not rotated
+    assert torch.allclose(kc[:, slots].transpose(0, 1), want_k, atol=1e-6) and torch.equal(vc[:, slots].transpose(0, 1), want_v)
+    untouched = torch.ones(slots_total, dtype=torch.bool)
+    untouched[slots] = False
+    assert not kc[:, untouched].any() and not vc[:, untouched].any()
+    # rotation only (an int8 cache quantises on its own write), and bad positions are refused
+    again = torch.randn(n, (H + 2 * KH) * D, generator=g)
+    ref = rotate(again[:, : H * D].view(n, H, D))
+    mod.rope_kv_write(again, H, KH, cos, sin, pos)
+    assert torch.allclose(again[:, : H * D].view(n, H, D), ref, atol=1e-6)
+    with pytest.raises(RuntimeError, match="position out of the rotary table"):
+        mod.rope_kv_write(again, H, KH, cos, sin, torch.tensor([0, 1, 2, 3, 4, 5, 100]))

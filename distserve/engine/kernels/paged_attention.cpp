@@ -264,6 +264,68 @@ void paged_decode_attention_int8(torch::Tensor out, torch::Tensor q, torch::Tens
   });
 }
 
+// Rotary embedding of the new tokens' queries and keys, in place in the QKV projection's output, and
+// (fp32 cache) their K and V rows stored into their cache slots: one pass instead of a dozen tensor
+// ops per layer. qkv [n, (H + 2 KH) * D] fp32 holds each token's H query heads, then KH key heads,
+// then KH value heads; cos / sin [max_len, D] are the rotary tables (the rotate-half convention:
+// x' = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2])).
+// kcache / vcache [KH, slots, D] fp32, or undefined to rotate only (an int8 cache quantises on write).
+void rope_kv_write(torch::Tensor qkv, int64_t H, int64_t KH, torch::Tensor cos, torch::Tensor sin,
+                   torch::Tensor positions, c10::optional<torch::Tensor> kcache, c10::optional<torch::Tensor> vcache,
+                   c10::optional<torch::Tensor> slots_arg) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.scalar_type() == at::kFloat, "qkv: contiguous fp32 [n, (H + 2KH) * D]");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat && sin.sizes() == cos.sizes(),
+              "cos, sin: contiguous fp32 [max_len, D]");
+  const int64_t n = qkv.size(0), D = cos.size(1), half = D / 2, width = qkv.size(1);
+  TORCH_CHECK(width == (H + 2 * KH) * D && D % 2 == 0, "qkv width does not match the heads");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == n, "int64 positions [n]");
+  const bool store = kcache.has_value() && kcache->defined();
+  float* kc = nullptr;
+  float* vc = nullptr;
+  int64_t ks = 0, vs = 0, kr = 0, vr = 0;
+  if (store) {
+    TORCH_CHECK(vcache.has_value() && vcache->defined(), "kcache and vcache go together");
+    TORCH_CHECK(kcache->scalar_type() == at::kFloat && vcache->scalar_type() == at::kFloat && kcache->stride(2) == 1 &&
+                    vcache->stride(2) == 1 && kcache->size(2) == D && kcache->size(0) == KH, "fp32 cache [KH, slots, D]");
+    TORCH_CHECK(slots_arg.has_value() && slots_arg->scalar_type() == at::kLong && slots_arg->is_contiguous() &&
+                    slots_arg->numel() == n, "int64 slots [n]");
+    kc = kcache->data_ptr<float>();
+    vc = vcache->data_ptr<float>();
+    ks = kcache->stride(0), kr = kcache->stride(1), vs = vcache->stride(0), vr = vcache->stride(1);
+  }
+  const int64_t max_len = cos.size(0), nslots = store ? kcache->size(1) : 0;
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* sl = store ? slots_arg->data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < max_len, "position out of the rotary table");
+    TORCH_CHECK(!store || (sl[i] >= 0 && sl[i] < nslots), "slot out of the cache");
+  }
+  float* x = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<float> tmp(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* c = cp + pos[i] * D;
+      const float* s = sp + pos[i] * D;
+      float* row = x + i * width;
+      for (int64_t h = 0; h < H + KH; ++h) {  // query heads, then key heads
+        float* v = row + h * D;
+        for (int64_t d = 0; d < half; ++d) {
+          tmp[d] = v[d] * c[d] - v[d + half] * s[d];
+          tmp[d + half] = v[d + half] * c[d + half] + v[d] * s[d + half];
+        }
+        std::copy(tmp.begin(), tmp.end(), v);
+      }
+      if (store)
+        for (int64_t h = 0; h < KH; ++h) {
+          std::copy(row + (H + h) * D, row + (H + h + 1) * D, kc + h * ks + sl[i] * kr);
+          std::copy(row + (H + KH + h) * D, row + (H + KH + h + 1) * D, vc + h * vs + sl[i] * vr);
+        }
+    }
+  });
+}
+
 // cache [KH, slots, D] int8, scales [KH, blocks] fp32, src [n, KH, D] fp32, slots [n] int64.
 static void write_int8(torch::Tensor cache, torch::Tensor scales, const torch::Tensor& src, const int64_t* slots,
                        const std::vector<int64_t>& order, const std::vector<int64_t>& group_start, int64_t block_size) {
@@ -337,5 +399,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supports_head_dim", &supports_head_dim, "whether the decode attention kernels take this head size");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
   m.def("paged_decode_attention_int8", &paged_decode_attention_int8, "decode attention over an int8 paged KV cache");
+  m.def("rope_kv_write", &rope_kv_write, "rotary embedding of q and k in place in the QKV output, and the fp32 K/V rows into their slots",
+        py::arg("qkv"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("cos"), py::arg("sin"), py::arg("positions"),
+        py::arg("kcache") = py::none(), py::arg("vcache") = py::none(), py::arg("slots") = py::none());
   m.def("kv_write_int8", &kv_write_int8, "quantise new K/V rows into an int8 paged cache with per-block scales");
 }
