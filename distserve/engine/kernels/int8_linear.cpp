@@ -47,6 +47,7 @@ namespace {
 
 constexpr int64_t NB = 16;     // output channels per block
 constexpr int64_t GROUP = 32;  // inputs per weight group and per activation scale
+constexpr int64_t PREFETCH_BLOCKS = 4;  // how far ahead the weight stream is asked for
 constexpr int64_t KC = 512;    // inputs per widened tile (16 KB of int16)
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 constexpr int MR = 8;          // rows of x per micro-kernel call (32 zmm registers)
@@ -62,7 +63,72 @@ struct Activations {
   std::vector<float> sum;   // [M, G] sum of the group's dequantised values
 };
 
-inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+// The prologue and the activation quantiser run on W-lane vectors (AVX-512: 16, AVX2: 8): per row,
+// the RMS scale or the SiLU-gate product, then per group of 32 the absmax, the int16 codes (rounded to
+// nearest even, as nearbyint) and their sum.
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#elif defined(DS_AVX2)
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+static_assert(GROUP % W == 0, "a group is whole vectors");
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef int16_t vs __attribute__((vector_size(W * 2)));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return vf{} + x; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vabs(vf a) { return (vf)((vi)a & 0x7fffffff); }
+
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// round to nearest, ties to even (the current rounding mode), as integers
+inline vi round_int(vf v) {
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtps_epi32((__m512)v);
+#elif defined(DS_AVX2)
+  return (vi)_mm256_cvtps_epi32((__m256)v);
+#else
+  vi r;
+  for (int i = 0; i < W; ++i) r[i] = int32_t(std::nearbyint(v[i]));
+  return r;
+#endif
+}
+
+// exp(x), Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, a polynomial for exp(r), 2^n through the
+// exponent bits; inputs clamped to where fp32 neither overflows nor goes subnormal.
+inline vf vexp(vf x) {
+  x = x < -87.f ? splat(-87.f) : x;
+  x = x > 88.f ? splat(88.f) : x;
+  const vi n = round_int(x * 1.44269504088896341f);
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const vi lo = n < -126 ? vi{} - 126 : n;  // 2^n as two factors, so n = 127 (x near 88) stays finite
+  return p * (vf)((lo + 127) << 23) * (vf)((n - lo + 127) << 23);
+}
+
+inline vf silu(vf v) { return v / (1.f + vexp(-v)); }
 
 // prologue(x) row by row, then int16 per (row, group).
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t kind, const float* g, double eps, Activations& a) {
@@ -75,34 +141,46 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t kind, const flo
     for (int64_t m = m0; m < m1; ++m) {
       if (kind == RMS_NORM) {
         const float* r = x + m * K;
-        float ss = 0.f;
-        for (int64_t k = 0; k < K; ++k) ss += r[k] * r[k];
-        const float inv = 1.f / std::sqrt(ss / float(K) + float(eps));
-        for (int64_t k = 0; k < K; ++k) row[k] = g[k] * (r[k] * inv);
+        vf ss{};
+        for (int64_t k = 0; k < K; k += W) {
+          const vf v = load(r + k);
+          ss += v * v;
+        }
+        const float inv = 1.f / std::sqrt(hsum(ss) / float(K) + float(eps));
+        for (int64_t k = 0; k < K; k += W) store(row.data() + k, load(g + k) * (load(r + k) * inv));
       } else if (kind == SILU_MUL) {
         const float* r = x + m * 2 * K;
-        for (int64_t k = 0; k < K; ++k) row[k] = silu(r[k]) * r[K + k];
+        for (int64_t k = 0; k < K; k += W) store(row.data() + k, silu(load(r + k)) * load(r + K + k));
       } else {
         std::memcpy(row.data(), x + m * K, K * sizeof(float));
       }
       for (int64_t gi = 0; gi < G; ++gi) {
         const float* v = row.data() + gi * GROUP;
-        float amax = 0.f;
-        for (int64_t k = 0; k < GROUP; ++k) amax = std::max(amax, std::fabs(v[k]));
-        const float s = amax > 0.f ? amax / 32767.f : 1.f;
-        const float inv = 1.f / s;
-        int32_t total = 0;
+        vf amax{};
+        for (int64_t k = 0; k < GROUP; k += W) amax = vmax(amax, vabs(load(v + k)));
+        const float mx = hmax(amax);
+        const float sc = mx > 0.f ? mx / 32767.f : 1.f;
+        const float inv = 1.f / sc;
+        vf total{};
         int16_t* q = a.q.data() + m * K + gi * GROUP;
-        for (int64_t k = 0; k < GROUP; ++k) {
-          const int c = std::clamp(int(std::nearbyint(v[k] * inv)), -32767, 32767);
-          q[k] = int16_t(c);
-          total += c;
+        for (int64_t k = 0; k < GROUP; k += W) {
+          const vi c = round_int(load(v + k) * inv);  // |c| <= 32767: the absmax maps to 32767
+          const vs c16 = __builtin_convertvector(c, vs);
+          std::memcpy(q + k, &c16, sizeof c16);
+          total += __builtin_convertvector(c, vf);  // exact: at most 32 * 32767 < 2^24
         }
-        a.scale[m * G + gi] = s;
-        a.sum[m * G + gi] = float(total) * s;
+        a.scale[m * G + gi] = sc;
+        a.sum[m * G + gi] = hsum(total) * sc;
       }
     }
   });
+}
+
+// Asks for `bytes` from `p` on into the cache (L2), one line at a time: decode steps find the weights
+// in memory, not in cache, and the kernel would otherwise wait on every line of a block it widens.
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
 }
 
 // tile[p][j][2] = codes of W[16b + j, k0 + 2p + {0, 1}] as int16, for the pairs of [k0, k0 + kn).
@@ -290,6 +368,12 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
       const int8_t* c = cp + blk * K * NB;
       const float* s = sp + blk * G * NB;
       const float* z = zp + blk * G * NB;
+      for (int64_t ahead = blk == b0 ? 1 : PREFETCH_BLOCKS; ahead <= PREFETCH_BLOCKS && blk + ahead < b1; ++ahead) {
+        // the codes and scales of the blocks ahead on their way while this one computes
+        prefetch(c + ahead * K * NB, K * NB);
+        prefetch(s + ahead * G * NB, G * NB * sizeof(float));
+        prefetch(z + ahead * G * NB, G * NB * sizeof(float));
+      }
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kn = std::min(KC, K - k0);
         widen(tile.data(), c, k0, kn);
