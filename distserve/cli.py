@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--model", default="smollm2-135m")
     be.add_argument("--batch", type=int, default=16)
     be.add_argument("--context", type=int, default=256)
-    be.add_argument("--steps", type=int, default=32)
+    be.add_argument("--steps", type=int, default=48)
     be.add_argument("--threads", type=int, default=0)
     be.add_argument("--weights", default="fp32", choices=("fp32", "int8"), help="int8 also prints its speed against fp32 and the quality figures")
     be.add_argument("--kv-dtype", default="auto", choices=("auto", "int8"), help="int8 also prints the quality figures against fp32 KV")
