@@ -2,7 +2,8 @@
 
 The router reads the registry at most every `refresh_s` and between reads adds what it sent itself
 (prompt tokens to a prefill worker, a running request to a decode worker), so a burst of requests
-spreads over the pool instead of piling onto whichever worker looked idlest at the last read.
+spreads over the pool instead of piling onto whichever worker looked idlest at the last read;
+between equally loaded workers the choice is random.
 Draining workers get nothing new.
 
 Given a channel pool, the picker also watches each registered worker's gRPC health (one
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 import grpc
@@ -29,6 +31,14 @@ from distserve.state.registry import Registry, WorkerView
 log = logging.getLogger(__name__)
 
 WATCH_RETRY_S = 0.5  # pause before watching a worker's health again after its stream broke
+
+
+def least(views: list[WorkerView], key) -> WorkerView:
+    """The view with the smallest key; among equals, one at random, so idle or equally loaded workers
+    share the traffic instead of the first in the registry taking all of it."""
+    keys = [key(v) for v in views]
+    low = min(keys)
+    return random.choice([v for v, k in zip(views, keys) if k == low])
 
 
 class WorkerPicker:
@@ -107,7 +117,7 @@ class WorkerPicker:
         views = [v for v in await self.by_role("prefill") if v.worker_id not in exclude]
         if not views:
             raise Unavailable("no prefill worker is available")
-        best = min(views, key=lambda v: v.load.queued_tokens + self._pending_tokens.get(v.worker_id, 0))
+        best = least(views, key=lambda v: v.load.queued_tokens + self._pending_tokens.get(v.worker_id, 0))
         self._pending_tokens[best.worker_id] = self._pending_tokens.get(best.worker_id, 0) + prompt_tokens
         return best
 
@@ -126,6 +136,6 @@ class WorkerPicker:
             has_room = blocks_needed_by(v.info.block_size) <= v.load.free_blocks
             return (not has_room, running, -v.load.free_blocks)
 
-        best = min(fits, key=load)
+        best = least(fits, key=load)
         self._pending_running[best.worker_id] = self._pending_running.get(best.worker_id, 0) + 1
         return best
