@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,21 @@ def test_dockerfile_installs_the_package_as_the_readme_does_with_a_cuda_variant(
             assert (ROOT / path).exists(), f"COPY {path}: missing from the build context"
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert not {"distserve", "services", "protos", "pyproject.toml"} & set(ignored)
+
+
+
+def test_the_installed_package_carries_the_kernel_sources(tmp_path):
+    """The image installs the package non-editable: a wheel without the .cpp files would leave every
+    container on the slow torch paths, silently."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src), "-w", str(tmp_path)],
+                   check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("distserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    kernels = ROOT / "distserve" / "engine" / "kernels"
+    wanted = {f"distserve/engine/kernels/{f.name}" for f in [*kernels.glob("*.cpp"), *kernels.glob("*.h")]}
+    assert len(wanted) >= 3 and wanted <= names, wanted - names
 
 
 # -- Kubernetes ----------------------------------------------------------------------------------

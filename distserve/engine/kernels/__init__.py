@@ -9,6 +9,7 @@ or DISTSERVE_KERNELS=0); callers then use the pure-torch paths, which compute th
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -32,8 +33,10 @@ def build(name: str, source: str, extra_cflags: tuple[str, ...] = (), variant: s
         build_dir = home() / "kernels" / f"{platform.machine()}-{platform.node()}{variant and '-' + variant}"
         build_dir.mkdir(parents=True, exist_ok=True)
         src = Path(__file__).with_name(source)
-        return load(name=name, sources=[str(src)], build_directory=str(build_dir), extra_cflags=[*_CFLAGS, *extra_cflags],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        # torch rebuilds when a source or a flag changes, not a header: the header's hash is a flag
+        header = hashlib.sha256(Path(__file__).with_name("vec.h").read_bytes()).hexdigest()[:16]
+        return load(name=name, sources=[str(src)], build_directory=str(build_dir),
+                    extra_cflags=[*_CFLAGS, *extra_cflags, f"-DDS_VEC_H_{header}"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler or headers: fall back to the torch path
         log.warning("native kernel %s unavailable, using the torch path: %s", name, exc)
         return None

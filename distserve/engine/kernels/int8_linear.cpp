@@ -42,8 +42,11 @@
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 #define DS_VNNI512 1
 #endif
+#include "vec.h"
 
 namespace {
+
+using namespace dsvec;
 
 constexpr int64_t NB = 16;     // output channels per block
 constexpr int64_t GROUP = 32;  // inputs per weight group and per activation scale
@@ -63,70 +66,10 @@ struct Activations {
   std::vector<float> sum;   // [M, G] sum of the group's dequantised values
 };
 
-// The prologue and the activation quantiser run on W-lane vectors (AVX-512: 16, AVX2: 8): per row,
-// the RMS scale or the SiLU-gate product, then per group of 32 the absmax, the int16 codes (rounded to
-// nearest even, as nearbyint) and their sum.
-#if defined(__AVX512F__)
-constexpr int W = 16;
-#elif defined(DS_AVX2)
-constexpr int W = 8;
-#else
-constexpr int W = 4;
-#endif
+// The prologue and the activation quantiser run on W-lane vectors (vec.h): per row, the RMS scale or
+// the SiLU-gate product, then per group of 32 the absmax, the int16 codes (rounded to nearest even, as
+// nearbyint) and their sum.
 static_assert(GROUP % W == 0, "a group is whole vectors");
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-typedef int16_t vs __attribute__((vector_size(W * 2)));
-
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{} + x; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-inline vf vabs(vf a) { return (vf)((vi)a & 0x7fffffff); }
-
-inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < W; ++i) s += v[i];
-  return s;
-}
-
-inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < W; ++i) m = std::max(m, v[i]);
-  return m;
-}
-
-// round to nearest, ties to even (the current rounding mode), as integers
-inline vi round_int(vf v) {
-#if defined(__AVX512F__)
-  return (vi)_mm512_cvtps_epi32((__m512)v);
-#elif defined(DS_AVX2)
-  return (vi)_mm256_cvtps_epi32((__m256)v);
-#else
-  vi r;
-  for (int i = 0; i < W; ++i) r[i] = int32_t(std::nearbyint(v[i]));
-  return r;
-#endif
-}
-
-// exp(x), Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, a polynomial for exp(r), 2^n through the
-// exponent bits; inputs clamped to where fp32 neither overflows nor goes subnormal.
-inline vf vexp(vf x) {
-  x = x < -87.f ? splat(-87.f) : x;
-  x = x > 88.f ? splat(88.f) : x;
-  const vi n = round_int(x * 1.44269504088896341f);
-  const vf nf = __builtin_convertvector(n, vf);
-  const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const vi lo = n < -126 ? vi{} - 126 : n;  // 2^n as two factors, so n = 127 (x near 88) stays finite
-  return p * (vf)((lo + 127) << 23) * (vf)((n - lo + 127) << 23);
-}
 
 inline vf silu(vf v) { return v / (1.f + vexp(-v)); }
 

@@ -24,71 +24,11 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace {
 
-// W fp32 lanes: one zmm with AVX-512, one ymm with AVX2, else what the compiler makes of 16 bytes.
-#if defined(__AVX512F__)
-constexpr int W = 16;
-#elif defined(__AVX2__)
-constexpr int W = 8;
-#else
-constexpr int W = 4;
-#endif
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-typedef int8_t vb __attribute__((vector_size(W)));
-
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline vf load(const int8_t* p) {
-#if defined(__AVX512F__)
-  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-#elif defined(__AVX2__)
-  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-#else
-  vb b;
-  std::memcpy(&b, p, sizeof b);
-  return __builtin_convertvector(b, vf);
-#endif
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{} + x; }
-
-inline float hsum(vf v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps((__m512)v);
-#elif defined(__AVX2__)
-  __m128 lo = _mm256_castps256_ps128((__m256)v), hi = _mm256_extractf128_ps((__m256)v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-#else
-  float s = 0.f;
-  for (int i = 0; i < W; ++i) s += v[i];
-  return s;
-#endif
-}
-
-// exp(x) for x <= 0 (softmax inputs less their max), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
-// a degree-7 polynomial for exp(r) and 2^n through the exponent bits. Relative error ~1e-7.
-inline vf exp_nonpos(vf x) {
-  x = x < -87.f ? splat(-87.f) : x;
-  const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);  // round(x / ln2), x <= 0
-  const vf nf = __builtin_convertvector(n, vf);
-  const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  return p * (vf)((n + 127) << 23);
-}
+using namespace dsvec;
 
 // One block of a sequence's cache for one KV head: its first K and V rows (fp32 or int8 codes), the
 // distance between rows, and the factor the codes are scaled by (1 for fp32).
@@ -134,7 +74,7 @@ void attend(const float* qb, int64_t G, int64_t L, int64_t bs, float sc, Blocks 
     vf vsum{};
     int64_t t = 0;
     for (; t + W <= L; t += W) {
-      const vf e = exp_nonpos(load(row + t) - m);
+      const vf e = vexp(load(row + t) - m);
       store(row + t, e);
       vsum += e;
     }
