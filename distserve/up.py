@@ -237,8 +237,8 @@ class Suite:
                 raise SystemExit(1)
         return router.address
 
-    def report_failure(self, p: Proc, exc: Exception) -> None:
-        print(f"{p.name} failed to start: {exc}; last lines of {p.log}:", file=sys.stderr)
+    def report_failure(self, p: Proc, exc: Exception, what: str = "failed to start") -> None:
+        print(f"{p.name} {what}: {exc}; last lines of {p.log}:", file=sys.stderr)
         try:
             print("".join(p.log.read_text(errors="replace").splitlines(True)[-30:]), file=sys.stderr)
         except OSError:
@@ -272,7 +272,7 @@ class Suite:
             while not self._stop:
                 dead = next((p for p in self.procs if p.popen.poll() is not None), None)
                 if dead is not None:
-                    self.report_failure(dead, RuntimeError(f"exited with code {dead.popen.returncode}"))
+                    self.report_failure(dead, RuntimeError(f"exited with code {dead.popen.returncode}"), "stopped while serving")
                     code = 1
                     break
                 time.sleep(0.5)
