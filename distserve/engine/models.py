@@ -286,13 +286,14 @@ def _eos_of_tokenizer_config(directory: Path) -> int | None:
     special tokens live) without building a tokenizer: a worker keeps nothing of it."""
     import json
 
-    config_file, vocab_file = directory / "tokenizer_config.json", directory / "tokenizer.json"
-    if not (config_file.exists() and vocab_file.exists()):
-        return None
-    eos = json.loads(config_file.read_text()).get("eos_token")
+    vocab_file = directory / "tokenizer.json"
+    eos = None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # older checkpoints use the latter
+        if eos is None and (directory / name).exists():
+            eos = json.loads((directory / name).read_text()).get("eos_token")
     if isinstance(eos, dict):
         eos = eos.get("content")
-    if not isinstance(eos, str):
+    if not isinstance(eos, str) or not vocab_file.exists():
         return None
     text = vocab_file.read_text()
     at = text.find('"added_tokens"')
@@ -334,6 +335,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
             if (directory / "generation_config.json").exists():
                 model.generation_config = GenerationConfig.from_pretrained(directory)
         eos_sources = [_eos_of_tokenizer_config(directory)]
+        if not (directory / "tokenizer.json").exists():  # e.g. a sentencepiece-only checkpoint: ask transformers
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            eos_sources = [tokenizer.eos_token_id]
     model = model.eval()
     eos: set[int] = set()
     for src in (model.generation_config.eos_token_id, model.config.eos_token_id, *eos_sources):

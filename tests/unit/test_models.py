@@ -66,3 +66,18 @@ def test_a_model_loaded_without_weights_serves_the_same_tokens_and_decodes_witho
     assert outs[0] == outs[1] and len(outs[0]) == 10  # fp32 unshared: the weights were loaded for the runner
     assert len(outs[2]) == 10
     assert bare.tokenizer.decode([5, 6]) == full.tokenizer.decode([5, 6])  # still there when asked for
+
+
+def test_the_tokenizer_eos_is_read_from_either_config_file_without_a_tokenizer(tiny, tmp_path):
+    import json
+
+    from distserve.engine.models import _eos_of_tokenizer_config
+
+    tiny.tokenizer.save_pretrained(tmp_path)
+    assert _eos_of_tokenizer_config(tmp_path) == tiny.tokenizer.eos_token_id == 2
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("eos_token", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert _eos_of_tokenizer_config(tmp_path) is None
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))  # older layout
+    assert _eos_of_tokenizer_config(tmp_path) == 2
