@@ -1,7 +1,8 @@
 """The native CPU kernels against float64 definitions, and the code path this machine does not run.
 
-The kernels are compiled with -march=native, so an AVX-512 machine runs other loops than an AVX2 one;
-on an AVX-512 machine the AVX2 build is compiled too and must compute the same as the native one.
+The kernels are compiled with -march=native, so an AVX-512 machine runs other loops than an AVX2 one,
+and a CPU with neither (or an ARM one) the generic vector code. Each of those builds that is not this
+machine's own is compiled here too (x86 hosts) and must compute what the native one computes.
 """
 
 from pathlib import Path
@@ -76,38 +77,58 @@ def test_a_head_size_the_kernel_does_not_take_is_refused_with_a_clear_error():
         mod.paged_decode_attention(torch.empty_like(q), q, kc, vc, tables, lens, 16, 0.3)
 
 
-def host_has_avx512() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return " avx512f" in flags and " avx512_vnni" in flags
+def cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
 
 
-@pytest.mark.skipif(not host_has_avx512(), reason="this machine's native build already is the AVX2 path")
-def test_the_avx2_build_computes_what_the_avx512_build_computes():
-    off = ("-mno-avx512f", "-mno-avx512vnni", "-mno-avxvnni")
-    pa = kernels.build("distserve_paged_attention_avx2", "paged_attention.cpp", off, variant="avx2")
-    il = kernels.build("distserve_int8_linear_avx2", "int8_linear.cpp", off, variant="avx2")
+OTHER_BUILDS = {  # variant: (flags after -march=native, lanes, whether this machine's native build is something else)
+    "avx2": (("-mno-avx512f", "-mno-avx512vnni", "-mno-avxvnni"), 8, {"avx512f", "avx512_vnni"} <= cpu_flags()),
+    "portable": (("-march=x86-64", "-mtune=generic"), 4, "avx2" in cpu_flags()),  # SSE2: the generic vector code
+}
+
+
+@pytest.mark.parametrize("variant", sorted(OTHER_BUILDS))
+def test_another_instruction_set_build_computes_what_the_native_one_computes(variant):
+    flags, lanes, differs = OTHER_BUILDS[variant]
+    if not differs:
+        pytest.skip(f"this machine's native build already is the {variant} path")
+    pa = kernels.build(f"distserve_paged_attention_{variant}", "paged_attention.cpp", flags, variant=variant)
+    il = kernels.build(f"distserve_int8_linear_{variant}", "int8_linear.cpp", flags, variant=variant)
     assert pa is not None and il is not None
     nat_pa, nat_il = kernels.paged_attention(), kernels.int8_linear()
-    assert pa.supports_head_dim(24) and not nat_pa.supports_head_dim(24)  # 8 lanes against 16
+    assert pa.supports_head_dim(lanes * 3) and not pa.supports_head_dim(lanes * 3 + 2)
 
     q, kc, vc, tables, lens = paged_case(64, 3, 3, 16, seed=2)
     a, b = torch.empty_like(q), torch.empty_like(q)
     pa.paged_decode_attention(a, q, kc, vc, tables, lens, 16, 0.125)
     nat_pa.paged_decode_attention(b, q, kc, vc, tables, lens, 16, 0.125)
     assert (a - b).abs().max() < 1e-5
+    kq, ks, _ = quantized(kc, 16)
+    vq, vs, _ = quantized(vc, 16)
+    pa.paged_decode_attention_int8(a, q, kq, vq, ks, vs, tables, lens, 16, 0.125)
+    nat_pa.paged_decode_attention_int8(b, q, kq, vq, ks, vs, tables, lens, 16, 0.125)
+    assert (a - b).abs().max() < 1e-5
 
     g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(5, 12 * 16, generator=g)
+    cos, sin, pos = torch.rand(50, 16, generator=g), torch.rand(50, 16, generator=g), torch.tensor([0, 1, 2, 30, 49])
+    other = qkv.clone()
+    pa.rope_kv_write(qkv, 6, 3, cos, sin, pos)
+    nat_pa.rope_kv_write(other, 6, 3, cos, sin, pos)
+    assert (qkv - other).abs().max() < 1e-5
+
     w = quant.quantize_weight(torch.randn(300, 576, generator=g) * 0.02)  # 300: a padded last block
     res, norm = torch.randn(13, 300, generator=g), torch.rand(576, generator=g) + 0.5
-    for prologue, x, nw in [(0, torch.randn(13, 576, generator=g), None), (1, torch.randn(13, 576, generator=g), norm)]:
-        args = (x, w.codes, w.scale, w.offset, w.n_out, None, prologue, nw, 1e-5, res)
-        want = nat_il.int8_linear(*args)
-        assert (il.int8_linear(*args) - want).abs().max() <= 2e-5 * want.abs().max()  # fp32 sums in another order can move one int16 code
     w2 = quant.quantize_weight(torch.randn(64, 288, generator=g) * 0.02)
-    gu = torch.randn(9, 576, generator=g)
-    args = (gu, w2.codes, w2.scale, w2.offset, w2.n_out, None, 2, None, 1e-6, None)  # silu_mul
-    want = nat_il.int8_linear(*args)
-    assert (il.int8_linear(*args) - want).abs().max() <= 2e-5 * want.abs().max()  # fp32 sums in another order can move one int16 code
+    cases = [(w, torch.randn(13, 576, generator=g), 0, None, res), (w, torch.randn(13, 576, generator=g), 1, norm, res),
+             (w2, torch.randn(9, 576, generator=g), 2, None, None)]  # none, rms_norm, silu_mul
+    for wq, x, prologue, nw, r in cases:
+        args = (x, wq.codes, wq.scale, wq.offset, wq.n_out, None, prologue, nw, 1e-5, r)
+        want = nat_il.int8_linear(*args)
+        # fp32 sums in another order can move one int16 code
+        assert (il.int8_linear(*args) - want).abs().max() <= 2e-5 * want.abs().max(), prologue
 
 
 def test_rope_kv_write_rotates_q_and_k_in_place_and_stores_k_and_v_at_their_slots():
