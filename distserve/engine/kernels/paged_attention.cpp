@@ -47,7 +47,8 @@ struct Block {
 // once per block for int8) stream past.
 template <int NC, class T, class Blocks>
 void attend(const float* qb, int64_t G, int64_t L, int64_t bs, float sc, Blocks block,
-            std::vector<float>& scores, std::vector<float>& vtile, std::vector<float>& acc, float* ob) {
+            std::vector<float>& scores, std::vector<float>& vtile, std::vector<float>& acc, std::vector<float>& inv,
+            float* ob) {
   constexpr int64_t D = NC * W;
   scores.resize(G * L);
   acc.assign(G * D, 0.f);
@@ -67,7 +68,7 @@ void attend(const float* qb, int64_t G, int64_t L, int64_t bs, float sc, Blocks 
       }
     }
   }
-  std::vector<float> inv(G);
+  inv.resize(G);
   for (int64_t g = 0; g < G; ++g) {
     float* row = scores.data() + g * L;
     const float m = *std::max_element(row, row + L);
@@ -148,11 +149,11 @@ void decode_attention(torch::Tensor& out, const torch::Tensor& q, const torch::T
   const float sc = static_cast<float>(scale);
   const bool ok = with_chunks(D, [&](auto nc) {
     at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, vtile, acc;
+      std::vector<float> scores, vtile, acc, inv;  // scratch, reused over this thread's (sequence, head) pairs
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / KH, kh = idx % KH;
         attend<decltype(nc)::value, T>(qp + (b * H + kh * G) * D, G, lp[b], block_size, sc, blocks(kh, bt + b * maxblocks),
-                                       scores, vtile, acc, op + (b * H + kh * G) * D);
+                                       scores, vtile, acc, inv, op + (b * H + kh * G) * D);
       }
     });
   });
