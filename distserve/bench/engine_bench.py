@@ -112,11 +112,6 @@ def interleaved_decode(engines: dict[str, LLMEngine], batch: int, steps: int, ro
     return {name: (batch / statistics.median(step_s[name]), statistics.median(outside[name])) for name in engines}
 
 
-def engine_decode(lm: LoadedModel, batch: int, context: int, steps: int, **engine_kw) -> tuple[float, float]:
-    """Returns (decode tokens/s, share of step time outside the forward pass)."""
-    return interleaved_decode({"engine": decode_engine(lm, batch, context, steps, **engine_kw)}, batch, steps)["engine"]
-
-
 # ---------------------------------------------------------------------------------------------
 # quality against fp32
 
@@ -252,7 +247,7 @@ def run(model: str = "smollm2-135m", batch: int = 16, context: int = 256, steps:
     if quantized:  # the fp32 engine in the same rounds, for decode_vs_fp32
         engines["fp32"] = decode_engine(lm, batch, context, steps)
     rates = interleaved_decode(engines, batch, steps)
-    engines.clear()
+    engines.clear()  # their KV caches go before quality() builds engines of its own
     eng_dec, overhead = rates["engine"]
     extra = {}
     if quantized:
