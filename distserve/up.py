@@ -204,7 +204,7 @@ class Suite:
         pulled = subprocess.run([sys.executable, "-m", "distserve.cli", "model", "pull", a.model], stdout=subprocess.DEVNULL)
         if pulled.returncode != 0:
             raise SystemExit(f"could not resolve model {a.model!r} (its error is above)")
-        fork = getattr(a, "preload", "on") == "on"
+        fork = a.preload == "on"
         if fork:
             preload()
         self.redis = RedisServer(host="127.0.0.1").start()
