@@ -135,9 +135,7 @@ class LLMEngine:
         if request_id in self._seqs:
             raise InvalidRequest("request_id", f"{request_id!r} is already in this engine")
         validate_request(prompt, params, self.vocab_size, self.max_model_len)
-        seq = Sequence(request_id, list(prompt), params, time.monotonic())
-        seq.generator = self.sampler.generator_for(params.seed)
-        return seq
+        return Sequence(request_id, list(prompt), params, time.monotonic())
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queues a prompt for prefill here. Raises InvalidRequest before touching anything."""

@@ -1,8 +1,11 @@
 """Choosing the next token of each sequence from its logits.
 
 Greedy rows take the argmax in one batched call. Sampled rows apply temperature, top-k and top-p,
-then draw with the sequence's own generator when it is seeded (so the draw depends only on its seed
-and its own logits, not on what else is batched) or with the engine's generator otherwise.
+then draw. A seeded request draws the token at output position i from a generator seeded with
+(seed, i) alone: the draw depends only on its seed, its position and its own logits, not on what
+else is batched nor on which worker made the earlier tokens, so a request replayed on another worker
+after a failure (`SamplingParams.output_offset` = tokens already produced) continues the same
+stream. Unseeded rows draw from the engine's generator.
 The reported log-probability is the token's under the model's raw distribution.
 """
 
@@ -21,10 +24,12 @@ class Sampler:
         else:
             self._gen.seed()
 
-    def generator_for(self, seed: int | None) -> torch.Generator | None:
-        if seed is None:
-            return None
-        return torch.Generator().manual_seed(seed)
+    def generator_for(self, seq: Sequence) -> torch.Generator:
+        """The generator of seq's next draw: keyed by (seed, output position) when seeded."""
+        p = seq.params
+        if p.seed is None:
+            return self._gen
+        return torch.Generator().manual_seed(draw_seed(p.seed, p.output_offset + len(seq.output_token_ids)))
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float | None]]:
         """logits: [len(seqs), vocab] float32. Returns token ids and log-probs (None when not asked)."""
@@ -34,7 +39,7 @@ class Sampler:
             p = s.params
             if p.greedy:
                 continue
-            tokens[i] = self._draw(logits[i], p.temperature, p.top_k, p.top_p, s.generator or self._gen)
+            tokens[i] = self._draw(logits[i], p.temperature, p.top_k, p.top_p, self.generator_for(s))
         logprobs: list[float | None] = [None] * len(seqs)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs]
         if want:
@@ -57,3 +62,15 @@ class Sampler:
             sorted_p[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
         return int(torch.multinomial(probs, 1, generator=gen))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """A 63-bit seed for draw `position` of a request seeded with `seed` (splitmix64 of the pair), so
+    neighbouring positions and seeds get unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1

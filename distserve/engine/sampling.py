@@ -23,6 +23,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end generation
     ignore_eos: bool = False  # keep going past the model's end-of-sequence tokens
     logprobs: bool = False  # report the log-probability of each sampled token
+    output_offset: int = 0  # output tokens produced before this call (a replay); seeded draws continue from there
     extra: dict = field(default_factory=dict, compare=False)  # caller metadata, never read here
 
     @property
@@ -50,6 +51,8 @@ def validate_request(
         raise InvalidRequest("top_p", f"must be in (0, 1], got {params.top_p}")
     if params.top_k < 0:
         raise InvalidRequest("top_k", f"must be >= 0 (0 = off), got {params.top_k}")
+    if not isinstance(params.output_offset, int) or params.output_offset < 0:
+        raise InvalidRequest("output_offset", f"must be an integer >= 0, got {params.output_offset}")
     if params.seed is not None and not (0 <= params.seed < 2**63):
         raise InvalidRequest("seed", f"must be in [0, 2**63), got {params.seed}")
     bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)

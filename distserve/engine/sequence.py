@@ -11,8 +11,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from distserve.engine.sampling import SamplingParams
 
 
@@ -41,7 +39,6 @@ class Sequence:
     finish_reason: FinishReason | None = None
     block_table: list[int] = field(default_factory=list)  # physical block ids, in token order
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
-    generator: torch.Generator | None = None  # per-request RNG when seeded
     output_text: str = ""  # detokenized output, kept only when stop strings are set
     first_scheduled_s: float | None = None  # when its prefill (or import) first ran
 

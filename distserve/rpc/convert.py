@@ -34,6 +34,7 @@ def params_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
+        output_offset=p.output_offset,
     )
 
 
@@ -47,6 +48,7 @@ def params_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
         stop_token_ids=list(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
+        output_offset=p.output_offset,
     )
     if p.seed is not None:
         msg.seed = p.seed

@@ -122,6 +122,25 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny):
     assert run_to_end(other)["x"] != alone
 
 
+def test_a_seeded_replay_continues_the_same_stream(tiny):
+    """A request replayed elsewhere after k tokens (prompt + those tokens, output_offset=k) draws
+    what the undisturbed run drew next: seeded draws are keyed by (seed, output position)."""
+    import dataclasses
+
+    params = SamplingParams(max_tokens=14, temperature=1.0, top_p=0.95, seed=77)
+    p = prompts(1, seed=11)[0]
+    eng = LLMEngine(tiny, EngineConfig(num_blocks=100))
+    eng.add_request("x", p, params)
+    whole = run_to_end(eng)["x"]
+    for k in (1, 5, 13):
+        again = LLMEngine(tiny, EngineConfig(num_blocks=100))
+        again.add_request("x", p + whole[:k], dataclasses.replace(params, max_tokens=params.max_tokens - k, output_offset=k))
+        assert whole[:k] + run_to_end(again)["x"] == whole
+    shifted = LLMEngine(tiny, EngineConfig(num_blocks=100))
+    shifted.add_request("x", p, dataclasses.replace(params, output_offset=3))
+    assert run_to_end(shifted)["x"] != whole  # the position, not only the seed, picks the draws
+
+
 def test_top_k_one_is_greedy_and_logprobs_are_the_models(tiny):
     p = prompts(1, seed=8)[0]
     eng = LLMEngine(tiny, EngineConfig(num_blocks=100))
