@@ -7,6 +7,8 @@ Stop (SIGTERM/SIGINT): health NOT_SERVING (routers watching it stop sending at o
 registry -> keep serving for `leave_s` what routers with an older view still send -> wait up to `drain_s`
 for in-flight requests and for held KV to be pulled -> stop the server -> release what is still held ->
 stop the engine -> close Redis.
+Redis down at start or later stops nothing: the heartbeat retries every `heartbeat_s`, the worker serves
+routers that still know it, and the first heartbeat after Redis returns registers it again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from distserve.engine.sampling import SamplingParams
 from distserve.engine.worker import EngineWorker
 from distserve.metrics import Metrics
 from distserve.rpc.server import BuiltServer, build_server
+from distserve.state.connect import connect
 from distserve.state.registry import Heartbeat, Registry, WorkerInfo, WorkerLoad
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ class WorkerSettings:
     port: int = setting(0, "gRPC port (0 = any free port)")
     advertise_host: str = setting("", "address peers use to reach this worker (default: host, or the hostname when binding 0.0.0.0)")
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis holding the registry")
+    redis_max_connections: int = setting(4, "Redis connections this worker opens at most (its heartbeat needs one)")
+    redis_timeout_s: float = setting(0.5, "a Redis call (connect, reply, wait for a pooled connection) gives up after this long (retried once); the worker serves on and re-registers when Redis is back")
     worker_id: str = setting("", "unique id (default: role-hostname-random)")
     device: str = setting("auto", "auto, cpu or cuda[:N]")
     dtype: str = setting("auto", "weights and KV dtype", ("auto", "float32", "bfloat16", "float16"))
@@ -86,6 +91,8 @@ class WorkerSettings:
             ("lease_s", self.lease_s > 0, "> 0"),
             ("heartbeat_s", self.heartbeat_s > 0, "> 0"),
             ("ttl_s", self.ttl_s > self.heartbeat_s, f"more than heartbeat_s ({self.heartbeat_s})"),
+            ("redis_max_connections", self.redis_max_connections >= 1, ">= 1"),
+            ("redis_timeout_s", self.redis_timeout_s > 0, "> 0"),
             ("drain_s", self.drain_s >= 0, ">= 0"),
             ("leave_s", 0 <= self.leave_s <= self.drain_s, f"between 0 and drain_s ({self.drain_s})"),
             ("kv_idle_s", self.kv_idle_s > 0, "> 0"),
@@ -179,7 +186,7 @@ class WorkerRuntime:
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_port, host=s.host)
         self.metrics.set_info(s.model, self.worker_id)
-        self.redis = aioredis.from_url(s.redis_url)
+        self.redis = connect(s.redis_url, role=s.role, max_connections=s.redis_max_connections, timeout_s=s.redis_timeout_s)
         self.registry = Registry(self.redis)
 
     def advertise(self) -> str:

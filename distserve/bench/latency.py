@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import grpc
-import redis.asyncio as aioredis
 
 from distserve.client import AsyncClient
 from distserve.kv.grpc_transport import GrpcKvTransport
 from distserve.kv.handle import KvHandle
 from distserve.rpc.channels import ChannelPool
+from distserve.state.connect import connect
 from distserve.state.registry import Registry
 from distserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 
@@ -64,7 +64,7 @@ async def breakdown(target: str, n: int, prompt_len: int, max_tokens: int, seed:
 
 
 async def router_overhead(target: str, redis_url: str, n: int, prompt_len: int = 16) -> dict:
-    r = aioredis.from_url(redis_url)
+    r = connect(redis_url, role="bench")
     views = [v for v in await Registry(r).live_workers(role="prefill")]
     await r.aclose()
     if not views:

@@ -4,7 +4,9 @@ Lifecycle: a worker calls `Registry.register(info, load, ttl_s)` once it serves,
 republishes its load every `interval_s` and pushes the key's TTL forward. If the worker dies the key
 expires after `ttl_s` and routers stop seeing it; if Redis loses the key (restart, FLUSHALL) the next
 heartbeat writes it back from the info the registry remembers. `deregister` (on clean shutdown)
-removes it at once.
+removes it at once. While Redis is unreachable every call raises `Unavailable` (within the client's
+timeouts, see `distserve.state.connect`); the heartbeat logs and retries, the worker keeps serving,
+and the first heartbeat after Redis returns writes the entry back.
 
 Keys (prefix `distserve` by default):
   {prefix}:worker:{id}  hash {info: JSON WorkerInfo, load: JSON WorkerLoad}, with a TTL
@@ -26,7 +28,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from distserve.engine.errors import InvalidRequest, NotFound
+from distserve.engine.errors import InvalidRequest, NotFound, Unavailable
+from distserve.state.connect import unavailable_on_outage
 
 logger = logging.getLogger(__name__)
 
@@ -145,26 +148,29 @@ class Registry:
         if load.updated_at == 0.0:
             load = dataclasses.replace(load, updated_at=time.time())
         key = self._key(info.worker_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.exists(key)
-            pipe.hset(key, mapping={"info": _encode(info), "load": _encode(load)})
-            pipe.pexpire(key, max(1, int(ttl_s * 1000)))
-            pipe.sadd(self._index, info.worker_id)
-            existed, *_ = await pipe.execute()
+        with unavailable_on_outage(f"publishing worker {info.worker_id}"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.exists(key)
+                pipe.hset(key, mapping={"info": _encode(info), "load": _encode(load)})
+                pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+                pipe.sadd(self._index, info.worker_id)
+                existed, *_ = await pipe.execute()
         return bool(existed)
 
     async def deregister(self, worker_id: str) -> None:
         """Remove a worker at once (clean shutdown)."""
         self._known.pop(worker_id, None)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._key(worker_id))
-            pipe.srem(self._index, worker_id)
-            await pipe.execute()
+        with unavailable_on_outage(f"deregistering worker {worker_id}"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._key(worker_id))
+                pipe.srem(self._index, worker_id)
+                await pipe.execute()
         logger.info("deregistered worker %s", worker_id)
 
     async def live_workers(self, role: str | None = None, model: str | None = None) -> list[WorkerView]:
         """Workers whose key has not expired, optionally of one role and model, sorted by id."""
-        flat = await self._live_script(keys=[self._index], args=[self._worker_prefix])
+        with unavailable_on_outage("reading the worker registry"):
+            flat = await self._live_script(keys=[self._index], args=[self._worker_prefix])
         views = []
         for i in range(0, len(flat), 3):
             try:
@@ -231,7 +237,7 @@ class Heartbeat:
         if deregister:
             try:
                 await self._registry.deregister(self._info.worker_id)
-            except RedisError as exc:
+            except (Unavailable, RedisError) as exc:
                 logger.warning("could not deregister %s: %s", self._info.worker_id, exc)
 
     async def _run(self) -> None:
@@ -250,9 +256,11 @@ class Heartbeat:
                 else:
                     await self._registry.register(self._info, load, self._ttl_s)
                     self._registered = True
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (Unavailable, RedisError, OSError, asyncio.TimeoutError) as exc:
             self.failures += 1
-            logger.warning("heartbeat of %s failed (%d in a row): %s", self._info.worker_id, self.failures, exc)
+            # once per outage at WARNING (and every 100th tick), not twice a second while Redis is down
+            level = logging.WARNING if self.failures % 100 == 1 else logging.DEBUG
+            logger.log(level, "heartbeat of %s failed (%d in a row; serving goes on): %s", self._info.worker_id, self.failures, exc)
             return False
         except Exception:
             self.failures += 1
