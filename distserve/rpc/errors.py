@@ -31,6 +31,10 @@ from distserve.engine.errors import (
 
 logger = logging.getLogger(__name__)
 
+# Trailing metadata a decode worker sets when the KV it was handed could not be pulled: the KV's holder
+# (a prefill worker) or the path to it failed, not the decode worker. Routers replay such requests.
+KV_FAULT = ("x-distserve-fault", "kv-pull")
+
 # The table. Order matters only for subclasses of these classes (first match by MRO wins).
 STATUS_BY_ERROR: dict[type[DistserveError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,

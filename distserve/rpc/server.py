@@ -19,7 +19,7 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from distserve.rpc.channels import MAX_MESSAGE_BYTES
+from distserve.rpc.channels import KEEPALIVE_TIME_MS, MAX_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,9 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        # Accept the keepalive pings that rpc.channels clients send (every 30 s, even when idle).
+        # Accept the keepalive pings that rpc.channels clients send (every KEEPALIVE_TIME_MS, even when idle).
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS - 1_000),
         ("grpc.so_reuseport", 0),
     ]
 

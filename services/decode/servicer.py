@@ -16,18 +16,19 @@ import time
 
 import grpc
 
-from distserve.engine.errors import InvalidRequest, ResourceExhausted, Unavailable
+from distserve.engine.errors import DistserveError, InvalidRequest, ResourceExhausted, Unavailable
 from distserve.kv.grpc_transport import GrpcKvTransport
 from distserve.kv.handle import KvHandle, dtype_name
 from distserve.kv.puller import KvPuller, PullResult
 from distserve.rpc.convert import finish_to_pb, params_from_pb
-from distserve.rpc.errors import grpc_errors
+from distserve.rpc.errors import KV_FAULT, grpc_errors
 from distserve.runtime import WorkerRuntime, host_id
 from distserve.v1 import decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 ADMISSION_POLL_S = 0.01
+KEEPALIVE_S = 1.0  # while a request waits for blocks, an empty message this often tells the router we live
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -44,8 +45,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         if ours != theirs:
             raise InvalidRequest("kv_handle", f"KV layout {theirs} does not match this worker's {ours} (different model?)")
 
-    async def _admit(self, rid: str, prompt: list[int], params, handle: KvHandle, context) -> None:
-        """Reserves blocks, waiting while the cache is full (until the lease is about to end)."""
+    async def _admit(self, rid: str, prompt: list[int], params, handle: KvHandle, context):
+        """Reserves blocks, waiting while the cache is full (until the lease is about to end); yields
+        every KEEPALIVE_S while it waits, so the caller can send a keep-alive."""
+        last = time.monotonic()
         while True:
             try:
                 await self.rt.worker.reserve(rid, prompt, params)
@@ -55,9 +58,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 if time.time() > handle.lease_expiry_unix - 1.0 or (remaining is not None and remaining < 0.5):
                     raise
                 await asyncio.sleep(ADMISSION_POLL_S)
+                if time.monotonic() - last >= KEEPALIVE_S:
+                    last = time.monotonic()
+                    yield
 
-    async def _pull(self, rid: str, handle: KvHandle) -> PullResult:
-        result = await self.puller.pull(handle)
+    async def _pull(self, rid: str, handle: KvHandle, context) -> PullResult:
+        """Pulls the KV within the caller's deadline. A failure is the holder's (or the path's): the
+        trailing metadata says so, and the router replays the request instead of blaming us."""
+        try:
+            async with asyncio.timeout(context.time_remaining()):
+                result = await self.puller.pull(handle)
+        except (DistserveError, TimeoutError) as exc:
+            context.set_trailing_metadata((KV_FAULT,))
+            if isinstance(exc, TimeoutError):
+                raise Unavailable(f"KV pull of {rid} did not finish within the call's deadline") from None
+            raise
         task = asyncio.create_task(self.grpc.release(handle))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -77,11 +92,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             if request.HasField("kv_handle"):
                 handle = KvHandle.from_proto(request.kv_handle)
                 self._check_layout(handle)
-                await self._admit(rid, prompt, params, handle, context)
+                async for _ in self._admit(rid, prompt, params, handle, context):
+                    yield decode_pb2.DecodeResponse()  # keep-alive
                 queue_s = time.monotonic() - t0
                 rt.metrics.queue_seconds.labels("decode").observe(queue_s)
                 try:
-                    pulled = await self._pull(rid, handle)
+                    pulled = await self._pull(rid, handle, context)
                 except BaseException:
                     await rt.worker.abort(rid)
                     raise
