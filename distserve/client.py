@@ -7,15 +7,17 @@
     for chunk in c.stream("Tell me a story", max_tokens=64):
         print(chunk.text, end="", flush=True)
 
-Errors are the suite's domain errors (`InvalidRequest`, `ResourceExhausted`, `Unavailable`,
-`DeadlineExceeded`, ...), each carrying the gRPC status as `.grpc_code`.
+Given several routers (`Client("host1:50051,host2:50051")`), a call whose router fails goes on at
+another one, and a stream cut mid-way resumes after the last token received (exact for greedy and
+seeded requests). Errors are the suite's domain errors (`InvalidRequest`, `ResourceExhausted`,
+`Unavailable`, `DeadlineExceeded`, ...), each carrying the gRPC status as `.grpc_code`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -103,36 +105,101 @@ class _Collector:
         return Completion("".join(self.text), self.ids, self.finish, ttft, tpot, e2e, self.lps, self.times, self.rid, self.metrics)
 
 
+def targets_of(target: str | Sequence[str]) -> list[str]:
+    """Router addresses from "host:port", "host:port,host:port" or a list of them."""
+    items = target.split(",") if isinstance(target, str) else list(target)
+    out = [t.strip() for t in items if t.strip()]
+    if not out:
+        raise ValueError("no router address given")
+    return out
+
+
+class _Failover:
+    """Which router a call goes to, and whether a failed call moves to the next one.
+
+    A call starts on the routers in turn (so clients spread over them). When it fails with UNAVAILABLE
+    (the router died, is unreachable, or had no worker for it) and another router is known, it goes
+    on there: before any token, as a plain retry; after some tokens, as a resume that sends the
+    tokens received so far (`resume_token_ids`, same request id), so the stream continues after the
+    last token this client got, with none repeated. At most `max_failovers` moves per call.
+    """
+
+    def __init__(self, targets: list[str], max_failovers: int | None):
+        self.targets = targets
+        self.max_failovers = 2 * (len(targets) - 1) if max_failovers is None else max_failovers
+        self._next = 0
+
+    def first(self) -> int:
+        i, self._next = self._next, (self._next + 1) % len(self.targets)
+        return i
+
+    def prepare(self, request: generation_pb2.GenerateRequest) -> generation_pb2.GenerateRequest:
+        if not request.request_id and self.max_failovers > 0:
+            request.request_id = uuid.uuid4().hex  # a resume names the request it continues
+        return request
+
+    def again(self, exc: grpc.RpcError, moves: int, deadline: float | None) -> bool:
+        return (exc.code() == grpc.StatusCode.UNAVAILABLE and moves < self.max_failovers
+                and (deadline is None or deadline - time.monotonic() > 0.05))
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.001, deadline - time.monotonic())
+
+
 class Client:
-    def __init__(self, target: str = "localhost:50051", timeout_s: float | None = 600.0):
-        self.channel = grpc.insecure_channel(target, options=channel_options())
-        self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+    """Blocking client. `target`: one router ("host:port"), or several ("a:1,b:2" or a list): a call
+    then fails over to another router when its router fails, resuming a cut stream where it stopped."""
+
+    def __init__(self, target: str | Sequence[str] = "localhost:50051", timeout_s: float | None = 600.0,
+                 max_failovers: int | None = None):
+        self.failover = _Failover(targets_of(target), max_failovers)
+        self.channels = [grpc.insecure_channel(t, options=channel_options()) for t in self.failover.targets]
+        self.stubs = [generation_pb2_grpc.GenerationStub(ch) for ch in self.channels]
         self.timeout_s = timeout_s
 
+    @property
+    def stub(self) -> generation_pb2_grpc.GenerationStub:
+        return self.stubs[0]
+
+    def _messages(self, request: generation_pb2.GenerateRequest, timeout_s: float | None) -> Iterator[generation_pb2.GenerateResponse]:
+        timeout = timeout_s or self.timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = self.failover.prepare(request)
+        i, moves, received = self.failover.first(), 0, []
+        while True:
+            if received:
+                del request.resume_token_ids[:]
+                request.resume_token_ids.extend(received)
+            call = self.stubs[i].Generate(request, timeout=_remaining(deadline))
+            try:
+                for msg in call:
+                    received.extend(msg.token_ids)
+                    yield msg
+                return
+            except grpc.RpcError as exc:
+                if not self.failover.again(exc, moves, deadline):
+                    raise error_from_rpc(exc) from None
+                moves, i = moves + 1, (i + 1) % len(self.stubs)
+            finally:
+                call.cancel()
+
     def stream(self, prompt: str | list[int], timeout_s: float | None = None, **kw) -> Iterator[Chunk]:
-        call = self.stub.Generate(build_request(prompt, **kw), timeout=timeout_s or self.timeout_s)
-        try:
-            for msg in call:
-                yield _chunk(msg)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
-        finally:
-            call.cancel()
+        for msg in self._messages(build_request(prompt, **kw), timeout_s):
+            yield _chunk(msg)
 
     def generate(self, prompt: str | list[int], timeout_s: float | None = None, **kw) -> Completion:
         col = _Collector()
-        try:
-            for msg in self.stub.Generate(build_request(prompt, **kw), timeout=timeout_s or self.timeout_s):
-                col.add(msg)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        for msg in self._messages(build_request(prompt, **kw), timeout_s):
+            col.add(msg)
         return col.result()
 
     def models(self) -> list[generation_pb2.ModelInfo]:
         return list(self.stub.ListModels(generation_pb2.ListModelsRequest(), timeout=10).models)
 
     def close(self) -> None:
-        self.channel.close()
+        for ch in self.channels:
+            ch.close()
 
     def __enter__(self):
         return self
@@ -142,39 +209,57 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, target: str = "localhost:50051", timeout_s: float | None = 600.0):
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options())
-        self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+    """The asyncio client; same targets and failover as `Client`."""
+
+    def __init__(self, target: str | Sequence[str] = "localhost:50051", timeout_s: float | None = 600.0,
+                 max_failovers: int | None = None):
+        self.failover = _Failover(targets_of(target), max_failovers)
+        self.channels = [grpc.aio.insecure_channel(t, options=channel_options()) for t in self.failover.targets]
+        self.stubs = [generation_pb2_grpc.GenerationStub(ch) for ch in self.channels]
         self.timeout_s = timeout_s
 
+    @property
+    def stub(self) -> generation_pb2_grpc.GenerationStub:
+        return self.stubs[0]
+
+    async def _messages(self, request: generation_pb2.GenerateRequest, timeout_s: float | None) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        timeout = timeout_s or self.timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = self.failover.prepare(request)
+        i, moves, received = self.failover.first(), 0, []
+        while True:
+            if received:
+                del request.resume_token_ids[:]
+                request.resume_token_ids.extend(received)
+            call = self.stubs[i].Generate(request, timeout=_remaining(deadline))
+            try:
+                async for msg in call:
+                    received.extend(msg.token_ids)
+                    yield msg
+                return
+            except grpc.aio.AioRpcError as exc:
+                if not self.failover.again(exc, moves, deadline):
+                    raise error_from_rpc(exc) from None
+                moves, i = moves + 1, (i + 1) % len(self.stubs)
+            finally:
+                call.cancel()
+
     async def stream(self, prompt: str | list[int], timeout_s: float | None = None, **kw) -> AsyncIterator[Chunk]:
-        call = self.stub.Generate(build_request(prompt, **kw), timeout=timeout_s or self.timeout_s)
-        try:
-            async for msg in call:
-                yield _chunk(msg)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
-        finally:
-            call.cancel()
+        async for msg in self._messages(build_request(prompt, **kw), timeout_s):
+            yield _chunk(msg)
 
     async def generate(self, prompt: str | list[int], timeout_s: float | None = None, **kw) -> Completion:
         col = _Collector()
-        call = self.stub.Generate(build_request(prompt, **kw), timeout=timeout_s or self.timeout_s)
-        try:
-            async for msg in call:
-                col.add(msg)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
+        async for msg in self._messages(build_request(prompt, **kw), timeout_s):
+            col.add(msg)
         return col.result()
 
     async def models(self) -> list[generation_pb2.ModelInfo]:
         return list((await self.stub.ListModels(generation_pb2.ListModelsRequest(), timeout=10)).models)
 
     async def close(self) -> None:
-        await self.channel.close()
+        for ch in self.channels:
+            await ch.close()
 
     async def __aenter__(self):
         return self
