@@ -20,6 +20,8 @@ pool gauges by each read of the registry. The series, by who exports them:
 | `distserve_generated_tokens_total` | role | x | x | x |
 | `distserve_pool_workers`, `distserve_pool_queue_depth`, `distserve_pool_queued_tokens`, `distserve_pool_running_requests`, `distserve_pool_kv_blocks_free`, `distserve_pool_kv_blocks_total` | role | x | | |
 | `distserve_info` | role, model, instance_id | x | x | x |
+| `distserve_registry_up` | | x | | |
+| `distserve_requests_expired_total` | | x | | |
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class Metrics:
         self.pool_blocks_free = Gauge("distserve_pool_kv_blocks_free", "Free KV blocks on the pool's workers", ["role"], registry=r)
         self.pool_blocks_total = Gauge("distserve_pool_kv_blocks_total", "KV blocks on the pool's workers", ["role"], registry=r)
         self.info = Gauge("distserve_info", "Always 1; labels name the process", ["role", "model", "instance_id"], registry=r)
+        # Redis outages and dead routers, as this router sees them
+        self.registry_up = Gauge("distserve_registry_up", "1 while the worker registry in Redis is readable, 0 while the router routes from its last read", registry=r)
+        self.expired = Counter("distserve_requests_expired", "Requests of dead routers this router closed as EXPIRED", registry=r)
         # zero-valued children, so every series is scrapeable before its first event
         for outcome in ("finished", "failed", "cancelled"):
             self.requests.labels(role, outcome)
@@ -78,6 +83,7 @@ class Metrics:
             self.decisions.labels(decision)
         for leg in ("prefill", "decode", "kv_pull"):
             self.retries.labels(leg)
+        self.registry_up.set(1)  # until a read of the registry fails
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Starts the HTTP endpoint; port 0 picks a free one. Returns the port."""

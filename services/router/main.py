@@ -1,4 +1,13 @@
-"""`distserve serve router`: the public Generation service, stateless apart from caches."""
+"""`distserve serve router`: the public Generation service, stateless apart from caches.
+
+Start: load the tokenizer -> open Redis (bounded pool, short timeouts) -> bind the gRPC server -> start
+it, health SERVING -> register this router in Redis (`RouterHeartbeat`) and start the `Reaper` that
+closes, as EXPIRED, the open requests of routers that died. Redis being down at start or later stops
+none of this: the heartbeat and the reaper retry, and the picker routes from its last registry read.
+Stop (SIGTERM/SIGINT): health NOT_SERVING -> stop accepting and drain for `drain_s` -> stop the reaper
+and the heartbeat (removing this router's presence, so another router closes whatever is still open
+at once) -> close the picker's health watches, the channels and Redis.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +15,19 @@ import asyncio
 import logging
 import signal
 import socket
+import time
+import uuid
 from dataclasses import dataclass
-
-import redis.asyncio as aioredis
 
 from distserve.config import setting
 from distserve.engine.models import load_tokenizer
 from distserve.metrics import Metrics
 from distserve.rpc.channels import ChannelPool
 from distserve.rpc.server import build_server
+from distserve.state.connect import connect
 from distserve.state.registry import Registry
 from distserve.state.requests import RequestStateStore
+from distserve.state.routers import Reaper, RouterHeartbeat, RouterInfo
 from distserve.v1 import generation_pb2_grpc
 from services.router.picker import WorkerPicker
 from services.router.servicer import GenerationServicer
@@ -32,9 +43,14 @@ class RouterSettings:
     host: str = setting("127.0.0.1", "address to bind")
     port: int = setting(50051, "gRPC port of the public API (0 = any free port)")
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis holding the registry and request state")
+    redis_max_connections: int = setting(64, "Redis connections this router opens at most; a call that finds them all busy waits up to redis_timeout_s")
+    redis_timeout_s: float = setting(0.5, "a Redis call (connect, reply, wait for a pooled connection) gives up after this long (retried once); the router then routes from its last registry read")
     refresh_s: float = setting(0.2, "longest time between two reads of the worker registry")
     prefill_timeout_s: float = setting(120.0, "deadline of one prefill call")
     state_ttl_s: float = setting(3600.0, "how long request state stays in Redis")
+    heartbeat_s: float = setting(2.0, "how often this router renews its presence in Redis")
+    router_ttl_s: float = setting(10.0, "this router's presence lifetime without a heartbeat; after it, other routers close its open requests as EXPIRED")
+    reap_s: float = setting(5.0, "how often this router looks for dead routers' open requests to close")
     metrics_port: int = setting(0, "Prometheus HTTP port (0 = any free port, -1 = off)")
     drain_s: float = setting(30.0, "grace period for in-flight requests on shutdown")
 
@@ -46,6 +62,11 @@ class RouterSettings:
             ("refresh_s", self.refresh_s > 0, "> 0"),
             ("prefill_timeout_s", self.prefill_timeout_s > 0, "> 0"),
             ("state_ttl_s", self.state_ttl_s > 0, "> 0"),
+            ("redis_max_connections", self.redis_max_connections >= 1, ">= 1"),
+            ("redis_timeout_s", self.redis_timeout_s > 0, "> 0"),
+            ("heartbeat_s", self.heartbeat_s > 0, "> 0"),
+            ("router_ttl_s", self.router_ttl_s > self.heartbeat_s, f"more than heartbeat_s ({self.heartbeat_s})"),
+            ("reap_s", self.reap_s > 0, "> 0"),
             ("drain_s", self.drain_s >= 0, ">= 0"),
         )
         bad = [f"{name} must be {what}, got {getattr(self, name)!r}" for name, ok, what in rules if not ok]
@@ -55,17 +76,24 @@ class RouterSettings:
 
 async def run(settings: RouterSettings) -> None:
     tokenizer = await asyncio.to_thread(load_tokenizer, settings.model)
-    r = aioredis.from_url(settings.redis_url)
+    r = connect(settings.redis_url, role="router", max_connections=settings.redis_max_connections, timeout_s=settings.redis_timeout_s)
     metrics = Metrics("router")
     pool = ChannelPool()
     picker = WorkerPicker(Registry(r), settings.model, settings.refresh_s, pool=pool, metrics=metrics)
-    servicer = GenerationServicer(tokenizer, settings.model, picker, RequestStateStore(r, ttl_s=settings.state_ttl_s), pool, metrics, settings.prefill_timeout_s)
     built = await build_server(SERVICES, host=settings.host, port=settings.port)
+    # unique per process: a router restarted on the same port must not revive its predecessor's presence
+    router_id = f"router-{socket.gethostname()}-{built.port}-{uuid.uuid4().hex[:6]}"
+    states = RequestStateStore(r, ttl_s=settings.state_ttl_s, router_id=router_id)
+    servicer = GenerationServicer(tokenizer, settings.model, picker, states, pool, metrics, settings.prefill_timeout_s)
     generation_pb2_grpc.add_GenerationServicer_to_server(servicer, built.server)
     metrics_port = metrics.serve(settings.metrics_port, host=settings.host) if settings.metrics_port >= 0 else None
-    metrics.set_info(settings.model, f"router-{socket.gethostname()}-{built.port}")
+    metrics.set_info(settings.model, router_id)
     await built.server.start()
     await built.health.set_serving()
+    presence = RouterHeartbeat(r, RouterInfo(router_id, built.address, time.time()), interval_s=settings.heartbeat_s, ttl_s=settings.router_ttl_s)
+    await presence.start()
+    reaper = Reaper(r, interval_s=settings.reap_s, state_ttl_s=settings.state_ttl_s, on_reaped=lambda orphans: metrics.expired.inc(len(orphans)))
+    reaper.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,6 +105,8 @@ async def run(settings: RouterSettings) -> None:
     metrics.draining.labels("router").set(1)
     await built.health.enter_graceful_shutdown()
     await built.server.stop(grace=settings.drain_s)
+    await reaper.stop()
+    await presence.stop(leave=True)
     await picker.close()
     await pool.close_all()
     await r.aclose()

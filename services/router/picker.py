@@ -55,21 +55,53 @@ class WorkerPicker:
         self._pending_running: dict[str, int] = {}
         self._watches: dict[str, tuple[str, asyncio.Task]] = {}  # worker id -> (address, its health watch)
         self._down: set[str] = set()  # registered, but its health is not SERVING
+        self._outage_since: float | None = None  # monotonic time the registry became unreadable
+        self._reread: asyncio.Task | None = None  # background re-read of the registry during an outage
 
     async def workers(self, force: bool = False) -> list[WorkerView]:
+        """Live, non-draining workers of the model, less those whose health is not SERVING.
+
+        While Redis is unreachable the last views are kept (the health watches still drop workers
+        that die or drain) and the registry is re-read every `refresh_s` in the background, so no
+        request waits on a dead Redis; with no views yet the outage raises `Unavailable`."""
         now = time.monotonic()
         if force or now - self._read_at > self.refresh_s:
-            self._views = [v for v in await self.registry.live_workers(model=self.model) if not v.load.draining]
-            self._read_at = now
-            self._pending_tokens.clear()
-            self._pending_running.clear()
-            if self.pool is not None:
-                self._watch(self._views)
-            if self.metrics is not None:
-                self.metrics.observe_pool(v for v in self._views if v.worker_id not in self._down)
+            if self._outage_since is None or not self._views:
+                await self._read(now)
+            elif self._reread is None or self._reread.done():
+                self._read_at = now  # one background try per refresh_s
+                self._reread = asyncio.create_task(self._read(now), name="registry-reread")
         if self._down:
             return [v for v in self._views if v.worker_id not in self._down]
         return self._views
+
+    async def _read(self, now: float) -> None:
+        try:
+            views = await self.registry.live_workers(model=self.model)
+        except Unavailable as exc:
+            self._read_at = now  # the next try after refresh_s, not at every call
+            if self._outage_since is None:
+                self._outage_since = now
+                log.warning("worker registry unreadable; routing to the %d workers last seen until Redis is back: %s",
+                            len(self._views), exc)
+                if self.metrics is not None:
+                    self.metrics.registry_up.set(0)
+            if not self._views:
+                raise
+            return
+        if self._outage_since is not None:
+            log.info("worker registry readable again after %.1fs", now - self._outage_since)
+            self._outage_since = None
+        if self.metrics is not None:
+            self.metrics.registry_up.set(1)
+        self._views = [v for v in views if not v.load.draining]
+        self._read_at = now
+        self._pending_tokens.clear()
+        self._pending_running.clear()
+        if self.pool is not None:
+            self._watch(self._views)
+        if self.metrics is not None:
+            self.metrics.observe_pool(v for v in self._views if v.worker_id not in self._down)
 
     # -- health watches ----------------------------------------------------------------------
     def _watch(self, views: list[WorkerView]) -> None:
@@ -102,6 +134,9 @@ class WorkerPicker:
 
     async def close(self) -> None:
         watches, self._watches = [task for _, task in self._watches.values()], {}
+        if self._reread is not None:
+            watches.append(self._reread)
+            self._reread = None
         for task in watches:
             task.cancel()
         await asyncio.gather(*watches, return_exceptions=True)
