@@ -17,6 +17,8 @@ pool gauges by each read of the registry. The series, by who exports them:
 | `distserve_kv_transfer_seconds`, `distserve_kv_transfer_bytes_total` | transport | | | x |
 | `distserve_disaggregation_decisions_total` | decision | x | | x |
 | `distserve_retries_total` | leg | x | | x |
+| `distserve_migrations_total` | reason | x | | |
+| `distserve_ejections_total` | | x | | |
 | `distserve_generated_tokens_total` | role | x | x | x |
 | `distserve_pool_workers`, `distserve_pool_queue_depth`, `distserve_pool_queued_tokens`, `distserve_pool_running_requests`, `distserve_pool_kv_blocks_free`, `distserve_pool_kv_blocks_total` | role | x | | |
 | `distserve_info` | role, model, instance_id | x | x | x |
@@ -35,6 +37,9 @@ TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 POOL_ROLES = ("prefill", "decode", "colocated")
+# why a router replayed a request: its prefill call failed; its prefilled KV was lost before a decode
+# worker pulled it; its decode stream broke; its decode stream stalled past the stall timeout
+MIGRATION_REASONS = ("prefill_failed", "kv_lost", "decode_failed", "decode_stalled")
 
 
 class Metrics:
@@ -63,6 +68,8 @@ class Metrics:
         self.transfer_bytes = Counter("distserve_kv_transfer_bytes", "KV bytes pulled, by transport", ["transport"], registry=r)
         self.decisions = Counter("distserve_disaggregation_decisions", "Where a request's prefill ran", ["decision"], registry=r)
         self.retries = Counter("distserve_retries", "Calls retried, by leg (prefill, decode, kv_pull)", ["leg"], registry=r)
+        self.migrations = Counter("distserve_migrations", "Requests replayed on other workers after a leg failed, by reason", ["reason"], registry=r)
+        self.ejections = Counter("distserve_ejections", "Workers ejected from the picker for a cool-down after repeated failures", registry=r)
         # the pools, as the router's last read of the registry saw them
         self.pool_workers = Gauge("distserve_pool_workers", "Live, non-draining workers", ["role"], registry=r)
         self.pool_queue_depth = Gauge("distserve_pool_queue_depth", "Requests queued on the pool's workers", ["role"], registry=r)
@@ -84,6 +91,9 @@ class Metrics:
         for leg in ("prefill", "decode", "kv_pull"):
             self.retries.labels(leg)
         self.registry_up.set(1)  # until a read of the registry fails
+        if role == "router":
+            for reason in MIGRATION_REASONS:
+                self.migrations.labels(reason)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Starts the HTTP endpoint; port 0 picks a free one. Returns the port."""

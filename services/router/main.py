@@ -29,7 +29,9 @@ from distserve.state.registry import Registry
 from distserve.state.requests import RequestStateStore
 from distserve.state.routers import Reaper, RouterHeartbeat, RouterInfo
 from distserve.v1 import generation_pb2_grpc
+from services.router.ejection import OutlierEjector
 from services.router.picker import WorkerPicker
+from services.router.run import LegPolicy
 from services.router.servicer import GenerationServicer
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,10 @@ class RouterSettings:
     redis_timeout_s: float = setting(0.5, "a Redis call (connect, reply, wait for a pooled connection) gives up after this long (retried once); the router then routes from its last registry read")
     refresh_s: float = setting(0.2, "longest time between two reads of the worker registry")
     prefill_timeout_s: float = setting(120.0, "deadline of one prefill call")
+    migration_limit: int = setting(3, "replays of one request on other workers after a leg fails (0 = fail at once)")
+    stall_timeout_s: float = setting(20.0, "a decode leg that sends nothing for this long is given up and its request replayed elsewhere")
+    eject_after: int = setting(3, "failures in a row after which a worker is left out of routing for a cool-down")
+    eject_s: float = setting(10.0, "first cool-down of an ejected worker (doubles while it keeps failing, up to 12x)")
     state_ttl_s: float = setting(3600.0, "how long request state stays in Redis")
     heartbeat_s: float = setting(2.0, "how often this router renews its presence in Redis")
     router_ttl_s: float = setting(10.0, "this router's presence lifetime without a heartbeat; after it, other routers close its open requests as EXPIRED")
@@ -61,6 +67,10 @@ class RouterSettings:
             ("redis_url", self.redis_url.startswith(("redis://", "rediss://", "unix://")), "a redis://, rediss:// or unix:// URL"),
             ("refresh_s", self.refresh_s > 0, "> 0"),
             ("prefill_timeout_s", self.prefill_timeout_s > 0, "> 0"),
+            ("migration_limit", self.migration_limit >= 0, ">= 0"),
+            ("stall_timeout_s", self.stall_timeout_s > 0, "> 0"),
+            ("eject_after", self.eject_after >= 1, ">= 1"),
+            ("eject_s", self.eject_s > 0, "> 0"),
             ("state_ttl_s", self.state_ttl_s > 0, "> 0"),
             ("redis_max_connections", self.redis_max_connections >= 1, ">= 1"),
             ("redis_timeout_s", self.redis_timeout_s > 0, "> 0"),
@@ -79,12 +89,14 @@ async def run(settings: RouterSettings) -> None:
     r = connect(settings.redis_url, role="router", max_connections=settings.redis_max_connections, timeout_s=settings.redis_timeout_s)
     metrics = Metrics("router")
     pool = ChannelPool()
-    picker = WorkerPicker(Registry(r), settings.model, settings.refresh_s, pool=pool, metrics=metrics)
+    picker = WorkerPicker(Registry(r), settings.model, settings.refresh_s, pool=pool, metrics=metrics,
+                          ejector=OutlierEjector(settings.eject_after, settings.eject_s, settings.eject_s * 12))
     built = await build_server(SERVICES, host=settings.host, port=settings.port)
     # unique per process: a router restarted on the same port must not revive its predecessor's presence
     router_id = f"router-{socket.gethostname()}-{built.port}-{uuid.uuid4().hex[:6]}"
     states = RequestStateStore(r, ttl_s=settings.state_ttl_s, router_id=router_id)
-    servicer = GenerationServicer(tokenizer, settings.model, picker, states, pool, metrics, settings.prefill_timeout_s)
+    policy = LegPolicy(settings.prefill_timeout_s, settings.stall_timeout_s, settings.migration_limit)
+    servicer = GenerationServicer(tokenizer, settings.model, picker, states, pool, metrics, policy)
     generation_pb2_grpc.add_GenerationServicer_to_server(servicer, built.server)
     metrics_port = metrics.serve(settings.metrics_port, host=settings.host) if settings.metrics_port >= 0 else None
     metrics.set_info(settings.model, router_id)

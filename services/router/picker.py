@@ -4,7 +4,8 @@ The router reads the registry at most every `refresh_s` and between reads adds w
 (prompt tokens to a prefill worker, a running request to a decode worker), so a burst of requests
 spreads over the pool instead of piling onto whichever worker looked idlest at the last read;
 between equally loaded workers the choice is random.
-Draining workers get nothing new.
+Draining workers get nothing new; workers the outlier ejector holds out, and those a request
+already failed on, get nothing new while anyone else can take it.
 
 Given a channel pool, the picker also watches each registered worker's gRPC health (one
 `grpc.health.v1.Health/Watch` stream per worker): a worker that turns NOT_SERVING (it drains on
@@ -27,6 +28,7 @@ from distserve.engine.errors import ResourceExhausted, Unavailable
 from distserve.metrics import Metrics
 from distserve.rpc.channels import ChannelPool
 from distserve.state.registry import Registry, WorkerView
+from services.router.ejection import OutlierEjector
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def least(views: list[WorkerView], key) -> WorkerView:
 
 class WorkerPicker:
     def __init__(self, registry: Registry, model: str, refresh_s: float = 0.2,
-                 pool: ChannelPool | None = None, metrics: Metrics | None = None):
+                 pool: ChannelPool | None = None, metrics: Metrics | None = None, ejector: OutlierEjector | None = None):
         self.registry = registry
         self.model = model
         self.refresh_s = refresh_s
@@ -57,6 +59,7 @@ class WorkerPicker:
         self._down: set[str] = set()  # registered, but its health is not SERVING
         self._outage_since: float | None = None  # monotonic time the registry became unreadable
         self._reread: asyncio.Task | None = None  # background re-read of the registry during an outage
+        self.ejector = ejector or OutlierEjector()  # workers that keep failing sit out a cool-down
 
     async def workers(self, force: bool = False) -> list[WorkerView]:
         """Live, non-draining workers of the model, less those whose health is not SERVING.
@@ -148,10 +151,22 @@ class WorkerPicker:
         views = await self.workers()
         return min((v.info.max_model_len for v in views), default=None)
 
-    async def pick_prefill(self, prompt_tokens: int, exclude: set[str] = frozenset()) -> WorkerView:
-        views = [v for v in await self.by_role("prefill") if v.worker_id not in exclude]
+    async def _candidates(self, role: str, exclude: set[str]) -> list[WorkerView]:
+        """Healthy workers of a role, less the ejected ones and `exclude` (workers this request already
+        failed on). Both are preferences: when they would leave nobody, the ejected workers are tried
+        again, then the excluded ones, as a worker on probation beats refusing the request."""
+        views = await self.by_role(role)
         if not views:
-            raise Unavailable("no prefill worker is available")
+            raise Unavailable(f"no {role} worker is available")
+        ejected = self.ejector.ejected()
+        for avoid in (ejected | set(exclude), set(exclude)):
+            kept = [v for v in views if v.worker_id not in avoid]
+            if kept:
+                return kept
+        return views
+
+    async def pick_prefill(self, prompt_tokens: int, exclude: set[str] = frozenset()) -> WorkerView:
+        views = await self._candidates("prefill", exclude)
         best = least(views, key=lambda v: v.load.queued_tokens + self._pending_tokens.get(v.worker_id, 0))
         self._pending_tokens[best.worker_id] = self._pending_tokens.get(best.worker_id, 0) + prompt_tokens
         return best
@@ -159,9 +174,7 @@ class WorkerPicker:
     async def pick_decode(self, blocks_needed_by, role: str = "decode", exclude: set[str] = frozenset()) -> WorkerView:
         """Among workers with room for the request, the one with the least running load.
         `blocks_needed_by(block_size)` gives the request's blocks for a worker's block size."""
-        views = [v for v in await self.by_role(role) if v.worker_id not in exclude]
-        if not views:
-            raise Unavailable(f"no {role} worker is available")
+        views = await self._candidates(role, exclude)
         fits = [v for v in views if blocks_needed_by(v.info.block_size) <= v.info.total_blocks]
         if not fits:
             raise ResourceExhausted("the request needs more KV blocks than any decode worker has")

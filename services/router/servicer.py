@@ -257,7 +257,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def _replay(self, run: Run, failure: LegFailure, state: _StateWriter) -> None:
         """Prepares the next attempt after a failed leg, or raises when the request must fail."""
         if self.picker.ejector.failure(failure.worker_id):
-            self.metrics.ejections.labels("worker").inc()
+            self.metrics.ejections.inc()
         run.avoid.add(failure.worker_id)
         if run.attempt >= self.policy.migration_limit:
             log.warning("request %s failed after %d replays: %s", run.rid, run.attempt, failure)
