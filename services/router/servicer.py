@@ -277,7 +277,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         run.attempt += 1
         run.metrics.migrations = run.attempt
         self.metrics.migrations.labels(failure.reason).inc()
-        state.update(migrations=run.attempt, tokens_emitted=len(run.emitted), error=str(failure))
+        state.update(migrations=run.attempt, tokens_emitted=len(run.emitted), last_failure=str(failure))
         log.warning("request %s: %s; %s (replay %d of %d)", run.rid, failure, how, run.attempt, self.policy.migration_limit)
 
     async def _pick(self, run: Run, pick):
