@@ -47,11 +47,28 @@ log = logging.getLogger(__name__)
 UNFINISHED = common_pb2.FINISH_REASON_UNSPECIFIED  # a run's finish until a leg ends it
 
 
+class _StateOutage:
+    """Whether request-state writes are failing, so an outage logs once, not at every write."""
+
+    def __init__(self):
+        self.failing = False
+
+    def failed(self, rid: str, exc: Exception) -> None:
+        if not self.failing:
+            log.warning("request state writes fail (first: %s): %s; serving goes on without them", rid, exc)
+        self.failing = True
+
+    def ok(self) -> None:
+        if self.failing:
+            log.info("request state writes work again")
+        self.failing = False
+
+
 class _StateWriter:
     """Writes one request's state to Redis off the critical path, in order."""
 
-    def __init__(self, store: RequestStateStore, request_id: str):
-        self.store, self.rid = store, request_id
+    def __init__(self, store: RequestStateStore, request_id: str, outage: _StateOutage):
+        self.store, self.rid, self.outage = store, request_id, outage
         self._last: asyncio.Task | None = None
 
     def update(self, phase: RequestPhase | None = None, **fields) -> None:
@@ -63,7 +80,9 @@ class _StateWriter:
             try:
                 await self.store.update(self.rid, phase, **fields)
             except Exception as exc:  # state is bookkeeping; serving goes on without it
-                log.warning("request state write for %s failed: %s", self.rid, exc)
+                self.outage.failed(self.rid, exc)
+            else:
+                self.outage.ok()
 
         self._last = asyncio.ensure_future(write())
 
@@ -85,6 +104,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.metrics = metrics
         self.policy = policy
         self._background: set[asyncio.Task] = set()
+        self._state_outage = _StateOutage()
 
     # -- the RPC -----------------------------------------------------------------------------
     @grpc_errors
@@ -94,7 +114,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except DistserveError:
             self.metrics.requests.labels("router", "rejected").inc()
             raise
-        state = _StateWriter(self.states, run.rid)
+        state = _StateWriter(self.states, run.rid, self._state_outage)
         state.update(RequestPhase.QUEUED, prompt_tokens=len(run.prompt), max_tokens=run.params.max_tokens,
                      resumed_tokens=run.resumed or None)
         outcome = "failed"
