@@ -155,10 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--colocated", type=int, default=0, help="colocated workers (both phases); with no prefill workers the router uses them alone")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=50051, help="router port")
+    up.add_argument("--port", type=int, default=50051, help="router port (further routers: the next free ports up)")
+    up.add_argument("--routers", type=int, default=1, help="routers, each serving the whole suite (clients may be given all of them)")
+    up.add_argument("--restart-limit", type=int, default=5,
+                    help="restarts in a row of one crashed process (worker, router or Redis; backoff 0.5 s doubling to 30 s) "
+                         "before it is left down; a process that stayed up 60 s starts its count afresh; 0 = never restart. "
+                         "up exits (code 1) once no router is left")
     up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = divide the cores)")
     up.add_argument("--no-pin", action="store_true", help="do not pin workers to cores")
     up.add_argument("--worker-arg", action="append", default=[], help="extra flag passed to every worker, e.g. --worker-arg=--kv-cache-bytes=268435456")
+    up.add_argument("--router-arg", action="append", default=[], help="extra flag passed to every router, e.g. --router-arg=--migration-limit=3")
     up.add_argument("--logs", default="", help="folder for the processes' logs (default: a new folder under $DISTSERVE_HOME/logs)")
     up.add_argument("--weights", default="", choices=("", "auto", "fp32", "int8"), help="every worker's --weights (default: theirs, auto)")
     up.add_argument("--kv-dtype", default="", choices=("", "auto", "int8"), help="every worker's --kv-dtype (default: theirs, auto)")
@@ -178,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="send one prompt to a router")
     g.add_argument("prompt")
-    g.add_argument("--target", default="localhost:50051")
+    g.add_argument("--target", default="localhost:50051", help="router address; several, comma-separated, to fail over between them")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)

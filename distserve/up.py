@@ -2,8 +2,19 @@
 
 Order: pull the model once -> start our own Redis (free port, no persistence) -> start the workers,
 each pinned to its share of the cores with a matching torch thread count -> start the router -> wait
-until every process reports SERVING on gRPC health -> print the address. SIGINT/SIGTERM, or any
-process dying, stops everything in reverse: router, workers (each drains), Redis.
+until every process reports SERVING on gRPC health -> print the address -> supervise. SIGINT/SIGTERM
+stops everything in reverse: routers, workers (each drains), Redis.
+
+Supervision (`Supervisor`, one `Watch` per process): each tick polls every process without blocking.
+One that exits while the suite serves is logged (name, exit code or signal, restart n of the limit),
+waits out a backoff (`RestartPolicy`: 0.5 s doubling to 30 s) and is started again with the same argv
+(same worker id, same port); Redis is started again on the same port, so every service's URL stays
+valid and the workers re-register at their next heartbeat. A restarted process is `starting` until
+its gRPC health answers SERVING (one short check per tick), then `serving`. Restarts in a row count
+against `--restart-limit`; a process that stayed up `stable_s` starts its count and its backoff
+afresh; one past the limit stays down (`failed`) and is reported. The others serve meanwhile. `up`
+ends by itself only when every router has failed (exit code 1). Per-process pid, state and restart
+count are written to `supervisor.json` in the logs folder at every change and printed at shutdown.
 
 Workers are forked (`--preload on`, the default): this process first imports what a worker runs
 (torch, the transformers model code, the engine, gRPC, the compiled kernels), freezes those objects
@@ -13,18 +24,26 @@ spawned worker would hold privately), and with `--share-weights` the weight file
 thread and no OpenMP pool exists here when it forks (the model is pulled in a subprocess). Each
 child starts its own session, logs to its file and runs `distserve serve <role>` as a spawned one
 would. `--preload off` spawns every worker as a fresh interpreter instead.
+
+Restarts always spawn (`_spawn`), never fork: once the suite is up this process holds gRPC channels
+and their threads (the health checks), and a fork of a process with running gRPC or OpenMP threads
+can inherit locks held by a thread that does not exist in the child. Only the first start forks.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,7 +51,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from distserve.engine.models import home
 from distserve.state.redis_server import RedisServer, free_port
 
+logger = logging.getLogger(__name__)
+
 READY_TIMEOUT_S = 900.0
+TICK_S = 0.25  # the supervisor's poll period
 
 
 class Forked:
@@ -68,9 +90,10 @@ class Forked:
 @dataclass(slots=True)
 class Proc:
     name: str
-    address: str
-    popen: subprocess.Popen | Forked
+    address: str  # host:port of its gRPC server
+    popen: subprocess.Popen | Forked  # replaced by a spawned Popen at each restart
     log: Path
+    argv: list[str] = field(default_factory=list)  # `distserve <argv>`, the same at every restart
 
 
 def preload() -> None:
@@ -168,11 +191,247 @@ def wait_serving(address: str, proc: subprocess.Popen, deadline: float) -> None:
     raise TimeoutError(f"{address} not SERVING after {READY_TIMEOUT_S:.0f}s")
 
 
+def describe_exit(code: int) -> str:
+    """`exit code 3` or `signal SIGKILL`, from a Popen-style return code."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def backoff_s(streak: int, base_s: float = 0.5, max_s: float = 30.0) -> float:
+    """The wait before restart number `streak + 1` in a row: base_s, doubling each time, at most max_s."""
+    return min(max_s, base_s * 2.0 ** min(streak, 60))
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    limit: int = 5  # restarts in a row before a process is left down (0: never restart)
+    base_s: float = 0.5  # first backoff
+    max_s: float = 30.0  # longest backoff
+    stable_s: float = 60.0  # up this long since its last start: its streak starts afresh
+
+    def on_exit(self, streak: int, uptime_s: float) -> tuple[int, float | None]:
+        """(restarts in a row counting the coming one, wait before it); wait None: past the limit."""
+        if uptime_s >= self.stable_s:
+            streak = 0
+        if streak >= self.limit:
+            return streak, None
+        return streak + 1, backoff_s(streak, self.base_s, self.max_s)
+
+
+class Child(Protocol):
+    """A supervised process, whatever starts it."""
+
+    name: str
+    address: str
+
+    def pid(self) -> int | None: ...
+
+    def exit_code(self) -> int | None:
+        """None while it runs."""
+
+    def relaunch(self) -> None:
+        """Start it again (it has exited); raises when it cannot be started."""
+
+    def ready(self) -> bool:
+        """Whether it serves now; must return within a fraction of a tick."""
+
+    def close(self) -> None:
+        """Drop what ready() holds (a channel)."""
+
+
+class ProcChild:
+    """A worker or router: its Proc, restarted by `respawn`, ready when its gRPC health says SERVING."""
+
+    def __init__(self, proc: Proc, respawn):
+        self.proc = proc
+        self.name = proc.name
+        self.address = proc.address
+        self._respawn = respawn  # Callable[[Proc], None]: a fresh interpreter in proc.popen
+        self._channel: grpc.Channel | None = None
+
+    def pid(self) -> int | None:
+        return self.proc.popen.pid
+
+    def exit_code(self) -> int | None:
+        return self.proc.popen.poll()
+
+    def relaunch(self) -> None:
+        self.close()
+        self._respawn(self.proc)
+
+    def ready(self) -> bool:
+        if self._channel is None:  # short reconnect backoff: it starts listening while we poll
+            self._channel = grpc.insecure_channel(self.address, options=[
+                ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000)])
+        try:
+            resp = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(), timeout=0.2)
+        except grpc.RpcError:
+            return False
+        if resp.status != health_pb2.HealthCheckResponse.SERVING:
+            return False
+        self.close()
+        return True
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+class RedisChild:
+    """`up`'s Redis: restarted on the same port; ready once restart() returns (it waited for PING)."""
+
+    def __init__(self, server: RedisServer):
+        self.server = server
+        self.name = "redis"
+        self.address = server.url
+
+    def pid(self) -> int | None:
+        return self.server.pid
+
+    def exit_code(self) -> int | None:
+        return self.server.returncode if self.server.pid is not None else -1
+
+    def relaunch(self) -> None:
+        self.server.restart()
+
+    def ready(self) -> bool:
+        return self.server.running()
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class Watch:
+    """Supervision state of one process. serving -(exits)-> backoff -(wait over)-> starting
+    -(health SERVING)-> serving; past the restart limit -> failed; at shutdown -> stopped."""
+
+    child: Child
+    state: str = "serving"
+    restarts: int = 0  # restarts so far
+    streak: int = 0  # restarts in a row (since it last stayed up stable_s); checked against the limit
+    started_at: float = 0.0  # monotonic time of its last start
+    restart_at: float = 0.0  # monotonic time of its next start, while in backoff
+    last_exit: str = ""  # how it last ended, e.g. "signal SIGKILL"
+
+
+class Supervisor:
+    """Restarts the suite's processes by a RestartPolicy; `tick()` never waits on a process."""
+
+    def __init__(self, children: list[Child], policy: RestartPolicy, status_path: Path | None = None, clock=time.monotonic):
+        self.policy = policy
+        self._clock = clock
+        now = clock()
+        self.watches = {c.name: Watch(c, started_at=now) for c in children}
+        self._status_path = status_path
+        self.write_status()
+
+    def tick(self) -> None:
+        now = self._clock()
+        changed = [self._step(w, now) for w in self.watches.values()]
+        if any(changed):
+            self.write_status()
+
+    def _step(self, w: Watch, now: float) -> bool:
+        c = w.child
+        if w.state in ("serving", "starting"):
+            code = c.exit_code()
+            if code is not None:
+                self._exited(w, now, describe_exit(code))
+                return True
+            if w.state == "starting" and c.ready():
+                w.state = "serving"
+                logger.info("%s is back: pid %s serving at %s (restart %d of %d)", c.name, c.pid(), c.address,
+                            w.streak, self.policy.limit)
+                return True
+            return False
+        if w.state == "backoff" and now >= w.restart_at:
+            w.restarts += 1
+            w.started_at = now
+            try:
+                c.relaunch()
+            except Exception as exc:  # e.g. its port was taken meanwhile: counts as a failed start
+                self._exited(w, now, f"failed to start ({exc})")
+                return True
+            w.state = "starting"
+            logger.info("%s restarted: pid %s", c.name, c.pid())
+            return True
+        return False
+
+    def _exited(self, w: Watch, now: float, how: str) -> None:
+        c = w.child
+        c.close()
+        w.last_exit = how
+        streak, wait_s = self.policy.on_exit(w.streak, now - w.started_at)
+        w.streak = streak
+        if wait_s is None:
+            w.state = "failed"
+            logger.error("%s (pid %s) %s; past its restart limit (%d in a row): left down", c.name, c.pid(), how,
+                         self.policy.limit)
+            return
+        w.state = "backoff"
+        w.restart_at = now + wait_s
+        logger.warning("%s (pid %s) %s; restart %d of %d in %.1f s", c.name, c.pid(), how, streak,
+                       self.policy.limit, wait_s)
+
+    def alive(self, prefix: str) -> bool:
+        """Whether any process whose name starts with prefix is serving or may still come back."""
+        return any(w.state != "failed" for name, w in self.watches.items() if name.startswith(prefix))
+
+    def status(self) -> dict[str, dict]:
+        return {name: {"pid": w.child.pid(), "address": w.child.address, "state": w.state, "restarts": w.restarts,
+                       "last_exit": w.last_exit} for name, w in self.watches.items()}
+
+    def write_status(self) -> None:
+        """supervisor.json, replaced atomically so a reader never sees half of it."""
+        if self._status_path is None:
+            return
+        tmp = self._status_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status(), indent=1) + "\n")
+        os.replace(tmp, self._status_path)
+
+    def stopped(self) -> None:
+        for w in self.watches.values():
+            w.child.close()
+            if w.state != "failed":
+                w.state = "stopped"
+        self.write_status()
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {w.restarts}" + (" (failed)" if w.state == "failed" else "")
+                         for name, w in self.watches.items())
+
+
+def port_free(host: str, port: int) -> bool:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, port))
+        return True
+    except OSError:
+        return False
+
+
+def router_ports(host: str, first: int, n: int) -> list[int]:
+    """first, then the next ports up where free, else any free one."""
+    ports = [first]
+    for i in range(1, n):
+        want = first + i
+        ports.append(want if want < 65536 and want not in ports and port_free(host, want) else free_port(host))
+    return ports
+
+
 class Suite:
     def __init__(self, args):
         self.args = args
-        self.procs: list[Proc] = []
+        self.procs: list[Proc] = []  # in start order: workers, then routers
         self.redis: RedisServer | None = None
+        self.supervisor: Supervisor | None = None  # set once everything serves
         self.logs = Path(args.logs) if args.logs else home() / "logs" / time.strftime("up-%Y%m%d-%H%M%S")
         self._stop = False
 
@@ -181,9 +440,17 @@ class Suite:
         with open(log, "wb") as f:
             popen = subprocess.Popen([sys.executable, "-m", "distserve.cli", *argv], stdout=f, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        p = Proc(name, address, popen, log)
+        p = Proc(name, address, popen, log, argv)
         self.procs.append(p)
         return p
+
+    def _respawn(self, p: Proc) -> None:
+        """A restart: a fresh interpreter running the same `distserve <argv>`, appending to the same log."""
+        with open(p.log, "ab") as f:
+            f.write(f"\n---- restarted by distserve up at {time.strftime('%H:%M:%S')} ----\n".encode())
+            f.flush()
+            p.popen = subprocess.Popen([sys.executable, "-m", "distserve.cli", *p.argv], stdout=f,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
 
     def _fork(self, name: str, argv: list[str], address: str) -> Proc:
         log = self.logs / f"{name}.log"
@@ -192,7 +459,7 @@ class Suite:
         pid = os.fork()
         if pid == 0:
             forked_main(name, argv, log)
-        p = Proc(name, address, Forked(pid), log)
+        p = Proc(name, address, Forked(pid), log, argv)
         self.procs.append(p)
         return p
 
@@ -208,6 +475,8 @@ class Suite:
         if fork:
             preload()
         self.redis = RedisServer(host="127.0.0.1").start()
+        if a.routers < 1 or a.restart_limit < 0:
+            raise SystemExit("--routers must be at least 1 and --restart-limit at least 0")
         roles = ["prefill"] * a.prefill + ["decode"] * a.decode + ["colocated"] * a.colocated
         if not roles or (a.prefill and not a.decode):
             raise SystemExit("need decode workers for prefill workers, or colocated workers")
@@ -227,15 +496,22 @@ class Suite:
             if cpus:
                 argv += ["--cpus", cpus]
             workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}"))
-        router = self._spawn("router", ["serve", "router", *common, "--port", str(a.port)], f"{a.host}:{a.port}")
+        routers = []
+        for i, port in enumerate(router_ports(a.host, a.port, max(1, a.routers))):
+            name = "router" if i == 0 else f"router-{i + 1}"
+            routers.append(self._spawn(name, ["serve", "router", *common, "--port", str(port), *a.router_arg],
+                                       f"{a.host}:{port}"))
         deadline = time.monotonic() + READY_TIMEOUT_S
-        for p in [*workers, router]:
+        for p in [*workers, *routers]:
             try:
                 wait_serving(p.address, p.popen, deadline)
             except Exception as exc:
                 self.report_failure(p, exc)
                 raise SystemExit(1)
-        return router.address
+        policy = RestartPolicy(limit=a.restart_limit)
+        children = [RedisChild(self.redis), *(ProcChild(p, self._respawn) for p in self.procs)]
+        self.supervisor = Supervisor(children, policy, self.logs / "supervisor.json")
+        return [r.address for r in routers]
 
     def report_failure(self, p: Proc, exc: Exception, what: str = "failed to start") -> None:
         print(f"{p.name} {what}: {exc}; last lines of {p.log}:", file=sys.stderr)
@@ -245,7 +521,7 @@ class Suite:
             pass
 
     def stop(self) -> None:
-        for p in reversed(self.procs):  # router first, then the workers
+        for p in reversed(self.procs):  # routers first, then the workers
             if p.popen.poll() is None:
                 p.popen.send_signal(signal.SIGTERM)
         for p in reversed(self.procs):
@@ -256,6 +532,9 @@ class Suite:
                 p.popen.wait()
         if self.redis is not None:
             self.redis.stop()
+        if self.supervisor is not None:
+            self.supervisor.stopped()
+            print(f"restarts: {self.supervisor.summary()}", flush=True)
 
     def run(self) -> int:
         def on_signal(signum, frame):
@@ -265,17 +544,19 @@ class Suite:
         signal.signal(signal.SIGTERM, on_signal)
         code = 0
         try:
-            address = self.start()
+            addresses = self.start()
             a = self.args
-            print(f"distserve is up: router at {address} ({a.prefill} prefill, {a.decode} decode, {a.colocated} colocated; "
-                  f"model {a.model}; redis at {self.redis.url}; logs in {self.logs}). Ctrl-C stops it.", flush=True)
+            more = f"routers at {','.join(addresses)}; " if len(addresses) > 1 else ""
+            print(f"distserve is up: router at {addresses[0]} ({more}{a.prefill} prefill, {a.decode} decode, "
+                  f"{a.colocated} colocated; model {a.model}; redis at {self.redis.url}; logs in {self.logs}). "
+                  "Ctrl-C stops it.", flush=True)
             while not self._stop:
-                dead = next((p for p in self.procs if p.popen.poll() is not None), None)
-                if dead is not None:
-                    self.report_failure(dead, RuntimeError(f"exited with code {dead.popen.returncode}"), "stopped while serving")
+                self.supervisor.tick()
+                if not self.supervisor.alive("router"):
+                    logger.error("no router left serving (each is past its restart limit): stopping the suite")
                     code = 1
                     break
-                time.sleep(0.5)
+                time.sleep(TICK_S)
         except SystemExit as exc:
             if exc.code is not None and not isinstance(exc.code, int):
                 print(exc.code, file=sys.stderr)
@@ -314,6 +595,12 @@ class UpProcess:
             self.stop()
             raise TimeoutError("distserve up did not come up")
         self.target = f"127.0.0.1:{self.port}"
+        m = re.search(r"routers at (\S+);", text)
+        self.targets = m.group(1).split(",") if m else [self.target]  # every router, the first one first
+
+    def status(self) -> dict[str, dict]:
+        """supervisor.json: per process name its pid, address, state, restarts and last exit."""
+        return json.loads((self.logs / "supervisor.json").read_text())
 
     def dump(self) -> None:
         print("---- distserve up ----\n" + self.out.read_text(errors="replace"))
