@@ -106,3 +106,37 @@ def test_health_reflection_and_error_boundary() -> None:
             await built.server.stop(None)
 
     asyncio.run(main())
+
+
+def test_trailing_metadata_set_before_an_error_reaches_the_caller() -> None:
+    """The decode servicer marks a failed KV pull this way; the router tells it from a decode failure."""
+    from distserve.engine.errors import Unavailable
+    from distserve.rpc.errors import KV_FAULT
+    from services.router.run import kv_fault
+
+    class Marking(kv_pb2_grpc.KvTransferServicer):
+        @grpc_errors
+        async def Pull(self, request, context):
+            yield kv_pb2.KvChunk(offset=0, data=b"", total_bytes=0)  # a stream already under way
+            if request.request_id == "mark":
+                context.set_trailing_metadata((KV_FAULT,))
+            raise Unavailable("holder gone")
+
+    async def main() -> None:
+        built = await build_server([KV_SERVICE])
+        kv_pb2_grpc.add_KvTransferServicer_to_server(Marking(), built.server)
+        await built.server.start()
+        pool = ChannelPool()
+        try:
+            stub = kv_pb2_grpc.KvTransferStub(pool.get(built.address))
+            for rid, marked in (("mark", True), ("plain", False)):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async for _ in stub.Pull(kv_pb2.PullKvRequest(request_id=rid), timeout=10):
+                        pass
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert kv_fault(info.value) is marked
+        finally:
+            await pool.close_all()
+            await built.server.stop(None)
+
+    asyncio.run(main())
