@@ -7,6 +7,7 @@ and the allowed range.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from distserve.engine.errors import InvalidRequest
@@ -45,8 +46,8 @@ def validate_request(
             f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) "
             f"exceeds the model's context of {max_model_len} tokens",
         )
-    if not (params.temperature >= 0.0) or params.temperature != params.temperature:
-        raise InvalidRequest("temperature", f"must be >= 0, got {params.temperature}")
+    if not (0.0 <= params.temperature < math.inf):  # NaN and inf fail too
+        raise InvalidRequest("temperature", f"must be finite and >= 0, got {params.temperature}")
     if not (0.0 < params.top_p <= 1.0):
         raise InvalidRequest("top_p", f"must be in (0, 1], got {params.top_p}")
     if params.top_k < 0:

@@ -5,10 +5,15 @@ Lifecycle: `build_server(...)` binds host:port (port 0 picks one) and adds the s
 servicers, `await server.start()`, and calls `await health.set_serving()` once the model is warm.
 On shutdown: `await health.enter_graceful_shutdown()` (NOT_SERVING for good), then
 `await server.stop(grace)`.
+
+Every server also runs `MalformedRequests`: a request whose bytes do not parse as its message
+(truncated or garbage protobuf, invalid UTF-8 in a string field) gets INVALID_ARGUMENT naming the
+request, where gRPC itself would answer UNKNOWN before any handler runs.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +65,65 @@ class BuiltServer:
     health: Health
 
 
+class _Malformed:
+    """What the wrapped deserializer returns for bytes that do not parse: the handler then aborts."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+async def _abort_malformed(context: grpc.aio.ServicerContext, request: _Malformed) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"request: not a valid protobuf message ({type(request.error).__name__}: {request.error})")
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Turns a request that fails to deserialize into INVALID_ARGUMENT (unary-request methods; the
+    stream-request ones are left as gRPC makes them)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except Exception as exc:  # DecodeError, invalid UTF-8, anything the message rejects
+                return _Malformed(exc)
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                if isinstance(request, _Malformed):
+                    await _abort_malformed(context, request)
+                result = inner(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+            return handler._replace(request_deserializer=deserialize, unary_unary=unary_unary)
+        inner = handler.unary_stream
+        if inspect.isasyncgenfunction(inner):
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Malformed):
+                    await _abort_malformed(context, request)
+                async for item in inner(request, context):
+                    yield item
+        else:  # a coroutine that writes with context.write (the stock health Watch)
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Malformed):
+                    await _abort_malformed(context, request)
+                result = inner(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+        return handler._replace(request_deserializer=deserialize, unary_stream=unary_stream)
+
+
 def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -82,7 +146,7 @@ async def build_server(
 ) -> BuiltServer:
     """A bound, not yet started grpc.aio server with health (all NOT_SERVING) and reflection."""
     server = grpc.aio.server(
-        interceptors=list(interceptors), options=[*server_options(max_message_bytes), *extra_options]
+        interceptors=[MalformedRequests(), *interceptors], options=[*server_options(max_message_bytes), *extra_options]
     )
     servicer = grpc_health.aio.HealthServicer()
     health = Health(servicer, service_names)

@@ -29,10 +29,11 @@ from distserve.state.registry import Registry
 from distserve.state.requests import RequestStateStore
 from distserve.state.routers import Reaper, RouterHeartbeat, RouterInfo
 from distserve.v1 import generation_pb2_grpc
+from services.router.admission import Admission
 from services.router.ejection import OutlierEjector
 from services.router.picker import WorkerPicker
 from services.router.run import LegPolicy
-from services.router.servicer import GenerationServicer
+from services.router.servicer import GenerationServicer, InputLimits
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,11 @@ class RouterSettings:
     reap_s: float = setting(5.0, "how often this router looks for dead routers' open requests to close")
     metrics_port: int = setting(0, "Prometheus HTTP port (0 = any free port, -1 = off)")
     drain_s: float = setting(30.0, "grace period for in-flight requests on shutdown")
+    max_inflight: int = setting(512, "requests this router serves at once; more are refused at once with RESOURCE_EXHAUSTED and a retry-after-ms hint")
+    max_queued_tokens: int = setting(262144, "prompt tokens of admitted requests not yet prefilled; a request that would pass it is refused like one past max_inflight")
+    retry_after_ms: int = setting(500, "retry-after-ms hint sent with a refusal")
+    max_prompt_bytes: int = setting(1 << 20, "largest text prompt in UTF-8 bytes, checked before tokenizing (INVALID_ARGUMENT beyond)")
+    max_prompt_tokens: int = setting(1 << 17, "largest token-id prompt (and resumed tokens), checked before anything else reads them")
 
     def __post_init__(self):
         rules = (  # (setting, valid?, what it must be); every failure is named at start
@@ -78,6 +84,11 @@ class RouterSettings:
             ("router_ttl_s", self.router_ttl_s > self.heartbeat_s, f"more than heartbeat_s ({self.heartbeat_s})"),
             ("reap_s", self.reap_s > 0, "> 0"),
             ("drain_s", self.drain_s >= 0, ">= 0"),
+            ("max_inflight", self.max_inflight >= 1, ">= 1"),
+            ("max_queued_tokens", self.max_queued_tokens >= 1, ">= 1"),
+            ("retry_after_ms", self.retry_after_ms >= 0, ">= 0"),
+            ("max_prompt_bytes", self.max_prompt_bytes >= 1, ">= 1"),
+            ("max_prompt_tokens", self.max_prompt_tokens >= 1, ">= 1"),
         )
         bad = [f"{name} must be {what}, got {getattr(self, name)!r}" for name, ok, what in rules if not ok]
         if bad:
@@ -96,7 +107,9 @@ async def run(settings: RouterSettings) -> None:
     router_id = f"router-{socket.gethostname()}-{built.port}-{uuid.uuid4().hex[:6]}"
     states = RequestStateStore(r, ttl_s=settings.state_ttl_s, router_id=router_id)
     policy = LegPolicy(settings.prefill_timeout_s, settings.stall_timeout_s, settings.migration_limit)
-    servicer = GenerationServicer(tokenizer, settings.model, picker, states, pool, metrics, policy)
+    admission = Admission(settings.max_inflight, settings.max_queued_tokens, settings.retry_after_ms)
+    limits = InputLimits(settings.max_prompt_bytes, settings.max_prompt_tokens)
+    servicer = GenerationServicer(tokenizer, settings.model, picker, states, pool, metrics, policy, admission, limits)
     generation_pb2_grpc.add_GenerationServicer_to_server(servicer, built.server)
     metrics_port = metrics.serve(settings.metrics_port, host=settings.host) if settings.metrics_port >= 0 else None
     metrics.set_info(settings.model, router_id)

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -39,12 +41,21 @@ from distserve.rpc.errors import error_from_rpc, grpc_errors
 from distserve.state.requests import RequestPhase, RequestStateStore
 from distserve.tokenization import IncrementalDetokenizer
 from distserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, generation_pb2, generation_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.router.admission import RETRY_AFTER_KEY, Admission, Shed, Ticket
 from services.router.picker import WorkerPicker
 from services.router.run import LegFailure, LegPolicy, Prefilled, Run, kv_fault, rpc_failure
 
 log = logging.getLogger(__name__)
 
 UNFINISHED = common_pb2.FINISH_REASON_UNSPECIFIED  # a run's finish until a leg ends it
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # what a client-chosen request_id may be
+THREAD_TOKENIZE_BYTES = 16 * 1024  # text prompts longer than this are tokenized off the event loop
+
+
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a text prompt, checked before tokenizing
+    max_prompt_tokens: int = 1 << 17  # token ids of a token prompt (or resumed tokens), checked before copying them
 
 
 class _StateOutage:
@@ -93,7 +104,8 @@ class _StateWriter:
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, tokenizer, model: str, picker: WorkerPicker, states: RequestStateStore, pool: ChannelPool,
-                 metrics: Metrics, policy: LegPolicy = LegPolicy()):
+                 metrics: Metrics, policy: LegPolicy = LegPolicy(), admission: Admission | None = None,
+                 limits: InputLimits = InputLimits()):
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.model = model
@@ -103,6 +115,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.kv = GrpcKvTransport(pool)
         self.metrics = metrics
         self.policy = policy
+        self.admission = admission or Admission(max_inflight=1 << 30, max_queued_tokens=1 << 62)
+        self.limits = limits
         self._background: set[asyncio.Task] = set()
         self._state_outage = _StateOutage()
 
@@ -110,7 +124,29 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     @grpc_errors
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
+            ticket = self.admission.admit_call()  # before any work: an overloaded router refuses at once
+        except Shed as exc:
+            self._shed(context, exc)
+            raise
+        try:
+            async for msg in self._generate(request, context, ticket):
+                yield msg
+        finally:
+            ticket.close()
+
+    def _shed(self, context, exc: Shed) -> None:
+        self.metrics.requests.labels("router", "shed").inc()
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
+
+    async def _generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext, ticket: Ticket):
+        try:
             run = await self._prepare(request, context)
+            prefill = await self.picker.by_role("prefill")
+            ticket.queue(len(run.prompt) + len(run.emitted), min((v.load.queued_tokens for v in prefill), default=None),
+                         run.remaining_s())
+        except Shed as exc:
+            self._shed(context, exc)
+            raise
         except DistserveError:
             self.metrics.requests.labels("router", "rejected").inc()
             raise
@@ -125,6 +161,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             while run.finish == UNFINISHED:
                 try:
                     async for msg in self._attempt(run, state):
+                        ticket.prefilled()  # the first token is back: its prompt no longer waits
                         yield msg
                 except LegFailure as failure:
                     await self._replay(run, failure, state)
@@ -146,12 +183,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             self._drop_prefilled(run)
 
     # -- preparation -------------------------------------------------------------------------
-    def _tokens(self, request: generation_pb2.GenerateRequest) -> list[int]:
+    async def _tokens(self, request: generation_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind == "token_ids":
+            if len(request.token_ids.ids) > self.limits.max_prompt_tokens:
+                raise InvalidRequest("token_ids", f"{len(request.token_ids.ids)} tokens, more than the router's limit of {self.limits.max_prompt_tokens}")
             return list(request.token_ids.ids)
         if kind != "text" or not request.text:
             raise InvalidRequest("prompt", "must not be empty")
+        size = len(request.text.encode("utf-8", "surrogatepass"))
+        if size > self.limits.max_prompt_bytes:
+            raise InvalidRequest("text", f"{size} bytes, more than the router's limit of {self.limits.max_prompt_bytes}")
+        if size > THREAD_TOKENIZE_BYTES:  # a long text takes the tokenizer a while: keep the event loop free
+            return await asyncio.to_thread(self._tokenize, request)
+        return self._tokenize(request)
+
+    def _tokenize(self, request: generation_pb2.GenerateRequest) -> list[int]:
         if request.apply_chat_template and getattr(self.tokenizer, "chat_template", None):
             enc = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": request.text}], add_generation_prompt=True, tokenize=True, return_dict=True
@@ -160,8 +207,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return list(self.tokenizer(request.text)["input_ids"])
 
     async def _prepare(self, request: generation_pb2.GenerateRequest, context) -> Run:
+        if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
+            raise InvalidRequest("request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+        if len(request.resume_token_ids) > self.limits.max_prompt_tokens:
+            raise InvalidRequest("resume_token_ids", f"more than the router's limit of {self.limits.max_prompt_tokens} tokens")
         params = params_from_pb(request.params)
-        prompt = self._tokens(request)
+        prompt = await self._tokens(request)
         max_len = await self.picker.max_model_len()
         if max_len is None:
             raise Unavailable(f"no worker serves model {self.model!r} yet")
@@ -214,6 +265,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         finally:
             call.cancel()
         self.picker.ejector.success(worker.worker_id)
+        self.admission.observe_prefill(len(prompt), resp.compute_s)
         ph = run.metrics.phases
         ph.prefill_queue_s, ph.prefill_compute_s = resp.queue_s, resp.compute_s
         run.metrics.prefill_worker = worker.worker_id
