@@ -176,12 +176,15 @@ def core_plan(workers: int, threads: int, pin: bool) -> list[tuple[int, str]]:
     return plan
 
 
-def wait_serving(address: str, proc: subprocess.Popen, deadline: float) -> None:
+def wait_serving(address: str, proc: subprocess.Popen, deadline: float, stopping=lambda: False) -> None:
+    """Returns once `address` answers SERVING; SystemExit(0) as soon as stopping() (a signal came)."""
     with grpc.insecure_channel(address) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
+            if stopping():
+                raise SystemExit(0)
             if proc.poll() is not None:
-                raise RuntimeError(f"exited with code {proc.returncode}")
+                raise RuntimeError(f"exited with {describe_exit(proc.returncode)}")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                     return
@@ -504,7 +507,7 @@ class Suite:
         deadline = time.monotonic() + READY_TIMEOUT_S
         for p in [*workers, *routers]:
             try:
-                wait_serving(p.address, p.popen, deadline)
+                wait_serving(p.address, p.popen, deadline, lambda: self._stop)  # Ctrl-C while starting
             except Exception as exc:
                 self.report_failure(p, exc)
                 raise SystemExit(1)

@@ -110,3 +110,28 @@ def test_up_restarts_a_killed_decode_worker_and_a_killed_redis_and_keeps_serving
     assert code == 0, out
     assert "restart 1 of 3" in out and "restarts: redis 1, prefill-1 0, decode-1 1, router 0" in out, out
     assert up.status()["decode-1"]["state"] == "stopped"
+
+
+def test_up_runs_several_routers_and_ends_with_code_1_when_none_is_left(tmp_path):
+    up = UpProcess(tmp_path, "--model", "tiny-llama", "--prefill", "0", "--decode", "0", "--colocated", "1",
+                   "--routers", "2", "--restart-limit", "0", "--worker-arg=--num-blocks=64", timeout_s=120)
+    ok = False
+    try:
+        assert len(up.targets) == 2 and up.targets[0] == up.target
+        for target in up.targets:
+            generate_ok(target, 30)
+        st = up.status()
+        assert st["router-2"]["address"] == up.targets[1]
+        os.kill(st["router-2"]["pid"], signal.SIGKILL)  # limit 0: left down, the other router serves on
+        wait_for("router-2 failed", lambda: up.status()["router-2"]["state"] == "failed", 10)
+        assert up.proc.poll() is None
+        generate_ok(up.target, 10)
+        os.kill(st["router"]["pid"], signal.SIGKILL)  # no router left: up stops the suite, code 1
+        assert up.proc.wait(timeout=60) == 1
+        ok = True
+    finally:
+        if not ok:
+            up.dump()
+        up.stop()
+    assert "no router left" in up.out.read_text()
+    assert {s["state"] for s in up.status().values()} == {"failed", "stopped"}

@@ -140,3 +140,29 @@ def test_a_process_that_stayed_up_gets_a_fresh_streak(tmp_path):
         sup.tick()
         assert sup.watches["decode-1"].state == "serving"
     assert sup.watches["decode-1"].restarts == 3
+
+
+def test_further_routers_take_the_next_ports_up_or_any_free_one():
+    import socket
+
+    from distserve.up import router_ports
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        first = taken.getsockname()[1] - 1
+        ports = router_ports("127.0.0.1", first, 3)
+    assert ports[0] == first and ports[1] != first + 1 and len(set(ports)) == 3
+
+
+def test_waiting_for_a_process_to_serve_gives_way_to_a_stop_signal():
+    from distserve.up import wait_serving
+
+    class Running:
+        returncode = None
+
+        def poll(self):
+            return None
+
+    with pytest.raises(SystemExit) as exc:
+        wait_serving("127.0.0.1:9", Running(), deadline=float("inf"), stopping=lambda: True)
+    assert exc.value.code == 0
