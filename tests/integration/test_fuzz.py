@@ -9,7 +9,7 @@ and one decode worker (tiny-llama, as processes) and a real redis-server.
   (never UNKNOWN or INTERNAL), no process dies, every KV block and lease is given back, and a greedy
   request running meanwhile on the router keeps giving the same tokens.
 
-`DISTSERVE_FUZZ_EXAMPLES` sets the examples per RPC (default 25, the short profile of the default
+`DISTSERVE_FUZZ_EXAMPLES` sets the examples per RPC (default 40, the short profile of the default
 run; the long profile is `DISTSERVE_FUZZ_EXAMPLES=10000 pytest tests/integration/test_fuzz.py`).
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 import threading
 import time
 
@@ -31,7 +32,7 @@ from tests.integration.service_procs import Cluster, scrape, total
 
 pytestmark = pytest.mark.timeout(int(os.environ.get("DISTSERVE_FUZZ_TIMEOUT_S", "1800")))
 
-EXAMPLES = int(os.environ.get("DISTSERVE_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("DISTSERVE_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 100, database=None,
                 suppress_health_check=list(HealthCheck))
 BLOCKS = 128
@@ -62,6 +63,7 @@ class Suite:
         for s in self.procs:
             s.wait_ready()
         self.channels = {s.name: grpc.insecure_channel(s.address) for s in self.procs}
+        self.codes: Counter = Counter()  # (method, status name) of every fuzzed call
 
     def raw(self, service: str, method: str, data: bytes, timeout: float = CALL_TIMEOUT_S):
         """(code, details, trailing metadata, response bytes) of one call with raw request bytes."""
@@ -81,6 +83,7 @@ class Suite:
 
     def call(self, service: str, method: str, msg, timeout: float = CALL_TIMEOUT_S):
         code, details, meta, out = self.raw(service, method, msg.SerializeToString(), timeout)
+        self.codes[method, code.name] += 1
         assert code in TYPED, f"{method} answered {code} ({details}) to {msg!r}"
         assert self.alive(), "a process died"
         return code, details, meta, out
@@ -186,41 +189,52 @@ def test_a_router_at_max_inflight_refuses_at_once_with_a_retry_hint_and_counts_i
 u32 = st.integers(0, 2**32 - 1)
 small = st.integers(0, 600)
 floats = st.floats(width=32, allow_nan=True, allow_infinity=True)
-ids = st.lists(st.one_of(st.integers(0, 300), u32), max_size=40)
+vocab = st.integers(0, 258)  # tiny-llama's token ids
+ids = st.one_of(st.lists(vocab, min_size=1, max_size=40), st.lists(st.one_of(vocab, u32), max_size=40))
 label = st.one_of(st.text(max_size=40), st.from_regex(r"[A-Za-z0-9._:-]{1,20}", fullmatch=True), st.text(min_size=120, max_size=200))
+valid_id = st.from_regex(r"[A-Za-z0-9]{8,16}", fullmatch=True)
+
+
+def either(draw, wild: bool, tame, anything):
+    """A value from `tame` (one a server accepts), or in a wild draw half the time from `anything`."""
+    return draw(anything) if wild and draw(st.booleans()) else draw(tame)
 
 
 @st.composite
 def sampling(draw):
+    """Sampling params: all fields valid in a tame draw (so calls get past validation), any in a wild one."""
+    wild = draw(st.booleans())
     p = common_pb2.SamplingParams()
     if draw(st.booleans()):
-        p.max_tokens = draw(st.one_of(st.integers(0, 12), u32))
+        p.max_tokens = either(draw, wild, st.integers(1, 12), u32)
     if draw(st.booleans()):
-        p.temperature = draw(st.one_of(floats, st.sampled_from([0.0, 0.7])))
+        p.temperature = either(draw, wild, st.sampled_from([0.0, 0.7, 1.0]), floats)
     if draw(st.booleans()):
-        p.top_p = draw(floats)
+        p.top_p = either(draw, wild, st.sampled_from([1.0, 0.9, 0.5]), floats)
     if draw(st.booleans()):
-        p.top_k = draw(st.integers(-(2**31), 2**31 - 1))
+        p.top_k = either(draw, wild, st.integers(0, 50), st.integers(-(2**31), 2**31 - 1))
     if draw(st.booleans()):
-        p.seed = draw(st.integers(0, 2**64 - 1))
-    p.stop.extend(draw(st.lists(st.text(max_size=8), max_size=4)))
-    p.stop_token_ids.extend(draw(st.lists(st.one_of(small, u32), max_size=4)))
+        p.seed = either(draw, wild, st.integers(0, 2**63 - 1), st.integers(0, 2**64 - 1))
+    p.stop.extend(either(draw, wild, st.lists(st.text(min_size=1, max_size=8), max_size=3), st.lists(st.text(max_size=8), max_size=4)))
+    p.stop_token_ids.extend(either(draw, wild, st.lists(vocab, max_size=3), st.lists(st.one_of(small, u32), max_size=4)))
     p.ignore_eos = draw(st.booleans())
     p.logprobs = draw(st.booleans())
-    p.output_offset = draw(st.one_of(st.just(0), small, u32))
+    p.output_offset = either(draw, wild, st.integers(0, 4), u32)
     return p
 
 
 @st.composite
 def generate_requests(draw):
-    r = generation_pb2.GenerateRequest(request_id=draw(st.one_of(st.just(""), label)), params=draw(sampling()),
-                                       apply_chat_template=draw(st.booleans()))
-    kind = draw(st.sampled_from(["text", "ids", "none"]))
+    wild = draw(st.booleans())
+    r = generation_pb2.GenerateRequest(request_id=either(draw, wild, st.one_of(st.just(""), valid_id), label),
+                                       params=draw(sampling()), apply_chat_template=draw(st.booleans()))
+    kind = either(draw, wild, st.sampled_from(["text", "ids"]), st.just("none"))
     if kind == "text":
-        r.text = draw(st.text(max_size=60))
+        r.text = either(draw, wild, st.text(min_size=1, max_size=60), st.text(max_size=600))
     elif kind == "ids":
         r.token_ids.ids.extend(draw(ids))
-    r.resume_token_ids.extend(draw(st.lists(st.one_of(small, u32), max_size=6)))
+    if r.request_id:
+        r.resume_token_ids.extend(either(draw, wild, st.lists(vocab, max_size=3), st.lists(st.one_of(small, u32), max_size=6)))
     return r
 
 
@@ -262,11 +276,17 @@ class InFlight:
         assert self.results and not bad, bad[:3]
 
 
-def fuzz_and_check(suite: Suite, run) -> None:
+def fuzz_and_check(suite: Suite, run, reaches: tuple[str, ...] = ()) -> None:
+    """Runs the fuzzer `run` with a request in flight, then checks nothing leaked; `reaches`: methods
+    that must have answered OK at least once (the fuzzer got past validation, not only into it)."""
     code, _, _, out = suite.raw("router", GENERATE, greedy(48).SerializeToString(), 60)
     assert code == grpc.StatusCode.OK
+    suite.codes.clear()
     with InFlight(suite, tokens_of(out)):
         run()
+    print(sorted(suite.codes.items()))
+    for method in reaches:
+        assert suite.codes[method, "OK"] > 0, f"no {method} call got past validation: {sorted(suite.codes.items())}"
     assert suite.alive()
     left = suite.idle()
     assert not any(left.values()), f"KV blocks or leases not given back: {left}"
@@ -278,12 +298,12 @@ def test_fuzz_generate(suite):
     def one(req):
         suite.call("router", GENERATE, req)
 
-    fuzz_and_check(suite, one)
+    fuzz_and_check(suite, one, (GENERATE,))
 
 
 def test_fuzz_prefill_then_release(suite):
     @FUZZ
-    @given(req=st.builds(prefill_pb2.PrefillRequest, request_id=label, token_ids=ids, params=sampling()),
+    @given(req=st.builds(prefill_pb2.PrefillRequest, request_id=st.one_of(valid_id, label), token_ids=ids, params=sampling()),
            release_token=st.booleans())
     def one(req, release_token):
         code, _, _, out = suite.call("prefill", PREFILL, req)
@@ -298,21 +318,21 @@ def test_fuzz_prefill_then_release(suite):
                 c, d, _, _ = suite.call("prefill", RELEASE, kv_pb2.ReleaseKvRequest(request_id=h.request_id, transfer_token=h.transfer_token))
                 assert c == grpc.StatusCode.OK, d
 
-    fuzz_and_check(suite, one)
+    fuzz_and_check(suite, one, (PREFILL, RELEASE))
 
 
 def test_fuzz_decode(suite):
     @FUZZ
     @given(data=st.data())
     def one(data):
-        req = decode_pb2.DecodeRequest(request_id=data.draw(label), prompt_token_ids=data.draw(ids),
-                                       first_token=data.draw(st.one_of(small, u32)), first_logprob=data.draw(floats),
+        req = decode_pb2.DecodeRequest(request_id=data.draw(st.one_of(valid_id, label)), prompt_token_ids=data.draw(ids),
+                                       first_token=data.draw(st.one_of(vocab, u32)), first_logprob=data.draw(floats),
                                        params=data.draw(sampling()))
         if data.draw(st.booleans()):
             req.kv_handle.CopyFrom(data.draw(kv_handles(suite)))
         suite.call("decode", DECODE, req)
 
-    fuzz_and_check(suite, one)
+    fuzz_and_check(suite, one, (DECODE,))
 
 
 def test_fuzz_kv_pull_and_release(suite):
