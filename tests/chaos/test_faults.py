@@ -30,17 +30,22 @@ def busiest(c, names, key) -> str:
     return max(names, key=lambda n: (key(loads[n]) if n in loads else -1, n == names[0]))
 
 
-def migrations(c) -> float:
-    """distserve_migrations_total over the live routers (0 where the metric does not exist yet)."""
-    n = 0.0
+def migrations(c) -> dict[int, float]:
+    """pid -> distserve_migrations_total of each live router (0 where the metric does not exist yet)."""
+    n = {}
     for r in c.ROUTERS:
         svc = c.procs[r]
         if svc.popen.poll() is None and svc.metrics_port:
             try:
-                n += total(scrape("127.0.0.1", svc.metrics_port), "distserve_migrations_total")
+                n[svc.popen.pid] = total(scrape("127.0.0.1", svc.metrics_port), "distserve_migrations_total")
             except OSError:
                 pass
     return n
+
+
+def migrated(before: dict[int, float], after: dict[int, float]) -> str:
+    """Replays counted by the routers alive at the end (a killed router's count dies with it)."""
+    return f"router migrations +{sum(v - before.get(pid, 0.0) for pid, v in after.items()):.0f}"
 
 
 def run_fault(chaos, fault: str, when, what: str, inject, after=None, survivors: bool = True):
@@ -64,7 +69,7 @@ def run_fault(chaos, fault: str, when, what: str, inject, after=None, survivors:
     out = classify(fault, result, ref, wl)
     sdk = result.get("sdk_targets")
     out.note = "; ".join(x for x in [note, f"SDK used {sdk} of {len(c.targets)} routers" if sdk != len(c.targets) else "",
-                                     f"router migrations +{migrations(c) - m0:.0f}"] if x)
+                                     migrated(m0, migrations(c))] if x)
     if result.get("recovery_s") is None:
         out.note += f"; no probe succeeded in the window ({result.get('probes', 0)} probes, last error: {result.get('last_probe_error')})"
     record(out)
