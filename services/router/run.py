@@ -12,6 +12,7 @@ that KV (the router does it in one place, `GenerationServicer._drop_prefilled`).
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import grpc
@@ -67,6 +68,7 @@ class Run:
     finish: int = common_pb2.FINISH_REASON_UNSPECIFIED
     prefilled: Prefilled | None = None
     attempt: int = 0  # 0, then one more per replay
+    key: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # this call's own id (see leg_id)
     avoid: set[str] = field(default_factory=set)  # workers this request failed on
     kv_losses: int = 0  # prefilled KV that decode workers could not pull
     local_prefill: bool = False  # later attempts prefill on the decode worker itself (the KV got lost twice)
@@ -74,9 +76,11 @@ class Run:
 
     @property
     def leg_id(self) -> str:
-        """The id the workers know this attempt by: a replay may meet a worker that has not yet
-        dropped the failed attempt, so each attempt has its own."""
-        return self.rid if self.attempt == 0 else f"{self.rid}~{self.attempt}"
+        """The id the workers know this attempt by, made here: the client's id is a label (two clients
+        may send the same one, and a request resumed on another router meets workers that still hold
+        the dead router's legs), and a replay may meet a worker that has not yet dropped the failed
+        attempt. So each call and attempt has its own; it starts with the label, for the logs."""
+        return f"{self.rid}~{self.key}.{self.attempt}"
 
     @property
     def tokens_left(self) -> int:

@@ -40,7 +40,8 @@ def test_each_attempt_has_its_own_id_on_the_workers():
     for n in (1, 2, 3):
         run.attempt = n
         ids.add(run.leg_id)
-    assert len(ids) == 4 and "r1" in ids
+    assert len(ids) == 4 and all(i.startswith("r1~") for i in ids)
+    assert _run().leg_id != _run().leg_id  # two calls with the same client id never share a worker-side id
 
 
 class _Failed(grpc.aio.AioRpcError):
