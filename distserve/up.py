@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -176,7 +176,8 @@ def core_plan(workers: int, threads: int, pin: bool) -> list[tuple[int, str]]:
     return plan
 
 
-def wait_serving(address: str, proc: subprocess.Popen, deadline: float, stopping=lambda: False) -> None:
+def wait_serving(address: str, proc: subprocess.Popen | Forked, deadline: float,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
     """Returns once `address` answers SERVING; SystemExit(0) as soon as stopping() (a signal came)."""
     with grpc.insecure_channel(address) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
@@ -249,11 +250,11 @@ class Child(Protocol):
 class ProcChild:
     """A worker or router: its Proc, restarted by `respawn`, ready when its gRPC health says SERVING."""
 
-    def __init__(self, proc: Proc, respawn):
+    def __init__(self, proc: Proc, respawn: Callable[[Proc], None]):
         self.proc = proc
         self.name = proc.name
         self.address = proc.address
-        self._respawn = respawn  # Callable[[Proc], None]: a fresh interpreter in proc.popen
+        self._respawn = respawn  # puts a freshly spawned interpreter in proc.popen
         self._channel: grpc.Channel | None = None
 
     def pid(self) -> int | None:
@@ -327,7 +328,8 @@ class Watch:
 class Supervisor:
     """Restarts the suite's processes by a RestartPolicy; `tick()` never waits on a process."""
 
-    def __init__(self, children: list[Child], policy: RestartPolicy, status_path: Path | None = None, clock=time.monotonic):
+    def __init__(self, children: list[Child], policy: RestartPolicy, status_path: Path | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.policy = policy
         self._clock = clock
         now = clock()
@@ -466,8 +468,11 @@ class Suite:
         self.procs.append(p)
         return p
 
-    def start(self) -> str:
+    def start(self) -> list[str]:
+        """Starts everything, waits until each serves; the routers' addresses, the first one first."""
         a = self.args
+        if a.routers < 1 or a.restart_limit < 0:
+            raise SystemExit("--routers must be at least 1 and --restart-limit at least 0")
         self.logs.mkdir(parents=True, exist_ok=True)
         # pull/convert once, before the workers race for it, in a subprocess: converting runs torch
         # here otherwise, and a process whose OpenMP pool has started must not fork workers
@@ -478,8 +483,6 @@ class Suite:
         if fork:
             preload()
         self.redis = RedisServer(host="127.0.0.1").start()
-        if a.routers < 1 or a.restart_limit < 0:
-            raise SystemExit("--routers must be at least 1 and --restart-limit at least 0")
         roles = ["prefill"] * a.prefill + ["decode"] * a.decode + ["colocated"] * a.colocated
         if not roles or (a.prefill and not a.decode):
             raise SystemExit("need decode workers for prefill workers, or colocated workers")
@@ -500,7 +503,7 @@ class Suite:
                 argv += ["--cpus", cpus]
             workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}"))
         routers = []
-        for i, port in enumerate(router_ports(a.host, a.port, max(1, a.routers))):
+        for i, port in enumerate(router_ports(a.host, a.port, a.routers)):
             name = "router" if i == 0 else f"router-{i + 1}"
             routers.append(self._spawn(name, ["serve", "router", *common, "--port", str(port), *a.router_arg],
                                        f"{a.host}:{port}"))
