@@ -162,7 +162,7 @@ class KvTransferServicer(kv_pb2_grpc.KvTransferServicer):
             data = _byte_view(payload.contiguous())
             for message in encode_chunks(data, chunk, kv.shape, dtype_name(kv.dtype), wire):
                 yield message
-        logger.debug("streamed KV of %s: %d bytes in chunks of %d", request.request_id, len(data), chunk)
+        logger.debug("streamed KV of %r: %d bytes in chunks of %d", request.request_id, len(data), chunk)
 
     @grpc_errors
     async def Release(self, request: kv_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext) -> kv_pb2.ReleaseKvResponse:

@@ -143,7 +143,7 @@ class LeaseTable:
                     expired += 1
                     if self._kill(request_id, lease):
                         to_free.append((request_id, lease))
-                    logger.warning("KV lease of request %s expired unreleased", request_id)
+                    logger.warning("KV lease of request %r expired unreleased", request_id)
             self._expired += expired
         for request_id, lease in to_free:
             self._free(request_id, lease)
@@ -194,4 +194,4 @@ class LeaseTable:
         try:
             lease.free_fn()
         except Exception:
-            logger.exception("freeing KV of request %s failed", request_id)
+            logger.exception("freeing KV of request %r failed", request_id)

@@ -71,7 +71,7 @@ class KvPuller:
         if wanted != "grpc":
             self._fallback(handle, wanted, "grpc", type(first).__name__, first)
         else:
-            logger.warning("KV pull of %s over grpc failed once (%s); retrying over grpc", handle.request_id, first)
+            logger.warning("KV pull of %r over grpc failed once (%s); retrying over grpc", handle.request_id, first)
         try:
             pulled = await self._once("grpc", handle)
         except NotFound:
@@ -90,7 +90,7 @@ class KvPuller:
 
     def _fallback(self, handle: KvHandle, wanted: str, used: str, reason: str, exc: Exception | None = None) -> None:
         self.fallbacks.labels(wanted, used, reason).inc()
-        logger.warning("KV of %s from %s: falling back from %s to %s (%s%s)", handle.request_id, handle.worker_id, wanted, used,
+        logger.warning("KV of %r from %r: falling back from %s to %s (%s%s)", handle.request_id, handle.worker_id, wanted, used,
                        reason, f": {exc}" if exc else "")
 
 

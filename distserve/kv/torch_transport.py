@@ -128,7 +128,7 @@ class TorchKvSender(KvSender):
                 del self._pairs[key]
         for _, pair in extra:
             _drop_group(pair.pg)
-        logger.info("%s pair %s with %s open (%d pairs)", self.name, channel, request.peer_id, self.pairs())
+        logger.info("%s pair %r with %r open (%d pairs)", self.name, channel, request.peer_id, self.pairs())
 
     async def push(self, request: kv_pb2.PushKvRequest, payload: torch.Tensor) -> bool:
         with self._lock:
@@ -243,7 +243,7 @@ class TorchKvTransport(PushKvTransport):
             raise Unavailable(f"{self.name} rendezvous with {handle.worker_id} failed: {exc}") from None
         for key in _rendezvous_keys(prefix):
             store.delete_key(key)
-        logger.info("%s pair %s with %s open", self.name, channel_id, handle.worker_id)
+        logger.info("%s pair %r with %r open", self.name, channel_id, handle.worker_id)
         return Channel(self.name, handle.worker_id, handle.kv_address, channel_id, _PullerPair(pg, store))
 
     async def _open(self, handle: KvHandle, nbytes: int):

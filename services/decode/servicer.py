@@ -129,7 +129,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 yield msg
             rt.metrics.tokens.labels("decode").inc(n)
             outcome = "finished" if finished else "cancelled"
-            log.info("decoded %s: %d prompt + %d new tokens in %.3fs", rid, len(prompt), n, time.monotonic() - t0)
+            log.info("decoded %r: %d prompt + %d new tokens in %.3fs", rid, len(prompt), n, time.monotonic() - t0)
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
             raise

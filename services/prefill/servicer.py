@@ -95,5 +95,5 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         )
         resp.kv_handle.CopyFrom(handle.to_proto())
         rt.metrics.requests.labels("prefill", "held").inc()
-        log.info("prefilled %s: %d prompt tokens, queue %.3fs, compute %.3fs (%.3fs total)", rid, n, out.queue_s, out.prefill_s, time.monotonic() - t0)
+        log.info("prefilled %r: %d prompt tokens, queue %.3fs, compute %.3fs (%.3fs total)", rid, n, out.queue_s, out.prefill_s, time.monotonic() - t0)
         return resp

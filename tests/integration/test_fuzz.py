@@ -20,6 +20,7 @@ import os
 from collections import Counter
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
@@ -48,7 +49,8 @@ PREFILL = "/distserve.v1.Prefill/Prefill"
 DECODE = "/distserve.v1.Decode/Decode"
 PULL = "/distserve.v1.KvTransfer/Pull"
 RELEASE = "/distserve.v1.KvTransfer/Release"
-STREAMING = {GENERATE, DECODE, PULL}
+WATCH = "/grpc.health.v1.Health/Watch"  # a stock handler that writes with context.write
+STREAMING = {GENERATE, DECODE, PULL, WATCH}
 
 
 class Suite:
@@ -56,7 +58,7 @@ class Suite:
         common = ["--redis-url", redis_url]
         self.prefill = c.start("prefill", "prefill", [*common, *WORKER, "--worker-id", "prefill-f"])
         self.decode = c.start("decode", "decode", [*common, *WORKER, "--worker-id", "decode-f"])
-        rargs = [*common, "--model", "tiny-llama", "--port", "0", "--metrics-port", "0", "--max-prompt-bytes", "4096"]
+        rargs = [*common, "--model", "tiny-llama", "--port", "0", "--metrics-port", "0", "--max-prompt-bytes", "65536"]
         self.router = c.start("router", "router", rargs)
         self.narrow = c.start("narrow", "router", [*rargs, "--max-inflight", "1", "--retry-after-ms", "321"])
         self.procs = (self.prefill, self.decode, self.router, self.narrow)
@@ -130,7 +132,8 @@ def tokens_of(out) -> list[int]:
 def test_garbage_bytes_and_invalid_utf8_get_invalid_argument_on_every_service(suite):
     garbage = b"\xff\xff\xff\xff\x0f"  # a field header with a truncated varint
     bad_utf8 = b"\x12\x02\xc3\x28"  # GenerateRequest.text = invalid UTF-8
-    for service, method in (("router", GENERATE), ("prefill", PREFILL), ("decode", DECODE), ("prefill", PULL), ("prefill", RELEASE)):
+    for service, method in (("router", GENERATE), ("prefill", PREFILL), ("decode", DECODE), ("prefill", PULL), ("prefill", RELEASE),
+                            ("router", "/grpc.health.v1.Health/Check"), ("decode", WATCH)):
         code, details, _, _ = suite.raw(service, method, garbage)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("request: "), (method, code, details)
     code, details, _, _ = suite.raw("router", GENERATE, bad_utf8)
@@ -145,12 +148,28 @@ def test_garbage_bytes_and_invalid_utf8_get_invalid_argument_on_every_service(su
     ("top_p", gen_request(text="hi", params=common_pb2.SamplingParams(top_p=math.inf))),
     ("request_id", gen_request(text="hi", request_id="x" * 129)),
     ("request_id", gen_request(text="hi", request_id="a\nINFO forged log line")),
-    ("text", gen_request(text="x" * 4097)),
+    ("text", gen_request(text="x" * 65537)),
+    ("max_tokens", gen_request(text="y" * 20000)),  # tokenized on a thread (> 16 KiB), then too long for the context
     ("prompt", gen_request(text="")),
 ])
 def test_malformed_fields_get_invalid_argument_naming_the_field(suite, field, req):
     code, details, _, _ = suite.call("router", GENERATE, req)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(f"{field}: "), (code, details)
+
+
+def test_a_request_id_with_a_newline_forges_no_worker_log_line(suite):
+    rid = "evil\nERROR forged-line"
+    req = prefill_pb2.PrefillRequest(request_id=rid, token_ids=[5, 6, 7], params=common_pb2.SamplingParams(max_tokens=4))
+    code, details, _, out = suite.call("prefill", PREFILL, req)
+    assert code == grpc.StatusCode.OK, details
+    h = prefill_pb2.PrefillResponse.FromString(out).kv_handle
+    suite.call("prefill", RELEASE, kv_pb2.ReleaseKvRequest(request_id=h.request_id, transfer_token=h.transfer_token))
+    deadline = time.monotonic() + 5
+    while "prefilled 'evil" not in suite.prefill.text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = suite.prefill.text()
+    assert "prefilled 'evil\\nERROR forged-line'" in text
+    assert "\nERROR forged-line" not in text
 
 
 def test_a_valid_request_id_of_128_characters_is_served(suite):
@@ -357,3 +376,45 @@ def test_fuzz_raw_bytes(suite):
         assert code in TYPED, f"{target[1]} answered {code} ({details}) to {data!r}"
 
     fuzz_and_check(suite, one)
+
+
+def test_fuzz_decode_with_a_real_kv_handle(suite):
+    """Decode of KV a prefill worker really holds, with the handle, prompt and params bent: the pull
+    either works or fails typed, and the KV is given back on both sides."""
+
+    @FUZZ
+    @given(data=st.data())
+    def one(data):
+        prompt = data.draw(st.lists(vocab, min_size=1, max_size=30))
+        code, details, _, out = suite.call("prefill", PREFILL, prefill_pb2.PrefillRequest(
+            # a fresh id each time: the engine forgets a released id only a moment after Release returns
+            # (it frees on its own thread), and ids reused meanwhile are refused - left to server-made ids (issue 20)
+            request_id=f"fz{uuid.uuid4().hex}", token_ids=prompt, params=common_pb2.SamplingParams(max_tokens=8, ignore_eos=True)))
+        assert code == grpc.StatusCode.OK, details
+        resp = prefill_pb2.PrefillResponse.FromString(out)
+        h = common_pb2.KvHandle()
+        h.CopyFrom(resp.kv_handle)
+        bent = data.draw(st.sets(st.sampled_from(["token", "tokens", "layout", "prompt", "request_id", "transports", "address"])))
+        if "token" in bent:
+            h.transfer_token = data.draw(st.binary(max_size=40))
+        if "tokens" in bent:
+            h.num_tokens = data.draw(st.one_of(small, u32))
+        if "layout" in bent:
+            h.layout.num_layers, h.layout.num_kv_heads = data.draw(small), data.draw(small)
+            h.layout.head_dim, h.layout.block_size = data.draw(small), data.draw(small)
+            h.layout.dtype = data.draw(st.sampled_from(["float32", "float16", "int8", "", "x"]))
+        if "request_id" in bent:
+            h.request_id = data.draw(label)
+        if "transports" in bent:
+            h.ClearField("transports")
+            h.transports.extend(data.draw(st.lists(st.sampled_from(["grpc", "torch", "shm", "mooncake", "zz"]), max_size=3)))
+        if "address" in bent:
+            h.kv_address = data.draw(st.sampled_from(["", "127.0.0.1:1", "not an address", suite.decode.address]))
+        req = decode_pb2.DecodeRequest(request_id=data.draw(valid_id), first_token=resp.first_token, kv_handle=h,
+                                       prompt_token_ids=data.draw(ids) if "prompt" in bent else prompt,
+                                       params=data.draw(sampling()))
+        suite.call("decode", DECODE, req)
+        suite.call("prefill", RELEASE, kv_pb2.ReleaseKvRequest(request_id=resp.kv_handle.request_id,
+                                                               transfer_token=resp.kv_handle.transfer_token))
+
+    fuzz_and_check(suite, one, (DECODE,))
