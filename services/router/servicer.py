@@ -1,6 +1,8 @@
 """Generation servicer: one client request through its legs, replayed elsewhere when a leg fails.
 
-Life of a request: validate and tokenize -> QUEUED in Redis -> attempt: a prefill leg on the
+Life of a request: admission (admission.py: over max_inflight, max_queued_tokens or past its deadline
+already, it is refused at once with RESOURCE_EXHAUSTED and a retry-after-ms hint) -> validate (sizes
+before tokenizing; long texts tokenized on a thread) and tokenize -> QUEUED in Redis -> attempt: a prefill leg on the
 least-loaded prefill worker (first token streamed to the client at once: PREFILLED), then a decode
 leg on a decode worker with room, which pulls the KV and streams the rest (DECODING) -> the finish
 step (FINISHED with timings). Text is detokenized incrementally and cut at stop strings.
