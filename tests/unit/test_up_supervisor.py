@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from distserve.up import RestartPolicy, Supervisor, backoff_s, describe_exit
+from distserve.supervisor import RestartPolicy, Supervisor, backoff_s, describe_exit
 
 
 def test_backoff_doubles_from_the_base_and_stops_at_the_cap():
