@@ -53,6 +53,7 @@ class RestartPolicy:
     base_s: float = 0.5  # first backoff
     max_s: float = 30.0  # longest backoff
     stable_s: float = 60.0  # up this long since its last start: its streak starts afresh
+    start_timeout_s: float = 600.0  # a restarted process not ready after this long is killed (and counts as an exit)
 
     def on_exit(self, streak: int, uptime_s: float) -> tuple[int, float | None]:
         """(restarts in a row counting the coming one, wait before it); wait None: past the limit."""
@@ -82,6 +83,9 @@ class Child(Protocol):
 
     def close(self) -> None:
         """Drop what ready() holds (a channel)."""
+
+    def kill(self) -> None:
+        """Stop it at once (it hung while starting)."""
 
 
 class ProcChild:
@@ -123,6 +127,10 @@ class ProcChild:
             self._channel.close()
             self._channel = None
 
+    def kill(self) -> None:
+        self.proc.popen.kill()
+        self.proc.popen.wait()
+
 
 class RedisChild:
     """`up`'s Redis: restarted on the same port; ready once restart() returns (it waited for PING)."""
@@ -146,6 +154,9 @@ class RedisChild:
 
     def close(self) -> None:
         pass
+
+    def kill(self) -> None:
+        self.server.stop()
 
 
 @dataclass(slots=True)
@@ -186,6 +197,10 @@ class Supervisor:
             code = c.exit_code()
             if code is not None:
                 self._exited(w, now, describe_exit(code))
+                return True
+            if w.state == "starting" and now - w.started_at > self.policy.start_timeout_s:
+                c.kill()
+                self._exited(w, now, f"not serving {self.policy.start_timeout_s:.0f} s after its restart: killed")
                 return True
             if w.state == "starting" and c.ready():
                 w.state = "serving"

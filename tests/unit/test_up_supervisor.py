@@ -65,6 +65,9 @@ class FakeChild:
     def close(self):
         self.closed += 1
 
+    def kill(self):
+        self.code = -signal.SIGKILL
+
 
 class Clock:
     def __init__(self):
@@ -166,3 +169,21 @@ def test_waiting_for_a_process_to_serve_gives_way_to_a_stop_signal():
     with pytest.raises(SystemExit) as exc:
         wait_serving("127.0.0.1:9", Running(), deadline=float("inf"), stopping=lambda: True)
     assert exc.value.code == 0
+
+
+def test_a_restart_that_never_becomes_ready_is_killed_and_counts_as_an_exit():
+    clock, dec = Clock(), FakeChild("decode-1", ready_after=10**9)  # hangs while it starts
+    sup = Supervisor([dec], RestartPolicy(limit=2, base_s=0.5, start_timeout_s=30.0), None, clock=clock)
+    dec.code = 1
+    sup.tick()
+    clock.t += 0.5
+    sup.tick()
+    w = sup.watches["decode-1"]
+    assert w.state == "starting"
+    clock.t += 29.0
+    sup.tick()
+    assert w.state == "starting"  # not yet
+    clock.t += 1.5
+    sup.tick()
+    assert (w.state, w.streak) == ("backoff", 2) and "killed" in w.last_exit
+    assert dec.code == -signal.SIGKILL
