@@ -33,7 +33,8 @@ from services.router.admission import Admission
 from services.router.ejection import OutlierEjector
 from services.router.picker import WorkerPicker
 from services.router.run import LegPolicy
-from services.router.servicer import GenerationServicer, InputLimits
+from services.router.generation import Generation, InputLimits
+from services.router.servicer import GenerationServicer
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,8 @@ async def run(settings: RouterSettings) -> None:
     policy = LegPolicy(settings.prefill_timeout_s, settings.stall_timeout_s, settings.migration_limit)
     admission = Admission(settings.max_inflight, settings.max_queued_tokens, settings.retry_after_ms)
     limits = InputLimits(settings.max_prompt_bytes, settings.max_prompt_tokens)
-    servicer = GenerationServicer(tokenizer, settings.model, picker, states, pool, metrics, policy, admission, limits)
-    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, built.server)
+    generation = Generation(tokenizer, settings.model, picker, states, pool, metrics, policy, admission, limits)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(generation), built.server)
     metrics_port = metrics.serve(settings.metrics_port, host=settings.host) if settings.metrics_port >= 0 else None
     metrics.set_info(settings.model, router_id)
     await built.server.start()

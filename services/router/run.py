@@ -6,7 +6,7 @@ prefill worker holds for us) and a decode leg (which takes that KV, clearing `pr
 appends to `emitted`) -> a leg that fails raises `LegFailure`, and the next attempt replays the
 prompt plus `emitted` on other workers (`avoid` names the ones that failed) -> `finish` is set by
 whichever leg saw the last token. Whoever clears `prefilled` while its handle is set must release
-that KV (the router does it in one place, `GenerationServicer._drop_prefilled`).
+that KV (the router does it in one place, `Generation._drop_prefilled`).
 """
 
 from __future__ import annotations
