@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,7 +22,7 @@ from distserve.engine.errors import InvalidRequest, NotFound, ResourceExhausted
 from distserve.engine.kv_cache import PagedKVCache
 from distserve.engine.model_runner import ModelRunner
 from distserve.engine.models import LoadedModel
-from distserve.engine.sampler import Sampler
+from distserve.engine.sampler import Sampler, TopLogprobs
 from distserve.engine.sampling import SamplingParams, find_stop, validate_request
 from distserve.engine.scheduler import Scheduler, SchedulerOutput
 from distserve.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -80,6 +80,7 @@ class RequestOutput:
     held_blocks: tuple[int, ...] = ()  # when held: the blocks holding the prompt's KV (owned until `free`)
     queue_s: float = 0.0  # set with the first token: arrival to first scheduled
     prefill_s: float = 0.0  # set with the first token: first scheduled to first token
+    new_top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per new token, when top_logprobs is asked: (id, log-prob), best first
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +115,7 @@ class LLMEngine:
         log.info("%s weights (%s, %.0f MB), %s KV cache of %d blocks", fmt,
                  f"mapped read-only from {runner_weights.path}" if runner_weights.mapped else "private",
                  runner_weights.nbytes / 1e6, "int8" if layout.quantized else str(dtype).removeprefix("torch."), num_blocks)
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, tuple(loaded.eos_token_ids))
         self.scheduler = Scheduler(
             self.blocks,
             config.max_num_batched_tokens,
@@ -245,10 +246,10 @@ class LLMEngine:
             s.num_computed_tokens += 1
         for c in sched.chunks:
             c.seq.num_computed_tokens = c.end
-        tokens, logprobs = self.sampler.sample(logits, to_sample) if to_sample else ([], [])
+        tokens, logprobs, tops = self.sampler.sample(logits, to_sample) if to_sample else ([], [], [])
         now = time.monotonic()
         outs = []
-        for seq, tok, lp in zip(to_sample, tokens, logprobs):
+        for seq, tok, lp, top in zip(to_sample, tokens, logprobs, tops):
             first = not seq.output_token_ids
             if first and seq in self.scheduler.prefilling:
                 self.scheduler.prefilling.remove(seq)
@@ -262,6 +263,8 @@ class LLMEngine:
             elif first:
                 self.scheduler.running.append(seq)
             out = self._output(seq, [tok], [lp] if lp is not None else [])
+            if top is not None:
+                out.new_top_logprobs = [top]
             if first:
                 out.queue_s = (seq.first_scheduled_s or now) - seq.arrival_s
                 out.prefill_s = now - (seq.first_scheduled_s or now)
@@ -273,9 +276,12 @@ class LLMEngine:
         if lp is not None:
             seq.output_logprobs.append(lp)
         p = seq.params
-        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos):
+        # before min_tokens (counting tokens made before a replay) nothing but max_tokens ends it;
+        # stop strings are still matched so only text after min_tokens is searched, as vLLM does
+        early = p.output_offset + len(seq.output_token_ids) < p.min_tokens
+        if not early and (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos)):
             seq.finish_reason = FinishReason.STOP
-        elif p.stop and self._hit_stop_string(seq):
+        elif p.stop and self._hit_stop_string(seq) and not early:
             seq.finish_reason = FinishReason.STOP
         elif len(seq.output_token_ids) >= p.max_tokens:
             seq.finish_reason = FinishReason.LENGTH

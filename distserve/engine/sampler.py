@@ -6,7 +6,12 @@ then draw. A seeded request draws the token at output position i from a generato
 else is batched nor on which worker made the earlier tokens, so a request replayed on another worker
 after a failure (`SamplingParams.output_offset` = tokens already produced) continues the same
 stream. Unseeded rows draw from the engine's generator.
-The reported log-probability is the token's under the model's raw distribution.
+The reported log-probability is the token's under the model's raw distribution, and so are the top
+log-probabilities (`top_logprobs`: the k most likely tokens at that position, best first), from one
+log_softmax + topk over the rows that ask (vLLM's default "raw_logprobs" mode).
+Before a request has `min_tokens` output tokens its end-of-sequence tokens (unless `ignore_eos`) and
+its `stop_token_ids` are masked to -inf before choosing, as vLLM's min-tokens logits processor does,
+so the model picks another token instead of ending early; the reported log-probs stay the raw ones.
 """
 
 from __future__ import annotations
@@ -16,8 +21,12 @@ import torch
 from distserve.engine.sequence import Sequence
 
 
+TopLogprobs = list[tuple[int, float]]  # (token id, log-prob), most likely first
+
+
 class Sampler:
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, eos_token_ids: tuple[int, ...] | frozenset[int] = ()):
+        self.eos = tuple(eos_token_ids)
         self._gen = torch.Generator()
         if seed is not None:
             self._gen.manual_seed(seed)
@@ -31,9 +40,17 @@ class Sampler:
             return self._gen
         return torch.Generator().manual_seed(draw_seed(p.seed, p.output_offset + len(seq.output_token_ids)))
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float | None]]:
-        """logits: [len(seqs), vocab] float32. Returns token ids and log-probs (None when not asked)."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float | None], list[TopLogprobs | None]]:
+        """logits: [len(seqs), vocab] float32. Returns token ids, log-probs and top log-probs (None
+        where not asked)."""
         logits = logits.cpu()
+        raw = logits
+        masks = [(i, self._banned(s)) for i, s in enumerate(seqs)]
+        masks = [(i, b) for i, b in masks if b]
+        if masks:
+            logits = logits.clone()
+            for i, banned in masks:
+                logits[i, banned] = float("-inf")
         tokens = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):
             p = s.params
@@ -41,12 +58,27 @@ class Sampler:
                 continue
             tokens[i] = self._draw(logits[i], p.temperature, p.top_k, p.top_p, self.generator_for(s))
         logprobs: list[float | None] = [None] * len(seqs)
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        tops: list[TopLogprobs | None] = [None] * len(seqs)
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs or s.params.top_logprobs]
         if want:
-            lp = torch.log_softmax(logits[want], dim=-1)
+            lp = torch.log_softmax(raw[want], dim=-1)
+            k = max(seqs[i].params.top_logprobs for i in want)
+            if k:
+                top_v, top_i = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+                top_v, top_i = top_v.tolist(), top_i.tolist()
             for j, i in enumerate(want):
                 logprobs[i] = float(lp[j, tokens[i]])
-        return tokens, logprobs
+                n = seqs[i].params.top_logprobs
+                if n:
+                    tops[i] = list(zip(top_i[j][:n], top_v[j][:n]))
+        return tokens, logprobs, tops
+
+    def _banned(self, seq: Sequence) -> list[int]:
+        """Token ids seq may not pick now: its stop ids and EOS while below min_tokens."""
+        p = seq.params
+        if p.output_offset + len(seq.output_token_ids) >= p.min_tokens:
+            return []
+        return list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos))
 
     @staticmethod
     def _draw(row: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from distserve.engine.errors import InvalidRequest
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -24,6 +26,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end generation
     ignore_eos: bool = False  # keep going past the model's end-of-sequence tokens
     logprobs: bool = False  # report the log-probability of each sampled token
+    top_logprobs: int = 0  # also report the k most likely tokens and their log-probs at each position (needs logprobs)
+    min_tokens: int = 0  # no EOS, stop token or stop string ends the output before this many tokens (output_offset included)
     output_offset: int = 0  # output tokens produced before this call (a replay); seeded draws continue from there
     extra: dict = field(default_factory=dict, compare=False)  # caller metadata, never read here
 
@@ -54,6 +58,12 @@ def validate_request(
         raise InvalidRequest("top_k", f"must be >= 0 (0 = off), got {params.top_k}")
     if not isinstance(params.output_offset, int) or params.output_offset < 0:
         raise InvalidRequest("output_offset", f"must be an integer >= 0, got {params.output_offset}")
+    if not isinstance(params.min_tokens, int) or not 0 <= params.min_tokens <= params.output_offset + params.max_tokens:
+        raise InvalidRequest("min_tokens", f"must be an integer in [0, max_tokens ({params.output_offset + params.max_tokens})], got {params.min_tokens}")
+    if not isinstance(params.top_logprobs, int) or not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {params.top_logprobs}")
+    if params.top_logprobs and not params.logprobs:
+        raise InvalidRequest("top_logprobs", "requires logprobs to be set")
     if params.seed is not None and not (0 <= params.seed < 2**63):
         raise InvalidRequest("seed", f"must be in [0, 2**63), got {params.seed}")
     bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
