@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from distserve.rpc.channels import channel_options
-from distserve.rpc.convert import FINISH_NAMES
+from distserve.rpc.convert import FINISH_NAMES, top_logprobs_from_pb
 from distserve.rpc.errors import error_from_rpc
 from distserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
@@ -35,6 +35,7 @@ class Chunk:
     logprobs: list[float]
     finish_reason: str | None  # set on the last chunk
     metrics: common_pb2.RequestMetrics | None = None  # server-side metrics, on the last chunk
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per new token when asked: (id, log-prob), best first
 
 
 @dataclass(slots=True)
@@ -49,6 +50,7 @@ class Completion:
     token_times: list[float] = field(default_factory=list)  # seconds since the call, per token
     request_id: str = ""
     metrics: common_pb2.RequestMetrics | None = None  # the server's view, phases included
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token when asked: (id, log-prob), best first
 
     def to_dict(self) -> dict:
         return {
@@ -59,9 +61,13 @@ class Completion:
 
 def build_request(prompt: str | list[int], *, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
                   top_k: int = 0, seed: int | None = None, stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
-                  ignore_eos: bool = False, logprobs: bool = False, chat: bool = False, request_id: str = "") -> generation_pb2.GenerateRequest:
+                  ignore_eos: bool = False, logprobs: bool = False, chat: bool = False, request_id: str = "",
+                  top_logprobs: int = 0, min_tokens: int = 0) -> generation_pb2.GenerateRequest:
+    """top_logprobs > 0 (up to 20) asks for that many most likely tokens per position and implies logprobs;
+    min_tokens: no EOS, stop token or stop string ends the output before that many tokens."""
     params = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos, logprobs=logprobs)
+                                       stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos,
+                                       logprobs=logprobs or top_logprobs > 0, top_logprobs=top_logprobs, min_tokens=min_tokens)
     if seed is not None:
         params.seed = seed
     req = generation_pb2.GenerateRequest(request_id=request_id, params=params, apply_chat_template=chat)
@@ -74,13 +80,13 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 16, temperature:
 
 def _chunk(msg: generation_pb2.GenerateResponse) -> Chunk:
     return Chunk(msg.text, list(msg.token_ids), list(msg.logprobs), FINISH_NAMES.get(msg.finish_reason),
-                 msg.metrics if msg.HasField("metrics") else None)
+                 msg.metrics if msg.HasField("metrics") else None, [top_logprobs_from_pb(t) for t in msg.top_logprobs])
 
 
 class _Collector:
     def __init__(self):
         self.t0 = time.monotonic()
-        self.text, self.ids, self.lps, self.times = [], [], [], []
+        self.text, self.ids, self.lps, self.times, self.tops = [], [], [], [], []
         self.finish = None
         self.metrics = None
         self.rid = ""
@@ -91,6 +97,7 @@ class _Collector:
         self.text.append(msg.text)
         self.ids.extend(msg.token_ids)
         self.lps.extend(msg.logprobs)
+        self.tops.extend(top_logprobs_from_pb(t) for t in msg.top_logprobs)
         self.times.extend([now] * len(msg.token_ids))
         if msg.finish_reason:
             self.finish = FINISH_NAMES.get(msg.finish_reason)
@@ -102,7 +109,7 @@ class _Collector:
         n = len(self.times)
         ttft = self.times[0] if n else e2e
         tpot = (self.times[-1] - self.times[0]) / (n - 1) if n > 1 else 0.0
-        return Completion("".join(self.text), self.ids, self.finish, ttft, tpot, e2e, self.lps, self.times, self.rid, self.metrics)
+        return Completion("".join(self.text), self.ids, self.finish, ttft, tpot, e2e, self.lps, self.times, self.rid, self.metrics, self.tops)
 
 
 def targets_of(target: str | Sequence[str]) -> list[str]:

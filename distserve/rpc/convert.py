@@ -35,6 +35,8 @@ def params_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
         output_offset=p.output_offset,
+        min_tokens=p.min_tokens,
+        top_logprobs=p.top_logprobs,
     )
 
 
@@ -49,7 +51,18 @@ def params_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
         output_offset=p.output_offset,
+        min_tokens=p.min_tokens,
+        top_logprobs=p.top_logprobs,
     )
     if p.seed is not None:
         msg.seed = p.seed
     return msg
+
+
+def top_logprobs_to_pb(top: list[tuple[int, float]]) -> common_pb2.TopLogprobs:
+    """One position's (token id, log-prob) pairs, best first, as the wire message."""
+    return common_pb2.TopLogprobs(token_ids=[t for t, _ in top], logprobs=[v for _, v in top])
+
+
+def top_logprobs_from_pb(msg: common_pb2.TopLogprobs) -> list[tuple[int, float]]:
+    return list(zip(msg.token_ids, msg.logprobs))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from distserve.v1 import common_pb2 as distserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64istserve/v1/generation.proto\x12\x0c\x64istserve.v1\x1a\x19\x64istserve/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.distserve.v1.TokenIdsH\x00\x12,\n\x06params\x18\x04 \x01(\x0b\x32\x1c.distserve.v1.SamplingParams\x12\x1b\n\x13\x61pply_chat_template\x18\x05 \x01(\x08\x12\x18\n\x10resume_token_ids\x18\x06 \x03(\rB\x08\n\x06prompt\"\xbb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.distserve.v1.FinishReason\x12-\n\x07metrics\x18\x06 \x01(\x0b\x32\x1c.distserve.v1.RequestMetrics\"\x13\n\x11ListModelsRequest\"a\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x17\n\x0fprefill_workers\x18\x03 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_workers\x18\x04 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.distserve.v1.ModelInfo2\xaa\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.distserve.v1.GenerateRequest\x1a\x1e.distserve.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.distserve.v1.ListModelsRequest\x1a .distserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64istserve/v1/generation.proto\x12\x0c\x64istserve.v1\x1a\x19\x64istserve/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.distserve.v1.TokenIdsH\x00\x12,\n\x06params\x18\x04 \x01(\x0b\x32\x1c.distserve.v1.SamplingParams\x12\x1b\n\x13\x61pply_chat_template\x18\x05 \x01(\x08\x12\x18\n\x10resume_token_ids\x18\x06 \x03(\rB\x08\n\x06prompt\"\xec\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.distserve.v1.FinishReason\x12-\n\x07metrics\x18\x06 \x01(\x0b\x32\x1c.distserve.v1.RequestMetrics\x12/\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x19.distserve.v1.TopLogprobs\"\x13\n\x11ListModelsRequest\"a\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x17\n\x0fprefill_workers\x18\x03 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_workers\x18\x04 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.distserve.v1.ModelInfo2\xaa\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.distserve.v1.GenerateRequest\x1a\x1e.distserve.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.distserve.v1.ListModelsRequest\x1a .distserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=100
   _globals['_GENERATEREQUEST']._serialized_end=309
   _globals['_GENERATERESPONSE']._serialized_start=312
-  _globals['_GENERATERESPONSE']._serialized_end=499
-  _globals['_LISTMODELSREQUEST']._serialized_start=501
-  _globals['_LISTMODELSREQUEST']._serialized_end=520
-  _globals['_MODELINFO']._serialized_start=522
-  _globals['_MODELINFO']._serialized_end=619
-  _globals['_LISTMODELSRESPONSE']._serialized_start=621
-  _globals['_LISTMODELSRESPONSE']._serialized_end=682
-  _globals['_GENERATION']._serialized_start=685
-  _globals['_GENERATION']._serialized_end=855
+  _globals['_GENERATERESPONSE']._serialized_end=548
+  _globals['_LISTMODELSREQUEST']._serialized_start=550
+  _globals['_LISTMODELSREQUEST']._serialized_end=569
+  _globals['_MODELINFO']._serialized_start=571
+  _globals['_MODELINFO']._serialized_end=668
+  _globals['_LISTMODELSRESPONSE']._serialized_start=670
+  _globals['_LISTMODELSRESPONSE']._serialized_end=731
+  _globals['_GENERATION']._serialized_start=734
+  _globals['_GENERATION']._serialized_end=904
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,7 @@ from distserve.engine.errors import DistserveError, InvalidRequest, ResourceExha
 from distserve.kv.grpc_transport import GrpcKvTransport
 from distserve.kv.handle import KvHandle, dtype_name
 from distserve.kv.puller import KvPuller, PullResult
-from distserve.rpc.convert import finish_to_pb, params_from_pb
+from distserve.rpc.convert import finish_to_pb, params_from_pb, top_logprobs_to_pb
 from distserve.rpc.errors import KV_FAULT, grpc_errors
 from distserve.runtime import WorkerRuntime, host_id
 from distserve.v1 import decode_pb2, decode_pb2_grpc
@@ -120,7 +120,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             n = 0
             async for out in stream:
                 n += len(out.new_token_ids)
-                msg = decode_pb2.DecodeResponse(token_ids=out.new_token_ids, logprobs=out.new_logprobs)
+                msg = decode_pb2.DecodeResponse(token_ids=out.new_token_ids, logprobs=out.new_logprobs,
+                                                top_logprobs=[top_logprobs_to_pb(t) for t in out.new_top_logprobs])
                 if out.prefill_s:
                     msg.queue_s, msg.prefill_compute_s = out.queue_s, out.prefill_s
                 if out.finished:

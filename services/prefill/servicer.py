@@ -17,7 +17,7 @@ import grpc
 from distserve.engine.engine import LLMEngine
 from distserve.kv.handle import KvHandle, KvLayout, dtype_name
 from distserve.kv.lease import LeaseTable
-from distserve.rpc.convert import finish_to_pb, params_from_pb
+from distserve.rpc.convert import finish_to_pb, params_from_pb, top_logprobs_to_pb
 from distserve.rpc.errors import grpc_errors
 from distserve.runtime import WorkerRuntime, host_id
 from distserve.v1 import prefill_pb2, prefill_pb2_grpc
@@ -66,6 +66,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             compute_s=out.prefill_s,
             worker_id=rt.worker_id,
         )
+        if out.new_top_logprobs:
+            resp.first_top_logprobs.CopyFrom(top_logprobs_to_pb(out.new_top_logprobs[0]))
         rt.metrics.tokens.labels("prefill").inc()
         rt.metrics.queue_seconds.labels("prefill").observe(out.queue_s)
         if out.finished:

@@ -244,7 +244,8 @@ class Generation:
         if not colocated and not run.local_prefill and run.prefilled is None:
             run.metrics.phases.router_s = run.metrics.phases.router_s or time.monotonic() - run.t0
             p = await self._prefill_leg(run)
-            msg = self._emit(run, [p.first_token], [p.first_logprob] if run.params.logprobs else [], state)
+            msg = self._emit(run, [p.first_token], [p.first_logprob] if run.params.logprobs else [], state,
+                             top_logprobs=[p.first_top_logprobs] if p.first_top_logprobs is not None else [])
             state.update(RequestPhase.PREFILLED, prefill_worker=p.worker_id, tokens_emitted=len(run.emitted))
             if msg is not None:
                 yield msg
@@ -273,7 +274,8 @@ class Generation:
         ph.prefill_queue_s, ph.prefill_compute_s = resp.queue_s, resp.compute_s
         run.metrics.prefill_worker = worker.worker_id
         run.prefilled = Prefilled(prompt, params, resp.first_token, resp.first_logprob, worker.worker_id,
-                                  resp.kv_handle if resp.HasField("kv_handle") else None)
+                                  resp.kv_handle if resp.HasField("kv_handle") else None,
+                                  resp.first_top_logprobs if resp.HasField("first_top_logprobs") else None)
         if resp.finish_reason:
             run.finish = resp.finish_reason
         return run.prefilled
@@ -312,7 +314,8 @@ class Generation:
                     run.metrics.phases.prefill_queue_s, run.metrics.phases.prefill_compute_s = resp.queue_s, resp.prefill_compute_s
                 if not resp.token_ids and not resp.finish_reason:
                     continue  # a keep-alive while it waits for blocks, or the KV-in-place message
-                msg = self._emit(run, list(resp.token_ids), list(resp.logprobs), state, resp.finish_reason)
+                msg = self._emit(run, list(resp.token_ids), list(resp.logprobs), state, resp.finish_reason,
+                                 top_logprobs=list(resp.top_logprobs))
                 if msg is not None:
                     yield msg
                 if run.finish != UNFINISHED:
@@ -390,12 +393,13 @@ class Generation:
 
     # -- tokens out --------------------------------------------------------------------------
     def _emit(self, run: Run, ids: list[int], logprobs: list[float], state: _StateWriter,
-              finish: int = UNFINISHED) -> generation_pb2.GenerateResponse | None:
+              finish: int = UNFINISHED, top_logprobs: list[common_pb2.TopLogprobs] = ()) -> generation_pb2.GenerateResponse | None:
         """Records tokens as sent and returns their message (None when there is nothing to send);
-        sets run.finish when they end the request (a worker's finish reason, a stop string, max_tokens)."""
+        sets run.finish when they end the request (a worker's finish reason, a stop string past
+        min_tokens, max_tokens)."""
         before = len(run.detok.text)
         delta = run.detok.add(ids)
-        if run.params.stop and delta:
+        if run.params.stop and delta and len(run.emitted) + len(ids) >= run.params.min_tokens:
             i = find_stop(run.detok.text, run.params.stop, before)
             if i is not None:
                 delta = run.detok.text[before:i] if i > before else ""
@@ -411,7 +415,8 @@ class Generation:
             run.finish = finish
         if not ids and not delta:
             return None
-        return generation_pb2.GenerateResponse(request_id=run.rid, token_ids=ids, text=delta, logprobs=logprobs)
+        return generation_pb2.GenerateResponse(request_id=run.rid, token_ids=ids, text=delta, logprobs=logprobs,
+                                               top_logprobs=top_logprobs)
 
     def _finish(self, run: Run, state: _StateWriter) -> generation_pb2.GenerateResponse:
         tail = run.detok.flush() if run.finish != common_pb2.FINISH_REASON_STOP else ""

@@ -50,6 +50,7 @@ class Prefilled:
     first_logprob: float
     worker_id: str  # the prefill worker holding the KV
     handle: common_pb2.KvHandle | None  # the held KV; None once a decode worker took it (or none was kept)
+    first_top_logprobs: common_pb2.TopLogprobs | None = None  # when params.top_logprobs asked for them
 
 
 @dataclass(slots=True)
