@@ -234,6 +234,8 @@ class Generation:
                   emitted=resumed, resumed=len(resumed))
         for t in resumed:  # token by token, as the client received text: only whole characters were sent
             run.detok.add([t])
+        text = run.detok.text  # ... and none of a possible stop string's start
+        run.text_sent = len(text) - (stop_prefix_len(text, 0, params.stop) if params.stop else 0)
         run.metrics.prompt_tokens = len(prompt)
         return run
 
@@ -397,14 +399,21 @@ class Generation:
         """Records tokens as sent and returns their message (None when there is nothing to send);
         sets run.finish when they end the request (a worker's finish reason, a stop string past
         min_tokens, max_tokens)."""
-        before = len(run.detok.text)
-        delta = run.detok.add(ids)
-        if run.params.stop and delta and len(run.emitted) + len(ids) >= run.params.min_tokens:
-            i = find_stop(run.detok.text, run.params.stop, before)
-            if i is not None:
-                delta = run.detok.text[before:i] if i > before else ""
-                run.detok.text = run.detok.text[:i]
+        before = run.text_sent
+        run.detok.add(ids)
+        text = run.detok.text
+        end = len(text)
+        if run.params.stop and len(run.emitted) + len(ids) >= run.params.min_tokens:
+            i = find_stop(text, run.params.stop, before)
+            if i is not None:  # the text ends before the stop string
+                end = i
+                run.detok.text = text[:i]
+                run.stop_cut = True
                 finish = common_pb2.FINISH_REASON_STOP
+            else:  # text that may be the start of a stop string waits until the next tokens tell
+                end -= stop_prefix_len(text, before, run.params.stop)
+        delta = text[before:end]
+        run.text_sent = end
         now = time.monotonic()
         run.first_at = run.first_at or now
         run.last_at = now
@@ -419,7 +428,8 @@ class Generation:
                                                top_logprobs=top_logprobs)
 
     def _finish(self, run: Run, state: _StateWriter) -> generation_pb2.GenerateResponse:
-        tail = run.detok.flush() if run.finish != common_pb2.FINISH_REASON_STOP else ""
+        held = run.detok.text[run.text_sent:]  # what waited for a stop string that never came
+        tail = held + (run.detok.flush() if not run.stop_cut else "")
         end = time.monotonic()
         m = run.metrics
         sent = len(run.emitted) - run.resumed  # tokens this call sent
@@ -445,6 +455,16 @@ class Generation:
             prefill_workers=sum(v.info.role == "prefill" for v in views),
             decode_workers=sum(v.info.role in ("decode", "colocated") for v in views),
         )])
+
+
+def stop_prefix_len(text: str, start: int, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of text[start:] that begins some stop string (and so must not be sent
+    yet: sent text can't be taken back when the stop string completes)."""
+    for k in range(min(max(map(len, stops)) - 1, len(text) - start), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return k
+    return 0
 
 
 def finish_name(code: int) -> str:

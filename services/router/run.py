@@ -61,6 +61,8 @@ class Run:
     params_pb: common_pb2.SamplingParams  # what the client sent: forwarded to workers, only max_tokens and output_offset change
     deadline: float | None  # monotonic time the client's deadline passes; None = none
     detok: IncrementalDetokenizer  # the output's text so far (resumed tokens included)
+    text_sent: int = 0  # characters of detok.text the client has (the rest may begin a stop string)
+    stop_cut: bool = False  # a stop string ended the text
     emitted: list[int] = field(default_factory=list)  # tokens the client has (resumed ones included)
     resumed: int = 0  # of which it had before this call (a router failover)
     t0: float = field(default_factory=time.monotonic)

@@ -69,3 +69,13 @@ def test_a_deadline_replays_only_while_the_client_still_has_time():
 def test_a_failed_pull_is_the_holders_fault():
     assert kv_fault(_Failed(grpc.StatusCode.UNAVAILABLE, (KV_FAULT,)))
     assert not kv_fault(_Failed(grpc.StatusCode.UNAVAILABLE))
+
+
+def test_text_that_may_start_a_stop_string_is_held_back():
+    from services.router.generation import stop_prefix_len
+
+    assert stop_prefix_len("hello wor", 0, ("world",)) == 3  # "wor" may become "world"
+    assert stop_prefix_len("hello w", 0, ("world", "xyz")) == 1
+    assert stop_prefix_len("hello", 0, ("world",)) == 0
+    assert stop_prefix_len("ab", 1, ("bcd",)) == 1  # only text not sent yet (from start) is held
+    assert stop_prefix_len("abc", 3, ("c",)) == 0  # a one-character stop holds nothing back
