@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--colocated", type=int, default=0, help="colocated workers (both phases); with no prefill workers the router uses them alone")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="router port (further routers: the next free ports up)")
+    up.add_argument("--http-port", type=int, default=8000,
+                    help="OpenAI-compatible HTTP API of the first router (-1 = off; further routers: the next ports up)")
     up.add_argument("--routers", type=int, default=1, help="routers, each serving the whole suite (clients may be given all of them)")
     up.add_argument("--restart-limit", type=int, default=5,
                     help="restarts in a row of one crashed process (worker, router or Redis; backoff 0.5 s doubling to 30 s) "

@@ -288,7 +288,8 @@ class Suite:
         routers = []
         for i, port in enumerate(router_ports(a.host, a.port, a.routers)):
             name = "router" if i == 0 else f"router-{i + 1}"
-            routers.append(self._spawn(name, ["serve", "router", *common, "--port", str(port), *a.router_arg],
+            http = ["--http-port", str(a.http_port + i if a.http_port > 0 else a.http_port)]
+            routers.append(self._spawn(name, ["serve", "router", *common, "--port", str(port), *http, *a.router_arg],
                                        f"{a.host}:{port}"))
         deadline = time.monotonic() + READY_TIMEOUT_S
         for p in [*workers, *routers]:
@@ -339,6 +340,8 @@ class Suite:
             print(f"distserve is up: router at {addresses[0]} ({more}{a.prefill} prefill, {a.decode} decode, "
                   f"{a.colocated} colocated; model {a.model}; redis at {self.redis.url}; logs in {self.logs}). "
                   "Ctrl-C stops it.", flush=True)
+            if a.http_port > 0:
+                print(f"OpenAI-compatible API at http://{a.host}:{a.http_port}/v1", flush=True)
             while not self._stop:
                 self.supervisor.tick()
                 if not self.supervisor.alive("router"):
@@ -361,6 +364,10 @@ class UpProcess:
 
     def __init__(self, tmp: Path, *args: str, timeout_s: float = READY_TIMEOUT_S):
         self.port = free_port()
+        if "--http-port" not in args:  # never the default 8000: tests run beside whatever holds it
+            args = (*args, "--http-port", str(free_port()))
+        self.http_port = int(args[args.index("--http-port") + 1])
+        self.http_url = f"http://127.0.0.1:{self.http_port}" if self.http_port > 0 else None
         self.logs = tmp / "logs"
         self.out = tmp / "up.out"
         self._f = open(self.out, "wb")

@@ -60,6 +60,7 @@ class RouterSettings:
     router_ttl_s: float = setting(10.0, "this router's presence lifetime without a heartbeat; after it, other routers close its open requests as EXPIRED")
     reap_s: float = setting(5.0, "how often this router looks for dead routers' open requests to close")
     metrics_port: int = setting(0, "Prometheus HTTP port (0 = any free port, -1 = off)")
+    http_port: int = setting(-1, "OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, /v1/models; 0 = any free port, -1 = off)")
     drain_s: float = setting(30.0, "grace period for in-flight requests on shutdown")
     max_inflight: int = setting(512, "requests this router serves at once; more are refused at once with RESOURCE_EXHAUSTED and a retry-after-ms hint")
     max_queued_tokens: int = setting(262144, "prompt tokens of admitted requests not yet prefilled; a request that would pass it is refused like one past max_inflight")
@@ -71,6 +72,7 @@ class RouterSettings:
         rules = (  # (setting, valid?, what it must be); every failure is named at start
             ("port", 0 <= self.port <= 65535, "a TCP port (0 = any)"),
             ("metrics_port", -1 <= self.metrics_port <= 65535, "a TCP port (0 = any, -1 = off)"),
+            ("http_port", -1 <= self.http_port <= 65535, "a TCP port (0 = any, -1 = off)"),
             ("redis_url", self.redis_url.startswith(("redis://", "rediss://", "unix://")), "a redis://, rediss:// or unix:// URL"),
             ("refresh_s", self.refresh_s > 0, "> 0"),
             ("prefill_timeout_s", self.prefill_timeout_s > 0, "> 0"),
@@ -115,6 +117,12 @@ async def run(settings: RouterSettings) -> None:
     metrics_port = metrics.serve(settings.metrics_port, host=settings.host) if settings.metrics_port >= 0 else None
     metrics.set_info(settings.model, router_id)
     await built.server.start()
+    http = None
+    if settings.http_port >= 0:  # the OpenAI API, on this loop, over the same request path
+        from services.router.http import HttpServer, build_app  # FastAPI is imported only when it serves
+
+        http = HttpServer(build_app(generation, metrics, settings.model), settings.host, settings.http_port)
+        await http.start()
     await built.health.set_serving()
     presence = RouterHeartbeat(r, RouterInfo(router_id, built.address, time.time()), interval_s=settings.heartbeat_s, ttl_s=settings.router_ttl_s)
     await presence.start()
@@ -124,13 +132,17 @@ async def run(settings: RouterSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("router serving %s on %s (metrics port %s)", settings.model, built.address, metrics_port)
-    print(f"READY router {built.address} metrics={metrics_port or ''}", flush=True)
+    log.info("router serving %s on %s (metrics port %s, HTTP %s)", settings.model, built.address, metrics_port,
+             http.url if http else "off")
+    print(f"READY router {built.address} metrics={metrics_port or ''}" + (f" http={http.port}" if http else ""), flush=True)
     await stop.wait()
     log.info("router draining")
     metrics.draining.labels("router").set(1)
     await built.health.enter_graceful_shutdown()
-    await built.server.stop(grace=settings.drain_s)
+    if http is not None:  # both APIs stop accepting and drain together
+        await asyncio.gather(built.server.stop(grace=settings.drain_s), http.stop(settings.drain_s))
+    else:
+        await built.server.stop(grace=settings.drain_s)
     await reaper.stop()
     await presence.stop(leave=True)
     await picker.close()

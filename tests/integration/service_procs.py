@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-READY = re.compile(r"^READY (\S+) (\S+) metrics=(\d*)$", re.M)
+READY = re.compile(r"^READY (\S+) (\S+) metrics=(\d*)(?: http=(\d+))?$", re.M)
 
 
 class Service:
@@ -35,6 +35,7 @@ class Service:
                                       env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.address: str | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None  # a router's OpenAI HTTP API, when it serves one
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -46,6 +47,7 @@ class Service:
             if m:
                 self.address = m.group(2)
                 self.metrics_port = int(m.group(3)) if m.group(3) else None
+                self.http_port = int(m.group(4)) if m.group(4) else None
                 return self
             if self.popen.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.text()[-4000:]}")
