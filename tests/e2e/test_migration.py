@@ -74,9 +74,16 @@ def test_a_decode_worker_killed_mid_stream_loses_no_request(suite):
     router = suite["router-a"]
     reference = asyncio.run(_run(router.address))
     assert all(isinstance(r, list) and len(r) == MAX_TOKENS for r in reference), reference
-    victim = suite["decode-1"]
-    outs = asyncio.run(_run(router.address, started_after=5, on_started=lambda: os.kill(victim.popen.pid, signal.SIGKILL)))
-    assert victim.popen.wait(10) == -signal.SIGKILL
+    killed = []
+
+    def kill_the_busier_decode_worker():  # the one holding streams now (the picker may have used only one)
+        load = {n: total(scrape("127.0.0.1", suite[n].metrics_port), "distserve_inflight_requests") for n in ("decode-1", "decode-2")}
+        victim = suite[max(load, key=load.get)]
+        os.kill(victim.popen.pid, signal.SIGKILL)
+        killed.append(victim)
+
+    outs = asyncio.run(_run(router.address, started_after=5, on_started=kill_the_busier_decode_worker))
+    assert killed[0].popen.wait(10) == -signal.SIGKILL
     for got, want in zip(outs, reference):
         assert got == want  # no token missing, repeated or different; seeded ones included
     samples = scrape("127.0.0.1", router.metrics_port)
