@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl = bsub.add_parser("latency", help="per-phase latency breakdown and router overhead on a running suite")
     bl.add_argument("--target", default="", help="a running router (default: start a suite with distserve up)")
     bl.add_argument("--redis-url", default="", help="its Redis (needed with --target)")
+    bl.add_argument("--http-url", default="", help="its OpenAI API, e.g. http://127.0.0.1:8000: also measure what HTTP adds over gRPC")
     bl.add_argument("--model", default="smollm2-135m")
     bl.add_argument("--pairs", type=int, default=50, help="router/direct pairs for the overhead figure")
     bl.add_argument("--num-requests", type=int, default=16, help="concurrent requests in the breakdown batch")

@@ -6,6 +6,9 @@
 2. Router overhead: the same short prompt sent alternately through the router (max_tokens=1, so only
    the prefill leg runs) and straight to a prefill worker's Prefill RPC; the paired differences of
    the two latencies are the router's added latency (p50, p90).
+3. HTTP overhead (with --http-url, or when it starts its own suite): the same prompt's first token
+   alternately over gRPC and over the OpenAI API (streaming /v1/completions, a new connection each
+   time, as the load generator sends them); the paired differences are what HTTP adds (p50, p90).
 
 Without --target it starts its own suite with `distserve up` (1 prefill + 1 decode) and stops it after.
 """
@@ -101,23 +104,61 @@ async def router_overhead(target: str, redis_url: str, n: int, prompt_len: int =
     }
 
 
-async def measure(target: str, redis_url: str, args) -> dict:
+async def http_overhead(target: str, http_url: str, model: str, n: int, prompt_len: int = 16) -> dict:
+    from urllib.parse import urlsplit
+
+    from distserve.bench.openai_target import OpenAITarget
+    from distserve.bench.workloads import RequestSpec
+
+    url = urlsplit(http_url)
+    http = OpenAITarget(url.hostname, url.port or 80, model, timeout_s=60, send_token_ids=True)
+    prompt = list(range(200, 200 + prompt_len))
+    spec = RequestSpec(0, prompt, "", prompt_len, 1)
+    over_grpc, over_http = [], []
+    async with AsyncClient(target) as c:
+        for i in range(n + 2):
+            t = time.perf_counter()
+            async for chunk in c.stream(prompt, max_tokens=1, temperature=0.0, ignore_eos=True):
+                break
+            g = time.perf_counter() - t
+            t0 = time.monotonic()
+            res = await http.send(spec, t0)
+            if not res.ok:
+                raise SystemExit(f"HTTP request failed: {res.error}")
+            h = res.token_times[0]
+            if i >= 2:
+                over_grpc.append(g)
+                over_http.append(h)
+    diffs = [b - a for a, b in zip(over_grpc, over_http)]
     return {
+        "pairs": len(diffs),
+        "grpc_first_token_p50_ms": round(1e3 * statistics.median(over_grpc), 3),
+        "http_first_token_p50_ms": round(1e3 * statistics.median(over_http), 3),
+        "http_added_p50_ms": round(1e3 * statistics.median(diffs), 3),
+        "http_added_p90_ms": round(1e3 * _pct(diffs, 0.9), 3),
+    }
+
+
+async def measure(target: str, redis_url: str, args, http_url: str | None = None) -> dict:
+    out = {
         "breakdown": await breakdown(target, args.num_requests, args.prompt_len, args.max_tokens),
         "router": await router_overhead(target, redis_url, args.pairs),
     }
+    if http_url:
+        out["http"] = await http_overhead(target, http_url, args.model, args.pairs)
+    return out
 
 
 def main(args) -> None:
     up = None
-    target, redis_url = args.target, args.redis_url
+    target, redis_url, http_url = args.target, args.redis_url, args.http_url
     if not target:
         from distserve.up import UpProcess
 
         up = UpProcess(Path(tempfile.mkdtemp(prefix="distserve-bench-")), "--model", args.model)
-        target, redis_url = up.target, up.redis_url
+        target, redis_url, http_url = up.target, up.redis_url, up.http_url
     try:
-        result = asyncio.run(measure(target, redis_url, args))
+        result = asyncio.run(measure(target, redis_url, args, http_url))
     finally:
         if up is not None:
             up.stop()
@@ -130,3 +171,7 @@ def main(args) -> None:
         print(f"  {k:<18} {b['phases_mean_s'][k]:9.4f}s  {100 * b['phases_share'][k]:6.2f}%")
     print(f"  KV transfer share of e2e: mean {100 * b['kv_transfer_share_mean']:.3f}%, max {100 * b['kv_transfer_share_max']:.3f}% ({b['kv_bytes_per_request']} bytes over {b['kv_transport']})")
     print(f"router added latency over a direct Prefill call: p50 {r['router_added_p50_ms']:.3f} ms, p90 {r['router_added_p90_ms']:.3f} ms ({r['pairs']} pairs)")
+    if "http" in result:
+        h = result["http"]
+        print(f"HTTP (OpenAI API) added latency over gRPC, first token: p50 {h['http_added_p50_ms']:.3f} ms, "
+              f"p90 {h['http_added_p90_ms']:.3f} ms ({h['pairs']} pairs; gRPC p50 {h['grpc_first_token_p50_ms']:.3f} ms)")

@@ -188,3 +188,58 @@ def test_the_openai_client_raises_typed_errors(oai):
     bad = httpx.post(str(oai.base_url.join("completions")), content=b"{not json", headers={"content-type": "application/json"},
                      timeout=10)  # a malformed body
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def _metric(url: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_a_client_that_disconnects_cancels_both_legs(suite):
+    import time
+
+    before = _metric(suite.http_url, "distserve_requests_total", role="router", outcome="cancelled")
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 900, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", suite.http_url + "/v1/completions", json=body, timeout=60) as r:
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data: ")
+            if events >= 3:
+                break  # leave mid-stream: the connection closes with the block
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        cancelled = _metric(suite.http_url, "distserve_requests_total", role="router", outcome="cancelled")
+        running = _metric(suite.http_url, "distserve_pool_running_requests", role="decode")
+        if cancelled > before and running == 0:
+            break
+        time.sleep(0.3)
+    assert cancelled == before + 1  # the router saw the client go and ended the request
+    assert running == 0  # and the decode worker dropped it (its load, as the registry reports it)
+
+
+def test_two_hundred_concurrent_streams_complete(suite):
+    import asyncio
+
+    async def one(c: httpx.AsyncClient, i: int) -> int:
+        body = {"model": MODEL, "prompt": [3 + i % 50] * (4 + i % 13), "max_tokens": 8, "temperature": 0, "stream": True,
+                "ignore_eos": True, "stream_options": {"include_usage": True}}
+        usage, done = None, False
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    usage = json.loads(line[6:]).get("usage") or usage
+        assert done
+        return usage["completion_tokens"]
+
+    async def go():
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=suite.http_url, timeout=120, limits=limits) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(200)))
+
+    assert asyncio.run(go()) == [8] * 200
