@@ -27,7 +27,6 @@ from distserve.v1 import decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-ADMISSION_POLL_S = 0.01
 KEEPALIVE_S = 1.0  # while a request waits for blocks, an empty message this often tells the router we live
 
 
@@ -48,8 +47,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def _admit(self, rid: str, prompt: list[int], params, handle: KvHandle, context):
         """Reserves blocks, waiting while the cache is full (until the lease is about to end); yields
         every KEEPALIVE_S while it waits, so the caller can send a keep-alive."""
-        last = time.monotonic()
         while True:
+            seen = self.rt.worker.room_version
             try:
                 await self.rt.worker.reserve(rid, prompt, params)
                 return
@@ -57,9 +56,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 remaining = context.time_remaining()
                 if time.time() > handle.lease_expiry_unix - 1.0 or (remaining is not None and remaining < 0.5):
                     raise
-                await asyncio.sleep(ADMISSION_POLL_S)
-                if time.monotonic() - last >= KEEPALIVE_S:
-                    last = time.monotonic()
+                if not await self.rt.worker.wait_for_room(seen, KEEPALIVE_S):  # woken when a request ends
                     yield
 
     async def _pull(self, rid: str, handle: KvHandle, context) -> PullResult:
@@ -92,6 +89,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             if request.HasField("kv_handle"):
                 handle = KvHandle.from_proto(request.kv_handle)
                 self._check_layout(handle)
+                if not 0 < handle.num_tokens <= len(prompt):  # a bent handle must not size a buffer (fuzzer: 24 GB, INTERNAL)
+                    raise InvalidRequest("kv_handle", f"num_tokens {handle.num_tokens} must be in [1, {len(prompt)}] (the prompt's tokens)")
                 async for _ in self._admit(rid, prompt, params, handle, context):
                     yield decode_pb2.DecodeResponse()  # keep-alive
                 queue_s = time.monotonic() - t0

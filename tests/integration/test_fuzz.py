@@ -424,3 +424,19 @@ def test_fuzz_decode_with_a_real_kv_handle(suite):
                                                                transfer_token=resp.kv_handle.transfer_token))
 
     fuzz_and_check(suite, one, (DECODE,))
+
+
+def test_a_kv_handle_claiming_more_tokens_than_held_gets_a_typed_error(suite):
+    """Found by the fuzzer (10,000-example profile): a handle whose num_tokens was bent to 20971521
+    made Decode answer INTERNAL."""
+    code, details, _, out = suite.call("prefill", PREFILL, prefill_pb2.PrefillRequest(
+        request_id=f"fz{uuid.uuid4().hex}", token_ids=list(range(3, 23)), params=common_pb2.SamplingParams(max_tokens=8)))
+    assert code == grpc.StatusCode.OK, details
+    resp = prefill_pb2.PrefillResponse.FromString(out)
+    h = common_pb2.KvHandle()
+    h.CopyFrom(resp.kv_handle)
+    h.num_tokens = 20971521
+    req = decode_pb2.DecodeRequest(request_id="00000000", prompt_token_ids=[0], first_token=resp.first_token, kv_handle=h)
+    code, details, _, _ = suite.raw("decode", DECODE, req.SerializeToString())
+    suite.call("prefill", RELEASE, kv_pb2.ReleaseKvRequest(request_id=h.request_id, transfer_token=h.transfer_token))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("kv_handle: num_tokens"), (code, details)
