@@ -157,9 +157,16 @@ class LLMEngine:
         need = seq.blocks_needed(self.config.block_size)
         if not self.blocks.can_allocate(need):
             raise ResourceExhausted(f"{need} KV blocks needed, {self.blocks.num_free} free")
+        seats = len(self.scheduler.running) + self._reserved()
+        if seats >= self.config.max_num_seqs:  # a reserved request must find a seat in the batch when it arrives
+            raise ResourceExhausted(f"{seats} sequences running or reserved, max_num_seqs {self.config.max_num_seqs}")
         seq.block_table = self.blocks.allocate(need)
         seq.first_scheduled_s = time.monotonic()
         self._seqs[request_id] = seq
+
+    def _reserved(self) -> int:
+        """Requests holding reserved blocks whose KV has not arrived yet."""
+        return sum(1 for s in self._seqs.values() if s.status is SequenceStatus.WAITING and s.block_table)
 
     def admit_prefilled(self, request_id: str, first_token: int, first_logprob: float | None, kv: torch.Tensor) -> RequestOutput | None:
         """Writes transferred KV into the reserved blocks and starts decoding after `first_token`.

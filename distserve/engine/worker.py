@@ -38,6 +38,8 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.stats: EngineStats = engine.stats()  # refreshed after every step and command
         self.steps = 0
+        self._room_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()  # wait_for_room callers
+        self._room_version = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -95,6 +97,39 @@ class EngineWorker:
         """Abort from any thread without waiting (used by lease expiry and cancellations)."""
         self._close(request_id)
         self._commands.put((lambda e: e.abort(request_id), None, None))
+
+    @property
+    def room_version(self) -> int:
+        """Grows each time blocks or batch seats are freed; read it before trying to reserve."""
+        return self._room_version
+
+    async def wait_for_room(self, since: int, timeout_s: float) -> bool:
+        """Waits until blocks or batch seats were freed after `room_version` read `since` (a request
+        finished or was dropped), at most timeout_s; True when there was. Admission waits on this
+        instead of polling, and no wake-up between its try and its wait is lost."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            if self._room_version != since:
+                return True
+            self._room_waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter[1].wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            with self._lock:
+                self._room_waiters.discard(waiter)
+
+    def _wake_room_waiters(self, before: EngineStats) -> None:
+        now = self.stats
+        if now.free_blocks <= before.free_blocks and now.running_requests >= before.running_requests:
+            return
+        with self._lock:
+            self._room_version += 1
+            waiters = list(self._room_waiters)
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
 
     # -- plumbing ----------------------------------------------------------------------------
     def _open(self, request_id: str) -> asyncio.Queue:
@@ -155,6 +190,7 @@ class EngineWorker:
             torch.set_num_threads(self.threads)
         engine = self.engine
         while not self._stopped.is_set():
+            before = self.stats
             try:
                 item = self._commands.get(timeout=0.5) if not engine.has_work() else self._commands.get_nowait()
             except queue.Empty:
@@ -180,3 +216,4 @@ class EngineWorker:
                 for out in outs:
                     self._deliver(out)
             self.stats = engine.stats()
+            self._wake_room_waiters(before)

@@ -27,7 +27,6 @@ from distserve.v1 import decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-ADMISSION_POLL_S = 0.01
 KEEPALIVE_S = 1.0  # while a request waits for blocks, an empty message this often tells the router we live
 
 
@@ -46,10 +45,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidRequest("kv_handle", f"KV layout {theirs} does not match this worker's {ours} (different model?)")
 
     async def _admit(self, rid: str, prompt: list[int], params, handle: KvHandle, context):
-        """Reserves blocks, waiting while the cache is full (until the lease is about to end); yields
+        """Reserves blocks and a batch seat, waiting while there are none (until the lease is about to
+        end): woken when a request ends, not by a timer. Yields
         every KEEPALIVE_S while it waits, so the caller can send a keep-alive."""
-        last = time.monotonic()
         while True:
+            seen = self.rt.worker.room_version
             try:
                 await self.rt.worker.reserve(rid, prompt, params)
                 return
@@ -57,9 +57,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 remaining = context.time_remaining()
                 if time.time() > handle.lease_expiry_unix - 1.0 or (remaining is not None and remaining < 0.5):
                     raise
-                await asyncio.sleep(ADMISSION_POLL_S)
-                if time.monotonic() - last >= KEEPALIVE_S:
-                    last = time.monotonic()
+                if not await self.rt.worker.wait_for_room(seen, KEEPALIVE_S):  # woken when a request ends
                     yield
 
     async def _pull(self, rid: str, handle: KvHandle, context) -> PullResult:

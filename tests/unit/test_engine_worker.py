@@ -71,3 +71,31 @@ def test_queue_time_counts_the_wait_behind_a_running_step(tiny):
             w.stop()
 
     assert asyncio.run(go()) >= 0.25
+
+
+def test_reservations_honour_max_num_seqs_and_waiters_wake_when_room_frees(tiny):
+    async def go():
+        w = EngineWorker(LLMEngine(tiny, EngineConfig(mode="decode", num_blocks=64, max_num_seqs=2)))
+        w.start()
+        try:
+            p = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            await w.reserve("a", [5] * 8, p)
+            await w.reserve("b", [6] * 8, p)
+            seen = w.room_version
+            with pytest.raises(ResourceExhausted, match="max_num_seqs"):  # blocks are free, seats are not
+                await w.reserve("c", [7] * 8, p)
+            assert not await w.wait_for_room(seen, 0.2)  # nothing freed: times out
+            waiting = asyncio.create_task(w.wait_for_room(seen, 10.0))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            t = asyncio.get_running_loop().time()
+            await w.abort("a")
+            assert await waiting  # woken by the freed seat, not by a timer
+            assert asyncio.get_running_loop().time() - t < 1.0
+            await w.reserve("c", [7] * 8, p)
+            assert not await w.wait_for_room(w.room_version, 0.05)
+            assert await w.wait_for_room(seen, 0.05)  # a wake-up before the wait is not lost
+        finally:
+            w.stop()
+
+    asyncio.run(go())
