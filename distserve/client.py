@@ -10,7 +10,8 @@
 Given several routers (`Client("host1:50051,host2:50051")`), a call whose router fails goes on at
 another one, and a stream cut mid-way resumes after the last token received (exact for greedy and
 seeded requests). Errors are the suite's domain errors (`InvalidRequest`, `ResourceExhausted`,
-`Unavailable`, `DeadlineExceeded`, ...), each carrying the gRPC status as `.grpc_code`.
+`Unavailable`, `DeadlineExceeded`, ...), each carrying the gRPC status as `.grpc_code`; a request the
+router refused under load (`ResourceExhausted`) carries its hint `.retry_after_s`.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 # Trailing metadata a decode worker sets when the KV it was handed could not be pulled: the KV's holder
 # (a prefill worker) or the path to it failed, not the decode worker. Routers replay such requests.
 KV_FAULT = ("x-distserve-fault", "kv-pull")
+# Trailing metadata of a request refused by admission control: the milliseconds to wait before retrying.
+RETRY_AFTER_KEY = "retry-after-ms"
 
 # The table. Order matters only for subclasses of these classes (first match by MRO wins).
 STATUS_BY_ERROR: dict[type[DistserveError], grpc.StatusCode] = {
@@ -87,7 +89,24 @@ def error_from_rpc(exc: grpc.RpcError) -> DistserveError:
     else:
         err = cls(message)
     err.grpc_code = code  # type: ignore[attr-defined]
+    if isinstance(err, ResourceExhausted):
+        err.retry_after_s = _retry_after_s(exc)  # type: ignore[attr-defined]
     return err
+
+
+def _retry_after_s(exc: Any) -> float | None:
+    """The server's retry-after hint of a refused call, in seconds (None when it gave none)."""
+    try:
+        metadata = exc.trailing_metadata() or ()
+    except Exception:  # not a finished call
+        return None
+    for key, value in metadata:
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, int(value) / 1000)
+            except ValueError:
+                return None
+    return None
 
 
 def _has_code(exc: BaseException) -> bool:

@@ -26,8 +26,8 @@ import math
 from dataclasses import dataclass
 
 from distserve.engine.errors import ResourceExhausted
+from distserve.rpc.errors import RETRY_AFTER_KEY  # noqa: F401  (re-exported: the refusal's trailing metadata)
 
-RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a refusal: wait this long before retrying
 RATE_ALPHA = 0.2  # weight of the newest observation in the prefill rate's average
 
 

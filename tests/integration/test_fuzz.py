@@ -195,13 +195,19 @@ def test_a_router_at_max_inflight_refuses_at_once_with_a_retry_hint_and_counts_i
     t0 = time.monotonic()
     code, details, meta, _ = suite.call("narrow", GENERATE, greedy(4))
     refused_in = time.monotonic() - t0
+    from distserve.client import Client
+    from distserve.engine.errors import ResourceExhausted
+
+    with Client(suite.narrow.address, timeout_s=10) as c, pytest.raises(ResourceExhausted) as refused:
+        c.generate([5, 6], max_tokens=2)  # the SDK hands the hint on
     t.join()
+    assert refused.value.retry_after_s == pytest.approx(0.321)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
     assert meta.get("retry-after-ms") == "321" and "max_inflight 1" in details
     assert refused_in < 1.0
     assert result["r"][0] == grpc.StatusCode.OK and len(tokens_of(result["r"][3])) == 900
     m = scrape("127.0.0.1", suite.narrow.metrics_port)
-    assert total(m, "distserve_requests_total", role="router", outcome="shed") == 1
+    assert total(m, "distserve_requests_total", role="router", outcome="shed") == 2
     assert total(m, "distserve_requests_total", role="router", outcome="finished") == 1
     code, _, _, out = suite.call("narrow", GENERATE, greedy(4))  # the slot is free again
     assert code == grpc.StatusCode.OK and len(tokens_of(out)) == 4
