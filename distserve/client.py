@@ -146,6 +146,14 @@ class _Failover:
             request.request_id = uuid.uuid4().hex  # a resume names the request it continues
         return request
 
+    @staticmethod
+    def resume(request: generation_pb2.GenerateRequest, received: list[int]) -> generation_pb2.GenerateRequest:
+        """The request to send next: after some tokens, it names them so the stream resumes after them."""
+        if received:
+            del request.resume_token_ids[:]
+            request.resume_token_ids.extend(received)
+        return request
+
     def again(self, exc: grpc.RpcError, moves: int, deadline: float | None) -> bool:
         return (exc.code() == grpc.StatusCode.UNAVAILABLE and moves < self.max_failovers
                 and (deadline is None or deadline - time.monotonic() > 0.05))
@@ -176,10 +184,7 @@ class Client:
         request = self.failover.prepare(request)
         i, moves, received = self.failover.first(), 0, []
         while True:
-            if received:
-                del request.resume_token_ids[:]
-                request.resume_token_ids.extend(received)
-            call = self.stubs[i].Generate(request, timeout=_remaining(deadline))
+            call = self.stubs[i].Generate(self.failover.resume(request, received), timeout=_remaining(deadline))
             try:
                 for msg in call:
                     received.extend(msg.token_ids)
@@ -236,10 +241,7 @@ class AsyncClient:
         request = self.failover.prepare(request)
         i, moves, received = self.failover.first(), 0, []
         while True:
-            if received:
-                del request.resume_token_ids[:]
-                request.resume_token_ids.extend(received)
-            call = self.stubs[i].Generate(request, timeout=_remaining(deadline))
+            call = self.stubs[i].Generate(self.failover.resume(request, received), timeout=_remaining(deadline))
             try:
                 async for msg in call:
                     received.extend(msg.token_ids)

@@ -95,31 +95,26 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
             except Exception as exc:  # DecodeError, invalid UTF-8, anything the message rejects
                 return _Malformed(exc)
 
+        def returning(inner):  # a unary method, or a streaming one that writes with context.write (health Watch)
+            async def method(request, context):
+                if isinstance(request, _Malformed):
+                    await _abort_malformed(context, request)
+                result = inner(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+            return method
+
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def unary_unary(request, context):
-                if isinstance(request, _Malformed):
-                    await _abort_malformed(context, request)
-                result = inner(request, context)
-                return await result if inspect.isawaitable(result) else result
-
-            return handler._replace(request_deserializer=deserialize, unary_unary=unary_unary)
+            return handler._replace(request_deserializer=deserialize, unary_unary=returning(handler.unary_unary))
         inner = handler.unary_stream
-        if inspect.isasyncgenfunction(inner):
+        if not inspect.isasyncgenfunction(inner):
+            return handler._replace(request_deserializer=deserialize, unary_stream=returning(inner))
 
-            async def unary_stream(request, context):
-                if isinstance(request, _Malformed):
-                    await _abort_malformed(context, request)
-                async for item in inner(request, context):
-                    yield item
-        else:  # a coroutine that writes with context.write (the stock health Watch)
-
-            async def unary_stream(request, context):
-                if isinstance(request, _Malformed):
-                    await _abort_malformed(context, request)
-                result = inner(request, context)
-                return await result if inspect.isawaitable(result) else result
+        async def unary_stream(request, context):
+            if isinstance(request, _Malformed):
+                await _abort_malformed(context, request)
+            async for item in inner(request, context):
+                yield item
 
         return handler._replace(request_deserializer=deserialize, unary_stream=unary_stream)
 
