@@ -19,15 +19,20 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from distserve.state.redis_server import RedisServer
 
-if TYPE_CHECKING:
-    from distserve.up import Proc
+
+class Proc(Protocol):
+    """A process `up` launched (its `Proc` record): what ProcChild reads of it."""
+
+    name: str
+    address: str  # host:port of its gRPC server
+    popen: Any  # subprocess.Popen, or up's Forked: pid, poll(), kill(), wait()
 
 logger = logging.getLogger(__name__)
 
