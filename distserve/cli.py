@@ -49,7 +49,7 @@ def cmd_up(args) -> None:
 def cmd_generate(args) -> None:
     from distserve.client import Client
 
-    with Client(args.target, timeout_s=args.timeout) as c:
+    with Client(args.target, timeout_s=args.timeout, api_key=args.api_key or None) as c:
         kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   seed=args.seed, stop=args.stop or None, ignore_eos=args.ignore_eos, chat=not args.raw)
         if args.json:
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="send one prompt to a router")
     g.add_argument("prompt")
     g.add_argument("--target", default="localhost:50051", help="router address; several, comma-separated, to fail over between them")
+    g.add_argument("--api-key", default="", help="the router's API key (default: $DISTSERVE_API_KEY)")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)

@@ -11,11 +11,13 @@ Given several routers (`Client("host1:50051,host2:50051")`), a call whose router
 another one, and a stream cut mid-way resumes after the last token received (exact for greedy and
 seeded requests). Errors are the suite's domain errors (`InvalidRequest`, `ResourceExhausted`,
 `Unavailable`, `DeadlineExceeded`, ...), each carrying the gRPC status as `.grpc_code`; a request the
-router refused under load (`ResourceExhausted`) carries its hint `.retry_after_s`.
+router refused under load (`ResourceExhausted`) carries its hint `.retry_after_s`. A router that
+requires API keys gets `api_key=` (or $DISTSERVE_API_KEY) as `authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from distserve.rpc.auth import bearer
 from distserve.rpc.channels import channel_options
 from distserve.rpc.convert import FINISH_NAMES, top_logprobs_from_pb
 from distserve.rpc.errors import error_from_rpc
@@ -159,6 +162,12 @@ class _Failover:
                 and (deadline is None or deadline - time.monotonic() > 0.05))
 
 
+def _auth(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata with the API key: the one given, else $DISTSERVE_API_KEY, else none."""
+    key = api_key if api_key is not None else os.environ.get("DISTSERVE_API_KEY", "")
+    return bearer(key) if key else None
+
+
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.001, deadline - time.monotonic())
 
@@ -168,7 +177,8 @@ class Client:
     then fails over to another router when its router fails, resuming a cut stream where it stopped."""
 
     def __init__(self, target: str | Sequence[str] = "localhost:50051", timeout_s: float | None = 600.0,
-                 max_failovers: int | None = None):
+                 max_failovers: int | None = None, api_key: str | None = None):
+        self.metadata = _auth(api_key)
         self.failover = _Failover(targets_of(target), max_failovers)
         self.channels = [grpc.insecure_channel(t, options=channel_options()) for t in self.failover.targets]
         self.stubs = [generation_pb2_grpc.GenerationStub(ch) for ch in self.channels]
@@ -184,7 +194,7 @@ class Client:
         request = self.failover.prepare(request)
         i, moves, received = self.failover.first(), 0, []
         while True:
-            call = self.stubs[i].Generate(self.failover.resume(request, received), timeout=_remaining(deadline))
+            call = self.stubs[i].Generate(self.failover.resume(request, received), timeout=_remaining(deadline), metadata=self.metadata)
             try:
                 for msg in call:
                     received.extend(msg.token_ids)
@@ -208,7 +218,7 @@ class Client:
         return col.result()
 
     def models(self) -> list[generation_pb2.ModelInfo]:
-        return list(self.stub.ListModels(generation_pb2.ListModelsRequest(), timeout=10).models)
+        return list(self.stub.ListModels(generation_pb2.ListModelsRequest(), timeout=10, metadata=self.metadata).models)
 
     def close(self) -> None:
         for ch in self.channels:
@@ -225,7 +235,8 @@ class AsyncClient:
     """The asyncio client; same targets and failover as `Client`."""
 
     def __init__(self, target: str | Sequence[str] = "localhost:50051", timeout_s: float | None = 600.0,
-                 max_failovers: int | None = None):
+                 max_failovers: int | None = None, api_key: str | None = None):
+        self.metadata = _auth(api_key)
         self.failover = _Failover(targets_of(target), max_failovers)
         self.channels = [grpc.aio.insecure_channel(t, options=channel_options()) for t in self.failover.targets]
         self.stubs = [generation_pb2_grpc.GenerationStub(ch) for ch in self.channels]
@@ -241,7 +252,7 @@ class AsyncClient:
         request = self.failover.prepare(request)
         i, moves, received = self.failover.first(), 0, []
         while True:
-            call = self.stubs[i].Generate(self.failover.resume(request, received), timeout=_remaining(deadline))
+            call = self.stubs[i].Generate(self.failover.resume(request, received), timeout=_remaining(deadline), metadata=self.metadata)
             try:
                 async for msg in call:
                     received.extend(msg.token_ids)
@@ -265,7 +276,7 @@ class AsyncClient:
         return col.result()
 
     async def models(self) -> list[generation_pb2.ModelInfo]:
-        return list((await self.stub.ListModels(generation_pb2.ListModelsRequest(), timeout=10)).models)
+        return list((await self.stub.ListModels(generation_pb2.ListModelsRequest(), timeout=10, metadata=self.metadata)).models)
 
     async def close(self) -> None:
         for ch in self.channels:

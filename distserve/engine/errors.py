@@ -37,3 +37,7 @@ class DeadlineExceeded(DistserveError):
 
 class Cancelled(DistserveError):
     """The request was cancelled by its caller."""
+
+
+class Unauthenticated(DistserveError):
+    """The caller gave no valid credentials (an API key)."""

@@ -26,6 +26,7 @@ from distserve.engine.errors import (
     InvalidRequest,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -45,6 +46,7 @@ STATUS_BY_ERROR: dict[type[DistserveError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[DistserveError]] = {v: k for k, v in STATUS_BY_ERROR.items()}
 

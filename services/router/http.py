@@ -41,9 +41,11 @@ from distserve.engine.errors import (
     InvalidRequest,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from distserve.metrics import Metrics
+from distserve.rpc.auth import AUTH_HEADER, ApiKeys
 from distserve.rpc.convert import FINISH_NAMES
 from distserve.v1 import common_pb2, generation_pb2
 from services.router.admission import Shed
@@ -57,6 +59,7 @@ _LABEL = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 
 # domain error -> (HTTP status, OpenAI error type); the first match by class order wins
 _STATUS = (
+    (Unauthenticated, 401, "authentication_error"),
     (Shed, 429, "rate_limit_exceeded"),
     (InvalidRequest, 400, "invalid_request_error"),
     (NotFound, 404, "not_found_error"),
@@ -239,9 +242,20 @@ def _sse(obj: dict | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-def build_app(generation: Generation, metrics: Metrics, model: str) -> FastAPI:
+def build_app(generation: Generation, metrics: Metrics, model: str, keys: ApiKeys | None = None) -> FastAPI:
     api = OpenAIApi(generation, model)
+    keys = keys or ApiKeys()
     app = FastAPI(title="distserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+
+    @app.middleware("http")
+    async def api_keys(request: Request, call_next):
+        """/v1/* needs a known key when keys are set; /health and /metrics stay open for probes and scrapers."""
+        if keys.enabled and request.url.path.startswith("/v1/"):
+            given = request.headers.get(AUTH_HEADER)
+            if not keys.allows(given):
+                return _error(401, "authentication_error", "invalid API key" if given else
+                              "missing API key (Authorization: Bearer <key>)", None, {"www-authenticate": "Bearer"})
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):

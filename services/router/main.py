@@ -20,9 +20,11 @@ import uuid
 from dataclasses import dataclass
 
 from distserve.config import setting
+from distserve.engine.errors import InvalidRequest
 from distserve.engine.models import load_tokenizer
 from distserve.metrics import Metrics
 from distserve.rpc.channels import ChannelPool
+from distserve.rpc.auth import ApiKeyInterceptor, ApiKeys
 from distserve.rpc.server import build_server
 from distserve.state.connect import connect
 from distserve.state.registry import Registry
@@ -60,6 +62,8 @@ class RouterSettings:
     router_ttl_s: float = setting(10.0, "this router's presence lifetime without a heartbeat; after it, other routers close its open requests as EXPIRED")
     reap_s: float = setting(5.0, "how often this router looks for dead routers' open requests to close")
     metrics_port: int = setting(0, "Prometheus HTTP port (0 = any free port, -1 = off)")
+    api_keys_file: str = setting("", "file of API keys clients must send (authorization: Bearer <key>), one a line or sha256:<hex>; empty and no api_keys = no authentication")
+    api_keys: str = setting("", "API keys, comma-separated (prefer DISTSERVE_API_KEYS or the file: flags show in ps)")
     http_port: int = setting(-1, "OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, /v1/models; 0 = any free port, -1 = off)")
     drain_s: float = setting(30.0, "grace period for in-flight requests on shutdown")
     max_inflight: int = setting(512, "requests this router serves at once; more are refused at once with RESOURCE_EXHAUSTED and a retry-after-ms hint")
@@ -94,6 +98,10 @@ class RouterSettings:
             ("max_prompt_tokens", self.max_prompt_tokens >= 1, ">= 1"),
         )
         bad = [f"{name} must be {what}, got {getattr(self, name)!r}" for name, ok, what in rules if not ok]
+        try:
+            ApiKeys.load(self.api_keys_file, self.api_keys)
+        except InvalidRequest as exc:
+            bad.append(str(exc))
         if bad:
             raise ValueError("; ".join(bad))
 
@@ -105,7 +113,8 @@ async def run(settings: RouterSettings) -> None:
     pool = ChannelPool()
     picker = WorkerPicker(Registry(r), settings.model, settings.refresh_s, pool=pool, metrics=metrics,
                           ejector=OutlierEjector(settings.eject_after, settings.eject_s, settings.eject_s * 12))
-    built = await build_server(SERVICES, host=settings.host, port=settings.port)
+    keys = ApiKeys.load(settings.api_keys_file, settings.api_keys)
+    built = await build_server(SERVICES, host=settings.host, port=settings.port, interceptors=[ApiKeyInterceptor(keys, SERVICES)])
     # unique per process: a router restarted on the same port must not revive its predecessor's presence
     router_id = f"router-{socket.gethostname()}-{built.port}-{uuid.uuid4().hex[:6]}"
     states = RequestStateStore(r, ttl_s=settings.state_ttl_s, router_id=router_id)
@@ -121,7 +130,7 @@ async def run(settings: RouterSettings) -> None:
     if settings.http_port >= 0:  # the OpenAI API, on this loop, over the same request path
         from services.router.http import HttpServer, build_app  # FastAPI is imported only when it serves
 
-        http = HttpServer(build_app(generation, metrics, settings.model), settings.host, settings.http_port)
+        http = HttpServer(build_app(generation, metrics, settings.model, keys), settings.host, settings.http_port)
         await http.start()
     await built.health.set_serving()
     presence = RouterHeartbeat(r, RouterInfo(router_id, built.address, time.time()), interval_s=settings.heartbeat_s, ttl_s=settings.router_ttl_s)
@@ -132,8 +141,8 @@ async def run(settings: RouterSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("router serving %s on %s (metrics port %s, HTTP %s)", settings.model, built.address, metrics_port,
-             http.url if http else "off")
+    log.info("router serving %s on %s (metrics port %s, HTTP %s, %s)", settings.model, built.address, metrics_port,
+             http.url if http else "off", f"{len(keys)} API keys" if keys.enabled else "no API keys: open to every caller")
     print(f"READY router {built.address} metrics={metrics_port or ''}" + (f" http={http.port}" if http else ""), flush=True)
     await stop.wait()
     log.info("router draining")
