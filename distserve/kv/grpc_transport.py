@@ -235,9 +235,13 @@ class GrpcKvTransport(KvTransport):
 
     async def release(self, handle: KvHandle, timeout_s: float = 5.0) -> bool:
         """Tell the holder to free the KV; False if it was already gone."""
-        request = kv_pb2.ReleaseKvRequest(request_id=handle.request_id, transfer_token=handle.transfer_token)
+        return await self.release_at(handle.kv_address, handle.request_id, handle.transfer_token, timeout_s)
+
+    async def release_at(self, kv_address: str, request_id: str, transfer_token: bytes, timeout_s: float = 5.0) -> bool:
+        """Release by what a handle's holder needs (a caller that never got the handle knows these)."""
+        request = kv_pb2.ReleaseKvRequest(request_id=request_id, transfer_token=transfer_token)
         try:
-            response = await self._stub(handle.kv_address).Release(request, timeout=timeout_s)
+            response = await self._stub(kv_address).Release(request, timeout=timeout_s)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return response.released

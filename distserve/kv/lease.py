@@ -69,12 +69,16 @@ class LeaseTable:
         free_fn: FreeFn,
         ttl_s: float | None = None,
         nbytes: int | None = None,
+        token: bytes | None = None,
     ) -> tuple[bytes, float]:
-        """Hold a request's KV; returns (transfer token, lease expiry as unix time)."""
+        """Hold a request's KV; returns (transfer token, lease expiry as unix time). `token`: the
+        caller's own (16-64 bytes), else a new one."""
         ttl = self.default_ttl_s if ttl_s is None else ttl_s
         if ttl <= 0:
             raise InvalidRequest("ttl_s", f"must be positive, got {ttl}")
-        token = new_transfer_token()
+        if token and not 16 <= len(token) <= 64:
+            raise InvalidRequest("transfer_token", f"must be 16 to 64 bytes, got {len(token)}")
+        token = token or new_transfer_token()
         with self._lock:
             if request_id in self._leases:
                 raise InvalidRequest("request_id", f"{request_id} already holds a KV lease")

@@ -3,7 +3,8 @@
 The prompt joins the engine's prefill queue (batched by token budget; when KV blocks run out it
 waits there). Once prefilled, its KV stays in the engine's blocks under a lease in the `LeaseTable`;
 the decode worker pulls it through KvTransfer and releases it, or the lease expires and the reaper
-frees it. A cancelled call aborts the request wherever it is.
+frees it. A cancelled call aborts the request wherever it is, and KV held for a call whose caller left
+before the answer reached it is freed at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import grpc
 
 from distserve.engine.engine import LLMEngine
+from distserve.engine.errors import InvalidRequest
 from distserve.kv.handle import KvHandle, KvLayout, dtype_name
 from distserve.kv.lease import LeaseTable
 from distserve.rpc.convert import finish_to_pb, params_from_pb, top_logprobs_to_pb
@@ -40,6 +42,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         rid = request.request_id
         params = params_from_pb(request.params)
         prompt = list(request.token_ids)
+        if request.transfer_token and not 16 <= len(request.transfer_token) <= 64:
+            raise InvalidRequest("transfer_token", f"must be 16 to 64 bytes, got {len(request.transfer_token)}")
         rt = self.rt
         rt.inflight += 1
         t0 = time.monotonic()
@@ -82,7 +86,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             free_fn=lambda: rt.worker.abort_nowait(rid),
             ttl_s=rt.settings.lease_s,
             nbytes=n * self.layout.bytes_per_token(),
+            token=request.transfer_token or None,
         )
+
+        def caller_gone(ctx, rid=rid, token=token) -> None:
+            """The call ended without its answer reaching the caller (it cancelled, or its deadline
+            passed, while the KV was being held): nobody will pull it, so it is freed now, not at lease end."""
+            if ctx.cancelled() and self.leases.release(rid, token):
+                log.info("prefilled %r: the caller left before the answer; its KV is freed", rid)
+
+        context.add_done_callback(caller_gone)
         handle = KvHandle(
             request_id=rid,
             worker_id=rt.worker_id,

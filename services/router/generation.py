@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -40,7 +41,6 @@ import grpc
 from distserve.engine.errors import DeadlineExceeded, DistserveError, InvalidRequest, Unavailable
 from distserve.engine.sampling import find_stop, validate_request
 from distserve.kv.grpc_transport import GrpcKvTransport
-from distserve.kv.handle import KvHandle
 from distserve.metrics import Metrics
 from distserve.rpc.channels import ChannelPool
 from distserve.rpc.convert import FINISH_NAMES, params_from_pb
@@ -260,10 +260,14 @@ class Generation:
         prompt, params = run.leg_prompt(), run.leg_params()
         worker = await self._pick(run, lambda: self.picker.pick_prefill(len(prompt), exclude=run.avoid))
         stub = prefill_pb2_grpc.PrefillStub(self.pool.get(worker.info.address))
-        call = stub.Prefill(prefill_pb2.PrefillRequest(request_id=run.leg_id, token_ids=prompt, params=params),
+        token = secrets.token_bytes(32)  # ours: KV held for a call we give up on can be released without its answer
+        call = stub.Prefill(prefill_pb2.PrefillRequest(request_id=run.leg_id, token_ids=prompt, params=params, transfer_token=token),
                             timeout=run.timeout(self.policy.prefill_timeout_s))
         try:
             resp = await call
+        except asyncio.CancelledError:  # the client left or its deadline passed: the worker may have answered already
+            self._background_release(worker.info.kv_address, run.leg_id, token)
+            raise
         except grpc.aio.AioRpcError as exc:
             if rpc_failure(exc, run):
                 raise LegFailure("prefill_failed", worker.worker_id, f"{exc.code().name}: {exc.details()}") from None
@@ -383,15 +387,18 @@ class Generation:
         expires anyway)."""
         p, run.prefilled = run.prefilled, None
         if p is not None and p.handle is not None:
-            task = asyncio.ensure_future(self._release(p.handle))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._background_release(p.handle.kv_address, p.handle.request_id, p.handle.transfer_token)
 
-    async def _release(self, handle: common_pb2.KvHandle) -> None:
+    def _background_release(self, kv_address: str, request_id: str, token: bytes) -> None:
+        task = asyncio.ensure_future(self._release(kv_address, request_id, token))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release(self, kv_address: str, request_id: str, token: bytes) -> None:
         try:
-            await self.kv.release(KvHandle.from_proto(handle))
+            await self.kv.release_at(kv_address, request_id, token)
         except Exception as exc:
-            log.warning("releasing the KV of %s failed (the lease will expire): %s", handle.request_id, exc)
+            log.warning("releasing the KV of %r failed (the lease will expire): %s", request_id, exc)
 
     # -- tokens out --------------------------------------------------------------------------
     def _emit(self, run: Run, ids: list[int], logprobs: list[float], state: _StateWriter,

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -77,7 +77,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     for cls, status, kind in _STATUS:
         if isinstance(exc, cls):
             param = exc.field if isinstance(exc, InvalidRequest) else ("model" if isinstance(exc, UnknownModel) else None)
-            headers = {"retry-after": str(max(1, -(-exc.retry_after_ms // 1000)))} if isinstance(exc, Shed) else None
+            headers = ({"retry-after": str(max(1, -(-exc.retry_after_ms // 1000)))} if isinstance(exc, Shed)
+                       else {"www-authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None)
             return _error(status, kind, str(exc), param, headers)
     code = getattr(exc, "grpc_code", None)  # a worker's status passed on by the router
     if isinstance(exc, DistserveError) and code is not None:
@@ -245,17 +246,16 @@ def _sse(obj: dict | str) -> bytes:
 def build_app(generation: Generation, metrics: Metrics, model: str, keys: ApiKeys | None = None) -> FastAPI:
     api = OpenAIApi(generation, model)
     keys = keys or ApiKeys()
-    app = FastAPI(title="distserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
 
-    @app.middleware("http")
-    async def api_keys(request: Request, call_next):
-        """/v1/* needs a known key when keys are set; /health and /metrics stay open for probes and scrapers."""
-        if keys.enabled and request.url.path.startswith("/v1/"):
-            given = request.headers.get(AUTH_HEADER)
-            if not keys.allows(given):
-                return _error(401, "authentication_error", "invalid API key" if given else
-                              "missing API key (Authorization: Bearer <key>)", None, {"www-authenticate": "Bearer"})
-        return await call_next(request)
+    async def api_key(request: Request) -> None:
+        """/v1/* needs a known key when keys are set; /health and /metrics stay open for probes and scrapers.
+        (A dependency, not an HTTP middleware: Starlette's middleware wraps every streamed chunk.)"""
+        given = request.headers.get(AUTH_HEADER)
+        if not keys.allows(given):
+            raise Unauthenticated("invalid API key" if given else "missing API key (Authorization: Bearer <key>)")
+
+    app = FastAPI(title="distserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    v1 = [Depends(api_key)]
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -279,7 +279,7 @@ def build_app(generation: Generation, metrics: Metrics, model: str, keys: ApiKey
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=v1)
     async def models():
         listed = await generation.list_models()
         return {"object": "list", "data": [
@@ -290,7 +290,7 @@ def build_app(generation: Generation, metrics: Metrics, model: str, keys: ApiKey
         given = request.headers.get(REQUEST_ID_HEADER, "")
         return given if _LABEL.fullmatch(given) else uuid.uuid4().hex
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, request: Request):
         api._check(body)
         label = label_of(request)
@@ -343,7 +343,7 @@ def build_app(generation: Generation, metrics: Metrics, model: str, keys: ApiKey
                         "finish_reason": c.finish})
         return JSONResponse({**meta, "choices": out, "usage": _usage(choices, body.n)}, headers={REQUEST_ID_HEADER: label})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(body: ChatCompletionRequest, request: Request):
         api._check(body)
         label = label_of(request)
