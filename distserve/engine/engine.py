@@ -182,7 +182,9 @@ class LLMEngine:
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.status = SequenceStatus.RUNNING
         self._append(seq, first_token, first_logprob)
-        if seq.status is SequenceStatus.FINISHED:
+        if seq.status is SequenceStatus.FINISHED:  # the first token already ends it: nothing to decode
+            del self._seqs[request_id]
+            self._free_blocks(seq)
             return self._output(seq, [first_token])
         self.scheduler.running.append(seq)
         return None

@@ -71,6 +71,24 @@ def test_disaggregated_prefill_export_import_decode_matches(tiny):
     assert dec.blocks.num_free == dec.blocks.num_blocks
 
 
+def test_an_import_whose_first_token_ends_it_frees_its_blocks(tiny):
+    """max_tokens=1 (or a first token that is a stop id): the import finishes at once and gives its
+    reserved blocks back (the fuzzer found them kept for good)."""
+    p = prompts(1, seed=12)[0]
+    pre = LLMEngine(tiny, EngineConfig(mode="prefill", num_blocks=50))
+    pre.add_request("a", p, GREEDY)
+    first = next(o for o in pre.step()).new_token_ids[0]
+    kv = pre.export_kv("a")
+    dec = LLMEngine(tiny, EngineConfig(mode="decode", num_blocks=50))
+    for rid, params in (("one", SamplingParams(max_tokens=1, temperature=0.0)),
+                        ("stop", SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(first,)))):
+        dec.reserve(rid, p, params)
+        out = dec.admit_prefilled(rid, first, None, kv)
+        assert out is not None and out.finished
+        assert dec.blocks.num_free == 50 and rid not in dec.request_ids()
+    assert not dec.has_work()
+
+
 def test_export_import_round_trip_is_bit_exact(tiny):
     pre = LLMEngine(tiny, EngineConfig(mode="prefill", num_blocks=50))
     pre.add_request("a", prompts(1, seed=3)[0], GREEDY)
