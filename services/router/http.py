@@ -23,30 +23,23 @@ import contextlib
 import json
 import logging
 import re
-import secrets
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
 
+import grpc
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from distserve.engine.errors import (
-    DeadlineExceeded,
-    DistserveError,
-    InvalidRequest,
-    NotFound,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-)
+from distserve.engine.errors import DistserveError, InvalidRequest, NotFound, Unauthenticated
 from distserve.metrics import Metrics
 from distserve.rpc.auth import AUTH_HEADER, ApiKeys
 from distserve.rpc.convert import FINISH_NAMES
+from distserve.rpc.errors import status_for
 from distserve.v1 import common_pb2, generation_pb2
 from services.router.admission import Shed
 from services.router.generation import Generation
@@ -57,16 +50,15 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 _LABEL = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 
-# domain error -> (HTTP status, OpenAI error type); the first match by class order wins
-_STATUS = (
-    (Unauthenticated, 401, "authentication_error"),
-    (Shed, 429, "rate_limit_exceeded"),
-    (InvalidRequest, 400, "invalid_request_error"),
-    (NotFound, 404, "not_found_error"),
-    (ResourceExhausted, 429, "rate_limit_exceeded"),
-    (Unavailable, 503, "service_unavailable"),
-    (DeadlineExceeded, 504, "timeout"),
-)
+# gRPC status (from the one domain-error table, distserve/rpc/errors.py) -> (HTTP status, OpenAI error type)
+_HTTP_BY_STATUS = {
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_exceeded"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
 
 
 class UnknownModel(NotFound):
@@ -74,18 +66,14 @@ class UnknownModel(NotFound):
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    for cls, status, kind in _STATUS:
-        if isinstance(exc, cls):
-            param = exc.field if isinstance(exc, InvalidRequest) else ("model" if isinstance(exc, UnknownModel) else None)
-            headers = ({"retry-after": str(max(1, -(-exc.retry_after_ms // 1000)))} if isinstance(exc, Shed)
-                       else {"www-authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None)
-            return _error(status, kind, str(exc), param, headers)
-    code = getattr(exc, "grpc_code", None)  # a worker's status passed on by the router
-    if isinstance(exc, DistserveError) and code is not None:
-        return _error(502, "upstream_error", str(exc), None)
-    ref = secrets.token_hex(4)
-    log.error("internal error in the HTTP API (ref %s)", ref, exc_info=exc)
-    return _error(500, "internal_error", f"internal error (ref {ref})", None)
+    code, message = status_for(exc)  # logs the traceback of anything that is not a domain error
+    status, kind = _HTTP_BY_STATUS.get(code) or (
+        (502, "upstream_error") if getattr(exc, "grpc_code", None) is not None  # a worker's status passed on
+        else (500, "internal_error"))
+    param = exc.field if isinstance(exc, InvalidRequest) else ("model" if isinstance(exc, UnknownModel) else None)
+    headers = ({"retry-after": str(max(1, -(-exc.retry_after_ms // 1000)))} if isinstance(exc, Shed)
+               else {"www-authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None)
+    return _error(status, kind, message, param, headers)
 
 
 def _error(status: int, kind: str, message: str, param: str | None, headers: dict | None = None) -> JSONResponse:
