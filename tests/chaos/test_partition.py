@@ -16,7 +16,6 @@ namespaces this test creates.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 
@@ -24,6 +23,7 @@ import pytest
 
 from distserve.state.redis_server import find_redis_server
 from tests.chaos.harness import DECODE_BLOCKS, WORKER_FLAGS, LoadRun, assert_targets, classify, record, run_reference, workload
+from tests.integration.netns import Net, require_netns
 from tests.integration.service_procs import Cluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]
@@ -35,59 +35,22 @@ PARTITION_S = 8.0
 ADDR = {"redis": 2, "router-a": 3, "router-b": 4, "prefill-1": 11, "prefill-2": 12, "decode-1": 21, "decode-2": 22, "client": 100}
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=30)
-
-
-class Net:
-    """A bridge in a switch namespace and one namespace per host, each with one address on it."""
-
-    def __init__(self):
-        self.switch = f"{TAG}-sw"
-        self.hosts: dict[str, str] = {}
-        sh("ip", "netns", "add", self.switch)
-        sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", self.switch, "link", "set", "br0", "up")
-
-    def host(self, name: str) -> str:
-        octet = ADDR[name]
-        ns = f"{TAG}-{name}"
-        sh("ip", "netns", "add", ns)
-        self.hosts[name] = ns
-        sh("ip", "-n", self.switch, "link", "add", f"p{octet}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-        sh("ip", "-n", self.switch, "link", "set", f"p{octet}", "master", "br0", "up")
-        sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{octet}/24", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        return ns
-
-    def cut(self, a: str, b: str, on: bool) -> None:
-        """Drop what host a sends to host b (on=True) or stop dropping it (on=False)."""
-        peer = f"{SUBNET}.{ADDR[b]}"
-        if shutil.which("iptables"):
-            sh("ip", "netns", "exec", self.hosts[a], "iptables", "-w", "-I" if on else "-D", "OUTPUT", "-d", peer, "-j", "DROP")
-        else:
-            sh("ip", "-n", self.hosts[a], "route", "add" if on else "del", "blackhole", f"{peer}/32")
-
-    def close(self) -> None:
-        for ns in [*self.hosts.values(), self.switch]:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+def cut(net: Net, a: str, b: str, on: bool) -> None:
+    """Drop what host a sends to host b (on=True) or stop dropping it (on=False)."""
+    net.cut(a, f"{SUBNET}.{ADDR[b]}", on)
 
 
 @pytest.fixture
 def net():
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if not shutil.which("ip") or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
-        pytest.skip("`ip netns` (iproute2) is not available")
+    require_netns()
     n = None
     try:
-        n = Net()
-        for name in ADDR:
-            n.host(name)
+        n = Net(TAG, SUBNET)
+        for name, octet in ADDR.items():
+            n.host(name, octet)
         # the partition tool must work here before the suite is started for it
-        n.cut("decode-1", "prefill-1", True)
-        n.cut("decode-1", "prefill-1", False)
+        cut(n, "decode-1", "prefill-1", True)
+        cut(n, "decode-1", "prefill-1", False)
     except subprocess.CalledProcessError as exc:
         if n is not None:
             n.close()
@@ -126,11 +89,11 @@ def test_partition_prefill_decode_during_pull(net, tmp_path):
             run.wait_for(lambda r: r.first >= 2, 60, "first tokens")
             pairs = [(a, b) for p in ("prefill-1", "prefill-2") for a, b in (("decode-1", p), (p, "decode-1"))]
             for a, b in pairs:
-                net.cut(a, b, True)
+                cut(net, a, b, True)
             run.fault()
             time.sleep(PARTITION_S)
             for a, b in pairs:
-                net.cut(a, b, False)
+                cut(net, a, b, False)
             result = run.finish()
         finally:  # a cut left in place goes with the namespaces, which the fixture deletes
             if "run" in locals() and run.popen.poll() is None:

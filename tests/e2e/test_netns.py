@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from distserve.state.redis_server import find_redis_server
+from tests.integration.netns import Net, require_netns
 from tests.integration.service_procs import Cluster
 
 pytestmark = pytest.mark.timeout(420)
@@ -66,49 +66,12 @@ else:
 """
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=30)
-
-
-class Net:
-    """A bridge in a switch namespace, and one namespace per host with one address on it."""
-
-    def __init__(self):
-        self.switch = f"{TAG}-sw"
-        self.hosts: dict[str, str] = {}  # name -> namespace
-        sh("ip", "netns", "add", self.switch)
-        sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", self.switch, "link", "set", "br0", "up")
-
-    def host(self, name: str, last_octet: int) -> str:
-        ns = f"{TAG}-{name}"
-        sh("ip", "netns", "add", ns)
-        self.hosts[name] = ns
-        port = f"p{last_octet}"
-        sh("ip", "-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        sh("ip", "-n", self.switch, "link", "set", port, "master", "br0", "up")
-        sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{last_octet}/24", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        return ns
-
-    def close(self) -> None:
-        for ns in [*self.hosts.values(), self.switch]:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def net():
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if not shutil.which("ip") or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
-        pytest.skip("`ip netns` (iproute2) is not available")
-    n = None
+    require_netns()
     try:
-        n = Net()
+        n = Net(TAG, SUBNET)
     except subprocess.CalledProcessError as exc:
-        if n is not None:
-            n.close()
         pytest.skip(f"cannot make network namespaces here: {exc.stderr.decode(errors='replace').strip()}")
     try:
         yield n
