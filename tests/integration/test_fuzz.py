@@ -175,6 +175,28 @@ def test_a_request_id_with_a_newline_forges_no_worker_log_line(suite):
     assert "\nERROR forged-line" not in text
 
 
+def test_two_clients_sending_the_same_request_id_never_interfere(suite):
+    """A client id is only a label: the workers key each call by a router-made id (the issue saw the
+    second request hang or truncate the first)."""
+    first = gen_request(request_id="same-label", token_ids=generation_pb2.TokenIds(ids=[5, 9, 17, 33, 65]),
+                        params=common_pb2.SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
+    second = gen_request(request_id="same-label", token_ids=generation_pb2.TokenIds(ids=[7, 8, 9]),
+                         params=common_pb2.SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    alone = [tokens_of(suite.raw("router", GENERATE, r.SerializeToString(), 60)[3]) for r in (first, second)]
+    results: dict = {}
+    threads = [threading.Thread(target=lambda k=k, r=r: results.update({k: suite.raw("router", GENERATE, r.SerializeToString(), 60)}))
+               for k, r in (("first", first), ("second", second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    for (k, r), want in zip((("first", first), ("second", second)), alone):
+        code, details, _, out = results[k]
+        last = generation_pb2.GenerateResponse.FromString(out[-1])
+        assert code == grpc.StatusCode.OK and tokens_of(out) == want and last.finish_reason, (k, code, details)
+        assert len(want) == r.params.max_tokens
+
+
 def test_a_valid_request_id_of_128_characters_is_served(suite):
     rid = "Ab0._:-" * 18 + "xy"
     code, _, _, out = suite.call("router", GENERATE, gen_request(request_id=rid, text="hello", params=common_pb2.SamplingParams(max_tokens=3)))
