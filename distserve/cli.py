@@ -1,4 +1,4 @@
-"""The `distserve` command: up, serve, generate, bench, model pull, health, settings."""
+"""The `distserve` command: up, serve, generate, bench, model pull, health, certs, settings."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def cmd_up(args) -> None:
 def cmd_generate(args) -> None:
     from distserve.client import Client
 
-    with Client(args.target, timeout_s=args.timeout, api_key=args.api_key or None) as c:
+    with Client(args.target, timeout_s=args.timeout, api_key=args.api_key or None, **tls_kwargs(args)) as c:
         kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   seed=args.seed, stop=args.stop or None, ignore_eos=args.ignore_eos, chat=not args.raw)
         if args.json:
@@ -94,11 +94,17 @@ def cmd_model(args) -> None:
 
 
 def cmd_health(args) -> None:
-    """gRPC health check (grpc.health.v1) for container probes: exit 0 when SERVING, else 1."""
+    """gRPC health check (grpc.health.v1) for container probes: exit 0 when SERVING, else 1. With TLS
+    files, the service's certificate is checked as `distserve.internal` (every distserve certificate
+    names it), so a probe may dial a pod's IP."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as ch:
+    from distserve.rpc.channels import internal_options, sync_channel
+    from distserve.rpc.tls import Tls
+
+    tls = Tls.load(args.tls_ca, args.tls_cert, args.tls_key)
+    with sync_channel(args.target, tls, internal_options(tls)) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
@@ -106,6 +112,28 @@ def cmd_health(args) -> None:
             status = exc.code().name
     print(f"{args.target} {args.service or '(server)'}: {status}")
     raise SystemExit(0 if status == "SERVING" else 1)
+
+
+def cmd_certs(args) -> None:
+    from distserve.rpc.certs import ROLES, make_certs
+
+    out = make_certs(args.out, args.host, days=args.days)
+    print(f"wrote a CA and certificates for {', '.join(ROLES)} to {out} (keys 0600); "
+          f"serve each role with DISTSERVE_TLS_CA={out}/ca.pem DISTSERVE_TLS_CERT={out}/<role>.pem "
+          f"DISTSERVE_TLS_KEY={out}/<role>-key.pem; clients need only DISTSERVE_TLS_CA. Keep ca-key.pem off the serving hosts.")
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser, what: str = "the router") -> None:
+    """--tls-ca/--tls-cert/--tls-key, defaulting to $DISTSERVE_TLS_CA/_CERT/_KEY."""
+    env = os.environ.get
+    parser.add_argument("--tls-ca", default=env("DISTSERVE_TLS_CA", ""), help=f"CA file that {what}'s certificate chains to: turns TLS on [env DISTSERVE_TLS_CA]")
+    parser.add_argument("--tls-cert", default=env("DISTSERVE_TLS_CERT", ""), help="client certificate, where one is asked for [env DISTSERVE_TLS_CERT]")
+    parser.add_argument("--tls-key", default=env("DISTSERVE_TLS_KEY", ""), help="its private key [env DISTSERVE_TLS_KEY]")
+
+
+def tls_kwargs(args) -> dict:
+    """The Client's TLS arguments from add_tls_arguments' flags."""
+    return {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
 
 
 SETTINGS_DOC_HEAD = """# Configuration
@@ -188,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--target", default="localhost:50051", help="router address; several, comma-separated, to fail over between them")
     g.add_argument("--api-key", default="", help="the router's API key (default: $DISTSERVE_API_KEY)")
+    add_tls_arguments(g)
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -246,7 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--target", default="localhost:50051")
     h.add_argument("--service", default="", help="service name to check (default: the whole server)")
     h.add_argument("--timeout", type=float, default=3.0)
+    add_tls_arguments(h, "the service")
     h.set_defaults(fn=cmd_health)
+
+    c = sub.add_parser("certs", help="make a development CA and a certificate per role (router, prefill, decode, colocated, client)")
+    c.add_argument("--out", default="tls", help="folder to write them to (made 0700)")
+    c.add_argument("--host", action="append", default=[],
+                   help="a DNS name or IP address clients use to reach the services, besides localhost/127.0.0.1/::1 (repeat)")
+    c.add_argument("--days", type=int, default=365, help="validity")
+    c.set_defaults(fn=cmd_certs)
 
     st = sub.add_parser("settings", help="print the table of every service setting (docs/configuration.md)")
     st.set_defaults(fn=cmd_settings)

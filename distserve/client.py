@@ -12,7 +12,10 @@ another one, and a stream cut mid-way resumes after the last token received (exa
 seeded requests). Errors are the suite's domain errors (`InvalidRequest`, `ResourceExhausted`,
 `Unavailable`, `DeadlineExceeded`, ...), each carrying the gRPC status as `.grpc_code`; a request the
 router refused under load (`ResourceExhausted`) carries its hint `.retry_after_s`. A router that
-requires API keys gets `api_key=` (or $DISTSERVE_API_KEY) as `authorization: Bearer <key>`.
+requires API keys gets `api_key=` (or $DISTSERVE_API_KEY) as `authorization: Bearer <key>`. A router
+serving TLS is reached with `tls_ca=` (or $DISTSERVE_TLS_CA), the CA file its certificate chains to;
+`tls_cert=`/`tls_key=` (or $DISTSERVE_TLS_CERT/_KEY) add a client certificate where the router asks for
+one, and `tls_server_name=` the name to verify when the target's host is not in the certificate.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from distserve.rpc.auth import bearer
-from distserve.rpc.channels import channel_options
+from distserve.rpc.channels import aio_channel, channel_options, sync_channel
 from distserve.rpc.convert import FINISH_NAMES, top_logprobs_from_pb
 from distserve.rpc.errors import error_from_rpc
+from distserve.rpc.tls import Tls
 from distserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 
@@ -168,6 +172,20 @@ def _auth(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     return bearer(key) if key else None
 
 
+def _tls(ca: str | None, cert: str | None, key: str | None) -> Tls | None:
+    """TLS from the files given, else from $DISTSERVE_TLS_CA/_CERT/_KEY; None (plaintext) without a CA."""
+    env = os.environ.get
+    ca = ca if ca is not None else env("DISTSERVE_TLS_CA", "")
+    if not ca:
+        return None
+    return Tls.load(ca, cert if cert is not None else env("DISTSERVE_TLS_CERT", ""),
+                    key if key is not None else env("DISTSERVE_TLS_KEY", ""))
+
+
+def _options(server_name: str | None) -> list:
+    return [*channel_options(), *([("grpc.ssl_target_name_override", server_name)] if server_name else [])]
+
+
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.001, deadline - time.monotonic())
 
@@ -177,10 +195,12 @@ class Client:
     then fails over to another router when its router fails, resuming a cut stream where it stopped."""
 
     def __init__(self, target: str | Sequence[str] = "localhost:50051", timeout_s: float | None = 600.0,
-                 max_failovers: int | None = None, api_key: str | None = None):
+                 max_failovers: int | None = None, api_key: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None, tls_server_name: str | None = None):
         self.metadata = _auth(api_key)
         self.failover = _Failover(targets_of(target), max_failovers)
-        self.channels = [grpc.insecure_channel(t, options=channel_options()) for t in self.failover.targets]
+        tls = _tls(tls_ca, tls_cert, tls_key)
+        self.channels = [sync_channel(t, tls, _options(tls_server_name)) for t in self.failover.targets]
         self.stubs = [generation_pb2_grpc.GenerationStub(ch) for ch in self.channels]
         self.timeout_s = timeout_s
 
@@ -235,10 +255,12 @@ class AsyncClient:
     """The asyncio client; same targets and failover as `Client`."""
 
     def __init__(self, target: str | Sequence[str] = "localhost:50051", timeout_s: float | None = 600.0,
-                 max_failovers: int | None = None, api_key: str | None = None):
+                 max_failovers: int | None = None, api_key: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None, tls_server_name: str | None = None):
         self.metadata = _auth(api_key)
         self.failover = _Failover(targets_of(target), max_failovers)
-        self.channels = [grpc.aio.insecure_channel(t, options=channel_options()) for t in self.failover.targets]
+        tls = _tls(tls_ca, tls_cert, tls_key)
+        self.channels = [aio_channel(t, tls, _options(tls_server_name)) for t in self.failover.targets]
         self.stubs = [generation_pb2_grpc.GenerationStub(ch) for ch in self.channels]
         self.timeout_s = timeout_s
 

@@ -33,6 +33,7 @@ from distserve.engine.sampling import SamplingParams
 from distserve.engine.worker import EngineWorker
 from distserve.metrics import Metrics
 from distserve.rpc.server import BuiltServer, build_server
+from distserve.rpc.tls import WORKER_CALLERS, PeerRoles, TlsSettings
 from distserve.state.connect import connect
 from distserve.state.registry import Heartbeat, Registry, WorkerInfo, WorkerLoad
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerSettings:
+class WorkerSettings(TlsSettings):
     role: str = setting("decode", "what this worker does", ("prefill", "decode", "colocated"))
     model: str = setting("smollm2-135m", "model name, Hugging Face directory or .gguf path")
     host: str = setting("127.0.0.1", "address to bind")
@@ -99,6 +100,7 @@ class WorkerSettings:
             ("kv_buffer_bytes", self.kv_buffer_bytes >= 0, ">= 0"),
         )
         bad = [f"{name} must be {what}, got {getattr(self, name)!r}" for name, ok, what in rules if not ok]
+        bad += self.tls_problems()
         if bad:
             raise ValueError("; ".join(bad))
 
@@ -143,6 +145,7 @@ class WorkerRuntime:
     def __init__(self, settings: WorkerSettings, services: tuple[str, ...]):
         self.settings = settings
         self.services = services
+        self.tls = settings.tls()  # None: plaintext
         self.worker_id = settings.worker_id or f"{settings.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.metrics = Metrics(settings.role)
         self.engine: LLMEngine | None = None
@@ -182,7 +185,9 @@ class WorkerRuntime:
         self.load()
         self.worker.start()
         await self.warm_up()
-        self.built = await build_server(self.services, host=s.host, port=s.port)
+        # with TLS, callers need a certificate of the CA, and each service admits only its callers' roles
+        self.built = await build_server(self.services, host=s.host, port=s.port, tls=self.tls,
+                                        interceptors=[PeerRoles(WORKER_CALLERS)] if self.tls else ())
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_port, host=s.host)
         self.metrics.set_info(s.model, self.worker_id)

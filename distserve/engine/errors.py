@@ -41,3 +41,7 @@ class Cancelled(DistserveError):
 
 class Unauthenticated(DistserveError):
     """The caller gave no valid credentials (an API key)."""
+
+
+class PermissionDenied(DistserveError):
+    """The caller is known but may not do this (a certificate of another role, a peer not registered)."""

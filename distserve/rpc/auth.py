@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from distserve.engine.errors import InvalidRequest
+from distserve.rpc.server import before_handler
 
 AUTH_HEADER = "authorization"
 
@@ -106,12 +107,4 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         async def refuse(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
-        async def refuse_stream(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
-            yield  # pragma: no cover - makes this an async generator, as streaming handlers are
-
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=refuse)
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=refuse_stream)
-        return handler
+        return before_handler(handler, refuse)

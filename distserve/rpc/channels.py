@@ -3,7 +3,8 @@
 Lifecycle: a service makes one `ChannelPool` at start (inside its event loop); `get(address)` opens
 the channel to a peer on first use and returns the same channel afterwards (gRPC reconnects it by
 itself); `close(address)` drops a peer that left the registry; `close_all()` at shutdown. Every
-channel carries the retry policy (UNAVAILABLE only, with backoff), keepalive and 64 MiB message limits.
+channel carries the retry policy (UNAVAILABLE only, with backoff), keepalive and 64 MiB message limits,
+and, when the pool has TLS (rpc.tls), presents this process's certificate and checks the peer's.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+
+if TYPE_CHECKING:
+    from distserve.rpc.tls import Tls
 
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+INTERNAL_NAME = "distserve.internal"  # with TLS, the name internal channels verify: every certificate carries it
 KEEPALIVE_TIME_MS = 5_000  # rpc.server accepts pings this often (its minimum interval is below it)
 
 # Retries apply to calls that failed before any response came back; a started stream is not retried.
@@ -58,6 +63,24 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
     ]
 
 
+def internal_options(tls: "Tls | None") -> list[tuple[str, Any]]:
+    """With TLS, verify the peer's certificate as `distserve.internal` (workers are dialed by whatever
+    address they advertise: pod IPs, service names; which peer to dial comes from the registry)."""
+    return [("grpc.ssl_target_name_override", INTERNAL_NAME)] if tls is not None else []
+
+
+def aio_channel(address: str, tls: "Tls | None", options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=list(options))
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=list(options))
+
+
+def sync_channel(address: str, tls: "Tls | None", options: Sequence[tuple[str, Any]]) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address, options=list(options))
+    return grpc.secure_channel(address, tls.channel_credentials(), options=list(options))
+
+
 class ChannelPool:
     """One grpc.aio channel per peer address; use from a single event loop."""
 
@@ -66,15 +89,17 @@ class ChannelPool:
         *,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         extra_options: Sequence[tuple[str, Any]] = (),
+        tls: "Tls | None" = None,
     ):
-        self._options = [*channel_options(max_message_bytes), *extra_options]
+        self.tls = tls
+        self._options = [*channel_options(max_message_bytes), *internal_options(tls), *extra_options]
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         """The channel to host:port, opened on first use."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = aio_channel(address, self.tls, self._options)
             self._channels[address] = channel
             logger.debug("opened channel to %s", address)
         return channel

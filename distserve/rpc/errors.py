@@ -25,6 +25,7 @@ from distserve.engine.errors import (
     DistserveError,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -47,6 +48,7 @@ STATUS_BY_ERROR: dict[type[DistserveError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[DistserveError]] = {v: k for k, v in STATUS_BY_ERROR.items()}
 

@@ -9,6 +9,9 @@ On shutdown: `await health.enter_graceful_shutdown()` (NOT_SERVING for good), th
 Every server also runs `MalformedRequests`: a request whose bytes do not parse as its message
 (truncated or garbage protobuf, invalid UTF-8 in a string field) gets INVALID_ARGUMENT naming the
 request, where gRPC itself would answer UNKNOWN before any handler runs.
+
+With `tls` (rpc.tls) the port is TLS, and callers must present a certificate from the CA unless
+`require_client_auth` is off (the router's public port, whose callers hold API keys instead).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health as grpc_health
@@ -25,6 +28,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from distserve.rpc.channels import KEEPALIVE_TIME_MS, MAX_MESSAGE_BYTES
+
+if TYPE_CHECKING:
+    from distserve.rpc.tls import Tls
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +85,27 @@ async def _abort_malformed(context: grpc.aio.ServicerContext, request: _Malforme
                         f"request: not a valid protobuf message ({type(request.error).__name__}: {request.error})")
 
 
+def before_handler(handler: grpc.RpcMethodHandler, check) -> grpc.RpcMethodHandler:
+    """`handler` with `await check(request, context)` run first; check refuses a call by aborting it.
+    Request-streaming methods get request=None (their messages arrive later)."""
+    field = next(f for f in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, f) is not None)
+    inner = getattr(handler, field)
+    seen = (lambda request: None) if handler.request_streaming else (lambda request: request)
+
+    if field.endswith("_stream") and inspect.isasyncgenfunction(inner):
+        async def wrapped(request, context):
+            await check(seen(request), context)
+            async for item in inner(request, context):
+                yield item
+    else:  # one answer, or a stream written with context.write (health Watch)
+        async def wrapped(request, context):
+            await check(seen(request), context)
+            result = inner(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+    return handler._replace(**{field: wrapped})
+
+
 class MalformedRequests(grpc.aio.ServerInterceptor):
     """Turns a request that fails to deserialize into INVALID_ARGUMENT (unary-request methods; the
     stream-request ones are left as gRPC makes them)."""
@@ -95,28 +122,11 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
             except Exception as exc:  # DecodeError, invalid UTF-8, anything the message rejects
                 return _Malformed(exc)
 
-        def returning(inner):  # a unary method, or a streaming one that writes with context.write (health Watch)
-            async def method(request, context):
-                if isinstance(request, _Malformed):
-                    await _abort_malformed(context, request)
-                result = inner(request, context)
-                return await result if inspect.isawaitable(result) else result
-
-            return method
-
-        if handler.unary_unary is not None:
-            return handler._replace(request_deserializer=deserialize, unary_unary=returning(handler.unary_unary))
-        inner = handler.unary_stream
-        if not inspect.isasyncgenfunction(inner):
-            return handler._replace(request_deserializer=deserialize, unary_stream=returning(inner))
-
-        async def unary_stream(request, context):
+        async def check(request, context) -> None:
             if isinstance(request, _Malformed):
                 await _abort_malformed(context, request)
-            async for item in inner(request, context):
-                yield item
 
-        return handler._replace(request_deserializer=deserialize, unary_stream=unary_stream)
+        return before_handler(handler._replace(request_deserializer=deserialize), check)
 
 
 def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
@@ -138,6 +148,8 @@ async def build_server(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     extra_options: Sequence[tuple[str, Any]] = (),
+    tls: "Tls | None" = None,
+    require_client_auth: bool = True,
 ) -> BuiltServer:
     """A bound, not yet started grpc.aio server with health (all NOT_SERVING) and reflection."""
     server = grpc.aio.server(
@@ -151,9 +163,13 @@ async def build_server(
         (*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME), server
     )
     bind_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    bound = server.add_insecure_port(f"{bind_host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{bind_host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{bind_host}:{port}", tls.server_credentials(require_client_auth))
     if bound == 0:
         raise OSError(f"could not bind gRPC server to {bind_host}:{port}")
     dial_host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(bind_host, bind_host)
-    logger.info("gRPC server for %s bound to %s:%d", ", ".join(service_names), bind_host, bound)
+    logger.info("gRPC server for %s bound to %s:%d (%s)", ", ".join(service_names), bind_host, bound,
+                "plaintext" if tls is None else "mutual TLS" if require_client_auth else "TLS")
     return BuiltServer(server=server, port=bound, address=f"{dial_host}:{bound}", health=health)

@@ -7,6 +7,7 @@ from distserve.kv.puller import KvPuller
 from distserve.rpc.channels import ChannelPool
 from distserve.runtime import WorkerRuntime, WorkerSettings, host_id
 from distserve.v1 import decode_pb2_grpc
+from services.decode.peers import KnownHolders
 from services.decode.servicer import DecodeServicer
 
 SERVICES = ("distserve.v1.Decode",)
@@ -15,14 +16,14 @@ SERVICES = ("distserve.v1.Decode",)
 async def run(settings: WorkerSettings) -> None:
     rt = WorkerRuntime(settings, SERVICES)
     await rt.start()
-    pool = ChannelPool()
+    pool = ChannelPool(tls=rt.tls)
     device = rt.engine.cache.data.device
     offers = factory.available(device, settings.kv_transport)
     transports = factory.build_pullers(offers, pool, worker_id=rt.worker_id, device=device, wire_dtype=settings.kv_wire_dtype,
                                        idle_s=settings.kv_idle_s, buffer_bytes=settings.kv_buffer_bytes,
                                        advertise_host=rt.advertise().rpartition(":")[0])
     puller = KvPuller(transports, rt.metrics, host_id(), forced=settings.kv_transport)
-    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(rt, transports.get("grpc"), puller), rt.built.server)
+    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(rt, transports.get("grpc"), puller, KnownHolders(rt.registry, settings.model)), rt.built.server)
     try:
         await rt.serve(transports.names())
     finally:

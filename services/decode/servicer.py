@@ -16,7 +16,7 @@ import time
 
 import grpc
 
-from distserve.engine.errors import DistserveError, InvalidRequest, ResourceExhausted, Unavailable
+from distserve.engine.errors import DistserveError, InvalidRequest, PermissionDenied, ResourceExhausted, Unavailable
 from distserve.kv.grpc_transport import GrpcKvTransport
 from distserve.kv.handle import KvHandle, dtype_name
 from distserve.kv.puller import KvPuller, PullResult
@@ -24,6 +24,7 @@ from distserve.rpc.convert import finish_to_pb, params_from_pb, top_logprobs_to_
 from distserve.rpc.errors import KV_FAULT, grpc_errors
 from distserve.runtime import WorkerRuntime, host_id
 from distserve.v1 import decode_pb2, decode_pb2_grpc
+from services.decode.peers import KnownHolders
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ KEEPALIVE_S = 1.0  # while a request waits for blocks, an empty message this oft
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, runtime: WorkerRuntime, grpc_transport: GrpcKvTransport, puller: KvPuller):
+    def __init__(self, runtime: WorkerRuntime, grpc_transport: GrpcKvTransport, puller: KvPuller, holders: KnownHolders):
         self.rt = runtime
+        self.holders = holders  # only registered prefill workers are dialed for KV
         self.grpc = grpc_transport  # releases leases
         self.puller = puller  # negotiates the transport per handle, falls back to grpc
         self._background: set[asyncio.Task] = set()
@@ -92,6 +94,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 self._check_layout(handle)
                 if not 0 < handle.num_tokens <= len(prompt):  # a bent handle must not size a buffer (fuzzer: 24 GB, INTERNAL)
                     raise InvalidRequest("kv_handle", f"num_tokens {handle.num_tokens} must be in [1, {len(prompt)}] (the prompt's tokens)")
+                try:
+                    await self.holders.check(handle)
+                except PermissionDenied:
+                    context.set_trailing_metadata((KV_FAULT,))  # a holder gone from the registry: routers replay
+                    raise
                 async for _ in self._admit(rid, prompt, params, handle, context):
                     yield decode_pb2.DecodeResponse()  # keep-alive
                 queue_s = time.monotonic() - t0

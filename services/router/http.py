@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import socket
+import ssl as stdlib_ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -40,6 +41,7 @@ from distserve.metrics import Metrics
 from distserve.rpc.auth import AUTH_HEADER, ApiKeys
 from distserve.rpc.convert import FINISH_NAMES
 from distserve.rpc.errors import status_for
+from distserve.rpc.tls import TlsSettings
 from distserve.v1 import common_pb2, generation_pb2
 from services.router.admission import Shed
 from services.router.generation import Generation
@@ -53,6 +55,7 @@ _LABEL = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 # gRPC status (from the one domain-error table, distserve/rpc/errors.py) -> (HTTP status, OpenAI error type)
 _HTTP_BY_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_exceeded"),
@@ -447,24 +450,30 @@ class _EmbeddedServer(uvicorn.Server):
 
 class HttpServer:
     """Lifecycle: `start()` binds host:port (0 = any) and serves on the running loop; `stop()` stops
-    accepting and waits up to `grace_s` for open responses."""
+    accepting and waits up to `grace_s` for open responses. With `tls` (the router's TlsSettings
+    carrying files) it serves HTTPS with the router's certificate, asking clients for theirs when
+    `client_certs`."""
 
-    def __init__(self, app: FastAPI, host: str, port: int):
+    def __init__(self, app: FastAPI, host: str, port: int, tls: TlsSettings | None = None, client_certs: bool = False):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.port = self._sock.getsockname()[1]
         self.host = host
+        self.scheme = "https" if tls is not None else "http"
+        ssl = {} if tls is None else dict(ssl_certfile=tls.tls_cert, ssl_keyfile=tls.tls_key, ssl_ca_certs=tls.tls_ca,
+                                          ssl_cert_reqs=stdlib_ssl.CERT_REQUIRED if client_certs else stdlib_ssl.CERT_NONE)
         config = uvicorn.Config(app, loop="none", lifespan="off", log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=30)
+                                timeout_graceful_shutdown=30, **ssl)
+        config.load()  # reads the certificate now: a bad file stops the router at start
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="http")

@@ -26,6 +26,7 @@ from distserve.metrics import Metrics
 from distserve.rpc.channels import ChannelPool
 from distserve.rpc.auth import ApiKeyInterceptor, ApiKeys
 from distserve.rpc.server import build_server
+from distserve.rpc.tls import TlsSettings
 from distserve.state.connect import connect
 from distserve.state.registry import Registry
 from distserve.state.requests import RequestStateStore
@@ -44,7 +45,7 @@ SERVICES = ("distserve.v1.Generation",)
 
 
 @dataclass(frozen=True, slots=True)
-class RouterSettings:
+class RouterSettings(TlsSettings):
     model: str = setting("smollm2-135m", "model served (its tokenizer is loaded here)")
     host: str = setting("127.0.0.1", "address to bind")
     port: int = setting(50051, "gRPC port of the public API (0 = any free port)")
@@ -71,6 +72,7 @@ class RouterSettings:
     retry_after_ms: int = setting(500, "retry-after-ms hint sent with a refusal")
     max_prompt_bytes: int = setting(1 << 20, "largest text prompt in UTF-8 bytes, checked before tokenizing (INVALID_ARGUMENT beyond)")
     max_prompt_tokens: int = setting(1 << 17, "largest token-id prompt (and resumed tokens), checked before anything else reads them")
+    tls_client_certs: bool = setting(False, "with TLS: clients of the public APIs must also present a certificate from tls_ca (mutual TLS), besides any API key")
 
     def __post_init__(self):
         rules = (  # (setting, valid?, what it must be); every failure is named at start
@@ -98,6 +100,9 @@ class RouterSettings:
             ("max_prompt_tokens", self.max_prompt_tokens >= 1, ">= 1"),
         )
         bad = [f"{name} must be {what}, got {getattr(self, name)!r}" for name, ok, what in rules if not ok]
+        bad += self.tls_problems()
+        if self.tls_client_certs and not self.tls_cert:
+            bad.append("tls_client_certs needs TLS (tls_ca, tls_cert, tls_key)")
         try:
             ApiKeys.load(self.api_keys_file, self.api_keys)
         except InvalidRequest as exc:
@@ -110,11 +115,13 @@ async def run(settings: RouterSettings) -> None:
     tokenizer = await asyncio.to_thread(load_tokenizer, settings.model)
     r = connect(settings.redis_url, role="router", max_connections=settings.redis_max_connections, timeout_s=settings.redis_timeout_s)
     metrics = Metrics("router")
-    pool = ChannelPool()
+    tls = settings.tls()
+    pool = ChannelPool(tls=tls)
     picker = WorkerPicker(Registry(r), settings.model, settings.refresh_s, pool=pool, metrics=metrics,
                           ejector=OutlierEjector(settings.eject_after, settings.eject_s, settings.eject_s * 12))
     keys = ApiKeys.load(settings.api_keys_file, settings.api_keys)
-    built = await build_server(SERVICES, host=settings.host, port=settings.port, interceptors=[ApiKeyInterceptor(keys, SERVICES)])
+    built = await build_server(SERVICES, host=settings.host, port=settings.port, interceptors=[ApiKeyInterceptor(keys, SERVICES)],
+                                tls=tls, require_client_auth=settings.tls_client_certs)
     # unique per process: a router restarted on the same port must not revive its predecessor's presence
     router_id = f"router-{socket.gethostname()}-{built.port}-{uuid.uuid4().hex[:6]}"
     states = RequestStateStore(r, ttl_s=settings.state_ttl_s, router_id=router_id)
@@ -130,7 +137,8 @@ async def run(settings: RouterSettings) -> None:
     if settings.http_port >= 0:  # the OpenAI API, on this loop, over the same request path
         from services.router.http import HttpServer, build_app  # FastAPI is imported only when it serves
 
-        http = HttpServer(build_app(generation, metrics, settings.model, keys), settings.host, settings.http_port)
+        http = HttpServer(build_app(generation, metrics, settings.model, keys), settings.host, settings.http_port,
+                          tls=settings if tls else None, client_certs=settings.tls_client_certs)
         await http.start()
     await built.health.set_serving()
     presence = RouterHeartbeat(r, RouterInfo(router_id, built.address, time.time()), interval_s=settings.heartbeat_s, ttl_s=settings.router_ttl_s)
@@ -141,8 +149,8 @@ async def run(settings: RouterSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("router serving %s on %s (metrics port %s, HTTP %s, %s)", settings.model, built.address, metrics_port,
-             http.url if http else "off", f"{len(keys)} API keys" if keys.enabled else "no API keys: open to every caller")
+    log.info("router serving %s on %s (%s; metrics port %s, HTTP %s, %s)", settings.model, built.address,
+             "TLS" if tls else "plaintext", metrics_port, http.url if http else "off", f"{len(keys)} API keys" if keys.enabled else "no API keys: open to every caller")
     print(f"READY router {built.address} metrics={metrics_port or ''}" + (f" http={http.port}" if http else ""), flush=True)
     await stop.wait()
     log.info("router draining")
