@@ -8,12 +8,12 @@ stops everything in reverse: routers, workers (each drains), Redis.
 Supervision (distserve.supervisor: `Supervisor`, one `Watch` per process): each tick polls every process without blocking.
 One that exits while the suite serves is logged (name, exit code or signal, restart n of the limit),
 waits out a backoff (`RestartPolicy`: 0.5 s doubling to 30 s) and is started again with the same argv
-(same worker id, same port); Redis is started again on the same port, so every service's URL stays
-valid and the workers re-register at their next heartbeat. A restarted process is `starting` until
-its gRPC health answers SERVING (one short check per tick), then `serving`. Restarts in a row count
-against `--restart-limit`; a process that stayed up `stable_s` starts its count and its backoff
-afresh; one past the limit stays down (`failed`) and is reported. The others serve meanwhile. `up`
-ends by itself only when every router has failed (exit code 1). Per-process pid, state and restart
+(same worker id, same port); Redis is started again on the same port with the same users, so every
+service's URL stays valid and the workers re-register at their next heartbeat. A restarted process
+is `starting` until its gRPC health answers SERVING (one short check per tick), then `serving`.
+Restarts in a row count against `--restart-limit`; a process that stayed up `stable_s` starts its
+count and its backoff afresh; one past the limit stays down (`failed`) and is reported. The others
+serve meanwhile. `up` ends by itself only when every router has failed (exit code 1). Per-process pid, state and restart
 count are written to `supervisor.json` in the logs folder at every change and printed at shutdown.
 
 Workers are forked (`--preload on`, the default): this process first imports what a worker runs
@@ -24,6 +24,10 @@ spawned worker would hold privately), and with `--share-weights` the weight file
 thread and no OpenMP pool exists here when it forks (the model is pulled in a subprocess). Each
 child starts its own session, logs to its file and runs `distserve serve <role>` as a spawned one
 would. `--preload off` spawns every worker as a fresh interpreter instead.
+
+Redis runs with distserve's ACL users (distserve.state.acl): each child gets its role's URL, password
+included, in its environment (`DISTSERVE_REDIS_URL`), never in its argv, which any user can read in
+/proc; the admin URL is written, owner-only, to `redis-admin.url` in the logs folder.
 
 Restarts always spawn (`_spawn`), never fork: once the suite is up this process holds gRPC channels
 and their threads (the health checks), and a fork of a process with running gRPC or OpenMP threads
@@ -49,6 +53,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from distserve.engine.models import home
+from distserve.state.acl import write_private
 from distserve.state.redis_server import RedisServer, free_port
 from distserve.supervisor import ProcChild, RedisChild, RestartPolicy, Supervisor, describe_exit
 
@@ -95,6 +100,7 @@ class Proc:
     popen: subprocess.Popen | Forked  # replaced by a spawned Popen at each restart
     log: Path
     argv: list[str] = field(default_factory=list)  # `distserve <argv>`, the same at every restart
+    env: dict[str, str] = field(default_factory=dict)  # added to its environment (secrets: not in argv)
 
 
 def preload() -> None:
@@ -129,11 +135,13 @@ def set_process_name(name: str) -> None:
         pass
 
 
-def forked_main(name: str, argv: list[str], log: Path) -> None:
-    """The child's side of a fork: its own session, its log, `distserve <argv>`; never returns."""
+def forked_main(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    """The child's side of a fork: its own session, its log, `env` added to its environment,
+    `distserve <argv>`; never returns."""
     code = 1
     try:
         os.setsid()
+        os.environ.update(env or {})
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -223,12 +231,12 @@ class Suite:
         self.logs = Path(args.logs) if args.logs else home() / "logs" / time.strftime("up-%Y%m%d-%H%M%S")
         self._stop = False
 
-    def _spawn(self, name: str, argv: list[str], address: str) -> Proc:
+    def _spawn(self, name: str, argv: list[str], address: str, env: dict[str, str]) -> Proc:
         log = self.logs / f"{name}.log"
         with open(log, "wb") as f:
             popen = subprocess.Popen([sys.executable, "-m", "distserve.cli", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        p = Proc(name, address, popen, log, argv)
+                                     start_new_session=True, env={**os.environ, **env})
+        p = Proc(name, address, popen, log, argv, env)
         self.procs.append(p)
         return p
 
@@ -238,16 +246,16 @@ class Suite:
             f.write(f"\n---- restarted by distserve up at {time.strftime('%H:%M:%S')} ----\n".encode())
             f.flush()
             p.popen = subprocess.Popen([sys.executable, "-m", "distserve.cli", *p.argv], stdout=f,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+                                       stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **p.env})
 
-    def _fork(self, name: str, argv: list[str], address: str) -> Proc:
+    def _fork(self, name: str, argv: list[str], address: str, env: dict[str, str]) -> Proc:
         log = self.logs / f"{name}.log"
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            forked_main(name, argv, log)
-        p = Proc(name, address, Forked(pid), log, argv)
+            forked_main(name, argv, log, env)
+        p = Proc(name, address, Forked(pid), log, argv, env)
         self.procs.append(p)
         return p
 
@@ -265,12 +273,13 @@ class Suite:
         fork = a.preload == "on"
         if fork:
             preload()
-        self.redis = RedisServer(host="127.0.0.1").start()
+        self.redis = RedisServer(host="127.0.0.1", acl=True).start()
+        write_private(self.redis_admin_file, self.redis.admin_url + "\n")
         roles = ["prefill"] * a.prefill + ["decode"] * a.decode + ["colocated"] * a.colocated
         if not roles or (a.prefill and not a.decode):
             raise SystemExit("need decode workers for prefill workers, or colocated workers")
         plan = core_plan(len(roles), a.threads, not a.no_pin)
-        common = ["--model", a.model, "--redis-url", self.redis.url, "--host", a.host]
+        common = ["--model", a.model, "--host", a.host]
         engine_flags = []  # workers only, when given
         for flag in ("weights", "kv_dtype", "share_weights"):
             if getattr(a, flag, ""):
@@ -284,13 +293,13 @@ class Suite:
             argv = ["serve", role, *common, *engine_flags, "--port", str(port), "--threads", str(threads), "--worker-id", name, *a.worker_arg]
             if cpus:
                 argv += ["--cpus", cpus]
-            workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}"))
+            workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}", self._redis_env(role)))
         routers = []
         for i, port in enumerate(router_ports(a.host, a.port, a.routers)):
             name = "router" if i == 0 else f"router-{i + 1}"
             http = ["--http-port", str(a.http_port + i if a.http_port > 0 else a.http_port)]
             routers.append(self._spawn(name, ["serve", "router", *common, "--port", str(port), *http, *a.router_arg],
-                                       f"{a.host}:{port}"))
+                                       f"{a.host}:{port}", self._redis_env("router")))
         deadline = time.monotonic() + READY_TIMEOUT_S
         for p in [*workers, *routers]:
             try:
@@ -302,6 +311,14 @@ class Suite:
         children = [RedisChild(self.redis), *(ProcChild(p, self._respawn) for p in self.procs)]
         self.supervisor = Supervisor(children, policy, self.logs / "supervisor.json")
         return [r.address for r in routers]
+
+    @property
+    def redis_admin_file(self) -> Path:
+        """Where the URL of Redis's admin user is written (owner-only)."""
+        return self.logs / "redis-admin.url"
+
+    def _redis_env(self, role: str) -> dict[str, str]:
+        return {"DISTSERVE_REDIS_URL": self.redis.role_url(role)}
 
     def report_failure(self, p: Proc, exc: Exception, what: str = "failed to start") -> None:
         print(f"{p.name} {what}: {exc}; last lines of {p.log}:", file=sys.stderr)
@@ -338,7 +355,8 @@ class Suite:
             a = self.args
             more = f"routers at {','.join(addresses)}; " if len(addresses) > 1 else ""
             print(f"distserve is up: router at {addresses[0]} ({more}{a.prefill} prefill, {a.decode} decode, "
-                  f"{a.colocated} colocated; model {a.model}; redis at {self.redis.url}; logs in {self.logs}). "
+                  f"{a.colocated} colocated; model {a.model}; redis at {self.redis.url}, admin URL in {self.redis_admin_file}; "
+                  f"logs in {self.logs}). "
                   "Ctrl-C stops it.", flush=True)
             if a.http_port > 0:
                 print(f"OpenAI-compatible API at http://{a.host}:{a.http_port}/v1", flush=True)
@@ -378,9 +396,10 @@ class UpProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             text = self.out.read_text(errors="replace")
-            m = re.search(r"redis at (redis://\S+);", text)
+            m = re.search(r"redis at (redis://\S+), admin URL in (\S+);", text)
             if m:
-                self.redis_url = m.group(1)
+                self.redis_address = m.group(1)  # without credentials, as supervisor.json names it
+                self.redis_url = Path(m.group(2)).read_text().strip()  # the admin user's
                 break
             if self.proc.poll() is not None:
                 self.dump()

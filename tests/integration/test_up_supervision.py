@@ -8,6 +8,8 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -68,6 +70,21 @@ async def live_worker_ids(url: str) -> set[str]:
         await r.aclose()
 
 
+def redis_credentials_stay_out_of_argv_and_output(up: UpProcess) -> None:
+    """Issue 13: up's Redis refuses a client without a password; each child logs in as its role's user
+    with a URL that is not in its argv; the admin URL is in an owner-only file, not in up's output."""
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(up.redis_address, socket_timeout=2).ping()
+    assert (up.logs / "redis-admin.url").stat().st_mode & 0o777 == 0o600
+    assert urlsplit(up.redis_url).username == "admin" and urlsplit(up.redis_url).password not in up.out.read_text()
+    for name, st in up.status().items():
+        if name != "redis":
+            assert b"@" not in Path(f"/proc/{st['pid']}/cmdline").read_bytes(), name
+    clients = redis.Redis.from_url(up.redis_url, socket_timeout=2).client_list()
+    users = {(c["name"], c["user"]) for c in clients if c["name"].startswith("distserve-")}
+    assert users == {("distserve-prefill", "prefill"), ("distserve-decode", "decode"), ("distserve-router", "router")}, users
+
+
 def test_up_restarts_a_killed_decode_worker_and_a_killed_redis_and_keeps_serving(tmp_path):
     up = UpProcess(tmp_path, "--model", "tiny-llama", "--prefill", "1", "--decode", "1", "--restart-limit", "3",
                    "--worker-arg=--num-blocks=128", "--worker-arg=--ttl-s=2", "--worker-arg=--heartbeat-s=0.25",
@@ -76,6 +93,7 @@ def test_up_restarts_a_killed_decode_worker_and_a_killed_redis_and_keeps_serving
     try:
         assert up.targets == [up.target]
         assert generate_ok(up.target, 30) == 1  # the suite serves before any fault
+        redis_credentials_stay_out_of_argv_and_output(up)
 
         # kill -9 the decode worker: `up` stays, the worker comes back on its port, requests complete
         before = up.status()["decode-1"]
@@ -95,7 +113,7 @@ def test_up_restarts_a_killed_decode_worker_and_a_killed_redis_and_keeps_serving
         os.kill(r0["pid"], signal.SIGKILL)
         r1 = wait_for("redis back", lambda: (s := up.status()["redis"])["state"] == "serving" and s["restarts"] == 1
                       and s, 15)
-        assert r1["pid"] != r0["pid"] and r1["address"] == r0["address"] == up.redis_url
+        assert r1["pid"] != r0["pid"] and r1["address"] == r0["address"] == up.redis_address
         assert redis.Redis.from_url(up.redis_url, socket_timeout=2).ping()
         wait_for("both workers re-registered in the new Redis",
                  lambda: asyncio.run(live_worker_ids(up.redis_url)) >= {"prefill-1", "decode-1"}, 10)
