@@ -19,7 +19,6 @@ import socket
 import statistics
 import struct
 import time
-import uuid
 
 import torch
 
@@ -57,13 +56,14 @@ class _Baselines:
     def __init__(self, peer: Peer):
         import torch.distributed as dist
 
+        from distserve.kv.rendezvous import PairStore
+
         self.sock = socket.create_connection(("127.0.0.1", peer.call("raw_socket")["port"]))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        channel = uuid.uuid4().hex
-        peer.call("raw_gloo", channel=channel)
-        host, _, port = peer.info["params"]["gloo"].rpartition(":")
-        self.store = dist.TCPStore(host, int(port), None, False, datetime.timedelta(seconds=60))
-        self.pg = dist.ProcessGroupGloo(dist.PrefixStore(f"raw/{channel}", self.store), 1, 2, datetime.timedelta(seconds=60))
+        invite = peer.call("raw_gloo")
+        store = PairStore.join(invite["store"], bytes.fromhex(invite["secret"]), 60)
+        self.pg = dist.ProcessGroupGloo(store, 1, 2, datetime.timedelta(seconds=60))
+        store.close()
         self.buf = torch.empty(0, dtype=torch.uint8)
 
     def _buffer(self, n: int) -> torch.Tensor:

@@ -10,7 +10,8 @@ per line on stdin and reads one JSON reply per line on stdout:
   fault {transport, mode}          the next sends over that transport break after the first chunk:
                                    mode "raise" (the holder fails the Push) or "exit" (the process dies)
   raw_socket                       -> {port}: each connection reads an 8-byte size and gets that many bytes
-  raw_gloo {channel}               joins a raw 2-rank gloo group (rank 0) and serves sizes the same way
+  raw_gloo                         -> {store, secret}: a raw 2-rank gloo group (rank 0) over that
+                                   rendezvous store, serving sizes the same way
 `close()` ends the process (SIGKILL after a grace period); its stderr goes to a log file.
 """
 
@@ -213,17 +214,20 @@ class _Holder:
         threading.Thread(target=serve, daemon=True).start()
         return {"port": srv.getsockname()[1]}
 
-    def raw_gloo(self, channel: str) -> dict:
+    def raw_gloo(self) -> dict:
         import torch.distributed as dist
 
-        store = self.senders["gloo"].store
+        from distserve.kv.rendezvous import PairStore
+
+        store = PairStore.serve("127.0.0.1", 60)
 
         def serve():
-            pg = dist.ProcessGroupGloo(dist.PrefixStore(f"raw/{channel}", store), 0, 2, datetime.timedelta(seconds=60))
+            pg = dist.ProcessGroupGloo(store, 0, 2, datetime.timedelta(seconds=60))
             size = torch.zeros(1, dtype=torch.int64)
             buf = torch.empty(0, dtype=torch.uint8)
             while True:
                 pg.recv([size], 1, 0).wait()
+                store.close()  # the server end: rank 1 is surely built once its first message is here
                 n = int(size.item())
                 if n <= 0:
                     break
@@ -233,7 +237,7 @@ class _Holder:
             pg.abort()
 
         threading.Thread(target=serve, daemon=True).start()
-        return {"ok": True}
+        return store.params()
 
 
 def _host_id() -> str:

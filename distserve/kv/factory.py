@@ -3,6 +3,7 @@
 Holder (prefill): gRPC always; gloo (KV on the CPU) or nccl (on CUDA); shm where /dev/shm is
 writable; mooncake only when its wheel imports and RDMA devices exist, or when forced.
 Puller (decode): the same set. A forced `kv_transport` narrows both to it and gRPC.
+Every data-plane listener of theirs goes on one interface, `data_plane_host(bind, advertised)`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ from distserve.rpc.channels import ChannelPool
 
 logger = logging.getLogger(__name__)
 
+WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def data_plane_host(bind_host: str, advertise_host: str) -> str:
+    """The interface the KV listeners use: the address the worker's gRPC server binds, or, when that
+    is every interface, the address it advertises (the one its peers reach it at)."""
+    return advertise_host if bind_host in WILDCARDS else bind_host
+
 
 def available(device: torch.device, forced: str = "auto") -> tuple[str, ...]:
     names = ["grpc", *available_backends(device)]
@@ -36,32 +45,36 @@ def available(device: torch.device, forced: str = "auto") -> tuple[str, ...]:
     return offered(tuple(names), forced)
 
 
-def build_senders(names: tuple[str, ...], advertise_host: str, device: torch.device, idle_s: float) -> list[KvSender]:
+def build_senders(names: tuple[str, ...], advertise_host: str, device: torch.device, idle_s: float, *,
+                  bind_host: str = "") -> list[KvSender]:
+    host = data_plane_host(bind_host, advertise_host)
     senders: list[KvSender] = []
     for name in names:
         if name in ("gloo", "nccl"):
-            senders.append(TorchKvSender(name, advertise_host, device=device, idle_s=idle_s))
+            senders.append(TorchKvSender(name, host, device=device, idle_s=idle_s))
         elif name == "shm":
             senders.append(ShmKvSender(idle_s=idle_s))
         elif name == "mooncake":
             from distserve.kv.mooncake_transport import MooncakeKvSender
 
-            senders.append(MooncakeKvSender(advertise_host))
+            senders.append(MooncakeKvSender(host))
     return senders
 
 
 def build_pullers(names: tuple[str, ...], pool: ChannelPool, *, worker_id: str, device: torch.device, wire_dtype: str = "",
-                  idle_s: float = 60.0, buffer_bytes: int = 1 << 30, advertise_host: str = "127.0.0.1") -> KvTransports:
+                  idle_s: float = 60.0, buffer_bytes: int = 1 << 30, advertise_host: str = "127.0.0.1",
+                  bind_host: str = "") -> KvTransports:
+    host = data_plane_host(bind_host, advertise_host)
     wire = "" if wire_dtype == "auto" else wire_dtype
     transports = KvTransports([GrpcKvTransport(pool, wire_dtype=wire, max_idle_bytes=buffer_bytes, idle_s=idle_s)])
     for name in names:
         if name in ("gloo", "nccl"):
-            transports.register(TorchKvTransport(name, pool, worker_id=worker_id, device=device, wire_dtype=wire,
+            transports.register(TorchKvTransport(name, pool, host=host, worker_id=worker_id, device=device, wire_dtype=wire,
                                                  idle_s=idle_s, max_idle_bytes=buffer_bytes))
         elif name == "shm":
             transports.register(ShmKvTransport(pool, wire_dtype=wire, idle_s=idle_s, max_idle_bytes=buffer_bytes))
         elif name == "mooncake":
             from distserve.kv.mooncake_transport import MooncakeKvTransport
 
-            transports.register(MooncakeKvTransport(pool, advertise_host, wire_dtype=wire, max_idle_bytes=buffer_bytes))
+            transports.register(MooncakeKvTransport(pool, host, wire_dtype=wire, max_idle_bytes=buffer_bytes))
     return transports

@@ -6,10 +6,13 @@ rank 1), built directly from a store, cached, and dropped when idle, so a worker
 groups than peers it talks to recently (the peers that keep one NCCL group per pair forever leak).
 
 Lifecycle of a pair:
-  holder: `TorchKvSender` runs a TCPStore (its address travels in KvHandle.transport_params[backend])
-  puller: first pull from a holder -> new channel id -> build rank 1 of the group under the store
-          prefix kv/<id> while KvTransfer.Connect builds rank 0 on the holder -> delete the
-          rendezvous keys -> cache the pair
+  puller: first pull from a holder -> new channel id and a `PairStore` of its own (a TCPStore on this
+          worker's data-plane host only, with a per-pair secret; see `distserve.kv.rendezvous`) ->
+          build rank 1 of the group over it while KvTransfer.Connect (carrying the store's address
+          and secret) has the holder join and build rank 0 -> close the store (gloo: at once; nccl:
+          after the first transfer) -> cache the pair
+  holder: `TorchKvSender` runs no listener of its own; gloo's pair sockets of either side bind
+          that side's data-plane host
   each pull (serialized per pair): post receives of the payload in chunks (tags from a per-pair
           counter) -> Push (the holder sends each chunk and waits) -> wait for the receives
   a failed pull, or a pair idle for idle_s: abort the group (both ends: Disconnect is sent when
@@ -30,10 +33,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from distserve.engine.errors import Unavailable
+from distserve.engine.errors import InvalidRequest, Unavailable
 from distserve.kv.buffers import BufferPool, cpu_buffer
 from distserve.kv.handle import KvHandle
 from distserve.kv.push import Channel, KvSender, PushKvTransport
+from distserve.kv.rendezvous import SECRET_BYTES, PairStore
 from distserve.rpc.channels import ChannelPool
 from distserve.v1 import kv_pb2
 
@@ -55,11 +59,15 @@ def available_backends(device: torch.device) -> tuple[str, ...]:
     return tuple(out)
 
 
-def make_group(store: dist.Store, rank: int, backend: str, timeout_s: float, device: torch.device):
-    """A 2-rank process group of `backend` over `store` (blocks until the peer joins)."""
+def make_group(store: dist.Store, rank: int, backend: str, timeout_s: float, device: torch.device, host: str = ""):
+    """A 2-rank process group of `backend` over `store` (blocks until the peer joins); gloo's pair
+    sockets listen on `host` (default: the address this machine's hostname resolves to)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, 2, timeout)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host) if host else dist.ProcessGroupGloo.create_default_device()]
+        return dist.ProcessGroupGloo(store, rank, 2, opts)
     if backend == "nccl":
         torch.cuda.set_device(device)
         opts = dist.ProcessGroupNCCL.Options()
@@ -79,8 +87,9 @@ def _drop_group(pg) -> None:
         logger.debug("aborting a process group failed: %s", exc)
 
 
-def _rendezvous_keys(prefix: str) -> list[str]:
-    return [f"{prefix}/0/0", f"{prefix}/0/1"]
+def _close_store_early(backend: str) -> bool:
+    """gloo needs the store only to build the group; NCCL also at the first send/recv (its unique id)."""
+    return backend != "nccl"
 
 
 # -- the holder's end ---------------------------------------------------------------------------
@@ -89,24 +98,21 @@ class _HolderPair:
     pg: object
     peer: str
     last_used: float
+    store: PairStore | None = None  # the puller's rendezvous store, until the group no longer needs it
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class TorchKvSender(KvSender):
-    def __init__(self, backend: str, advertise_host: str, *, device: torch.device | str = "cpu",
+    def __init__(self, backend: str, host: str, *, device: torch.device | str = "cpu",
                  idle_s: float = 60.0, timeout_s: float = 60.0, max_pairs: int = 256):
         self.name = backend
+        self.host = host  # the data-plane interface: gloo's pair sockets listen there
         self.device = torch.device(device)
         self.idle_s = 2 * idle_s + 10  # outlives the puller's idle time, so the puller closes first
         self.timeout_s = timeout_s
         self.max_pairs = max_pairs
-        self.store = dist.TCPStore("0.0.0.0", 0, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
-        self.address = f"{advertise_host}:{self.store.port}"
         self._pairs: dict[str, _HolderPair] = {}
         self._lock = threading.Lock()
-
-    def params(self) -> dict[str, str]:
-        return {self.name: self.address}
 
     def pairs(self) -> int:
         with self._lock:
@@ -116,13 +122,24 @@ class TorchKvSender(KvSender):
         channel = request.channel
         if not channel or "/" in channel:
             raise Unavailable(f"bad channel id {channel!r}")
-        store = dist.PrefixStore(f"kv/{channel}", self.store)
         try:
-            pg = await asyncio.to_thread(make_group, store, 0, self.name, self.timeout_s, self.device)
+            address, secret = request.params["store"], bytes.fromhex(request.params["secret"])
+        except (KeyError, ValueError):
+            raise InvalidRequest("params", f"{self.name} Connect needs the pair's rendezvous store and secret") from None
+        if len(secret) != SECRET_BYTES:
+            raise InvalidRequest("params", f"a pair secret has {SECRET_BYTES} bytes")
+        store = None
+        try:
+            store = await asyncio.to_thread(PairStore.join, address, secret, self.timeout_s)
+            pg = await asyncio.to_thread(make_group, store, 0, self.name, self.timeout_s, self.device, self.host)
         except Exception as exc:
+            if store is not None:
+                store.close()
             raise Unavailable(f"{self.name} rendezvous with {request.peer_id} failed: {exc}") from None
+        if _close_store_early(self.name):
+            store.close()
         with self._lock:
-            self._pairs[channel] = _HolderPair(pg, request.peer_id, time.monotonic())
+            self._pairs[channel] = _HolderPair(pg, request.peer_id, time.monotonic(), None if store.closed else store)
             extra = sorted(self._pairs.items(), key=lambda kv: kv[1].last_used)[: max(0, len(self._pairs) - self.max_pairs)]
             for key, _ in extra:
                 del self._pairs[key]
@@ -151,6 +168,9 @@ class TorchKvSender(KvSender):
             for i, (offset, n) in enumerate(_chunks(payload.numel(), chunk)):
                 self._send_chunk(pair, payload[offset : offset + n], tag + i)
             pair.last_used = time.monotonic()
+            if pair.store is not None:  # nccl: its communicator exists now
+                pair.store.close()
+                pair.store = None
 
     def _send_chunk(self, pair: _HolderPair, data: torch.Tensor, tag: int) -> None:
         pair.pg.send([data], 1, tag).wait(datetime.timedelta(seconds=self.timeout_s))
@@ -163,6 +183,8 @@ class TorchKvSender(KvSender):
             pair = self._pairs.pop(channel, None)
         if pair is not None:
             _drop_group(pair.pg)
+            if pair.store is not None:
+                pair.store.close()
         return pair is not None
 
     def evict_idle(self) -> int:
@@ -182,7 +204,7 @@ class TorchKvSender(KvSender):
 @dataclass(slots=True)
 class _PullerPair:
     pg: object
-    store: object
+    store: PairStore | None  # the rendezvous store, until the group no longer needs it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     next_tag: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -190,11 +212,12 @@ class _PullerPair:
 
 
 class TorchKvTransport(PushKvTransport):
-    def __init__(self, backend: str, channel_pool: ChannelPool, *, worker_id: str = "", device: torch.device | str = "cpu",
-                 wire_dtype: str = "", idle_s: float = 60.0, timeout_s: float = 60.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_idle_bytes: int = 1 << 30):
+    def __init__(self, backend: str, channel_pool: ChannelPool, *, host: str = "127.0.0.1", worker_id: str = "",
+                 device: torch.device | str = "cpu", wire_dtype: str = "", idle_s: float = 60.0, timeout_s: float = 60.0,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_idle_bytes: int = 1 << 30):
         super().__init__(channel_pool, wire_dtype=wire_dtype, timeout_s=timeout_s)
         self.name = backend
+        self.host = host  # the data-plane interface: each pair's rendezvous store and gloo's sockets listen there
         self.worker_id = worker_id or f"puller-{uuid.uuid4().hex[:6]}"
         self.device = torch.device(device)
         self.idle_s = idle_s
@@ -215,36 +238,31 @@ class TorchKvTransport(PushKvTransport):
             channel = self._pairs.get(key)
             if channel is not None:
                 return channel
-            endpoint = handle.transport_params.get(self.name)
-            if not endpoint:
-                raise Unavailable(f"holder {key} gave no {self.name} store address")
-            channel = await self._connect(handle, endpoint)
+            channel = await self._connect(handle)
             self._pairs[key] = channel
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.create_task(self._reap())
         return channel
 
-    async def _connect(self, handle: KvHandle, endpoint: str) -> Channel:
-        host, _, port = endpoint.rpartition(":")
+    async def _connect(self, handle: KvHandle) -> Channel:
         channel_id = uuid.uuid4().hex
-        prefix = f"kv/{channel_id}"
-        timeout = datetime.timedelta(seconds=self.timeout_s)
         try:
-            store = await asyncio.to_thread(dist.TCPStore, host, int(port), None, False, timeout)
+            store = await asyncio.to_thread(PairStore.serve, self.host, self.timeout_s)
         except Exception as exc:
-            raise Unavailable(f"{self.name} store of {handle.worker_id} at {endpoint} unreachable: {exc}") from None
-        building = asyncio.ensure_future(asyncio.to_thread(make_group, dist.PrefixStore(prefix, store), 1, self.name, self.timeout_s, self.device))
-        request = kv_pb2.ConnectKvRequest(transport=self.name, channel=channel_id, peer_id=self.worker_id)
+            raise Unavailable(f"{self.name} rendezvous store on {self.host} failed: {exc}") from None
+        building = asyncio.ensure_future(asyncio.to_thread(make_group, store, 1, self.name, self.timeout_s, self.device, self.host))
+        request = kv_pb2.ConnectKvRequest(transport=self.name, channel=channel_id, peer_id=self.worker_id, params=store.params())
         try:
             await self.stub(handle.kv_address).Connect(request, timeout=self.timeout_s)
             pg = await building
         except BaseException as exc:
+            store.close()  # a rank still waiting in it fails at its timeout
             building.add_done_callback(lambda f: f.exception() is None and _drop_group(f.result()))
             raise Unavailable(f"{self.name} rendezvous with {handle.worker_id} failed: {exc}") from None
-        for key in _rendezvous_keys(prefix):
-            store.delete_key(key)
+        if _close_store_early(self.name):
+            store.close()
         logger.info("%s pair %r with %r open", self.name, channel_id, handle.worker_id)
-        return Channel(self.name, handle.worker_id, handle.kv_address, channel_id, _PullerPair(pg, store))
+        return Channel(self.name, handle.worker_id, handle.kv_address, channel_id, _PullerPair(pg, None if store.closed else store))
 
     async def _open(self, handle: KvHandle, nbytes: int):
         channel = await self._pair(handle)
@@ -273,6 +291,9 @@ class TorchKvTransport(PushKvTransport):
         pair: _PullerPair = channel.state
         pair.busy -= 1
         pair.last_used = time.monotonic()
+        if ok and pair.store is not None:  # nccl: its communicator exists now
+            pair.store.close()
+            pair.store = None
         pair.lock.release()
         if not ok:
             self._drop(channel)
@@ -290,6 +311,8 @@ class TorchKvTransport(PushKvTransport):
         if self._pairs.get(channel.holder) is channel:
             del self._pairs[channel.holder]
         _drop_group(channel.state.pg)
+        if channel.state.store is not None:
+            channel.state.store.close()
         logger.info("%s pair %s with %s dropped", self.name, channel.channel_id, channel.holder)
 
     async def _reap(self) -> None:

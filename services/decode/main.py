@@ -21,7 +21,7 @@ async def run(settings: WorkerSettings) -> None:
     offers = factory.available(device, settings.kv_transport)
     transports = factory.build_pullers(offers, pool, worker_id=rt.worker_id, device=device, wire_dtype=settings.kv_wire_dtype,
                                        idle_s=settings.kv_idle_s, buffer_bytes=settings.kv_buffer_bytes,
-                                       advertise_host=rt.advertise().rpartition(":")[0])
+                                       advertise_host=rt.advertise().rpartition(":")[0], bind_host=settings.host)
     puller = KvPuller(transports, rt.metrics, host_id(), forced=settings.kv_transport)
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(rt, transports.get("grpc"), puller, KnownHolders(rt.registry, settings.model)), rt.built.server)
     try:

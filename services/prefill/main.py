@@ -21,7 +21,7 @@ async def run(settings: WorkerSettings) -> None:
     leases = LeaseTable(default_ttl_s=settings.lease_s)
     device = rt.engine.cache.data.device
     offers = factory.available(device, settings.kv_transport)
-    senders = factory.build_senders(offers, rt.advertise().rpartition(":")[0], device, settings.kv_idle_s)
+    senders = factory.build_senders(offers, rt.advertise().rpartition(":")[0], device, settings.kv_idle_s, bind_host=settings.host)
     kv = KvTransferServer(leases, senders, block_size=settings.block_size)
     transports = ("grpc", *(s.name for s in senders))
     transports = tuple(n for n in offers if n in transports)
