@@ -7,6 +7,16 @@ the holder copies the encoded KV into a registered staging buffer of its own and
 the puller's buffer with `transfer_sync_write`, then replies. Buffers are unregistered when their
 pool evicts them. Nothing is named in the file system, so nothing outlives the two processes.
 `status()` says whether the wheel imports here and, if not, exactly why.
+
+Exposure: each engine is given the worker's data-plane host (`factory.data_plane_host`) as the
+address it advertises, but Mooncake binds its listeners itself and its API takes no bind address.
+Per its upstream source (kvcache-ai/Mooncake common.h, transfer_metadata_plugin.cpp,
+tcp_transport.cpp; not checked against the wheel, which does not import on this machine): in
+P2P-handshake mode the handshake port (random, 15000-17000) binds INADDR_ANY and the TCP data port
+binds [::] dual stack, so every interface; neither authenticates a peer, and the TCP server reads
+or writes whatever address a request names. No per-pair secret fits that protocol: whoever reaches
+those ports can read and write this process's memory. Mooncake belongs on an isolated network
+only; each engine says so at WARNING when it starts.
 """
 
 from __future__ import annotations
@@ -57,6 +67,8 @@ class _Engine:
             raise Unavailable(f"Mooncake TransferEngine.initialize({host}, P2PHANDSHAKE, {protocol}) returned {rc}")
         self.session = f"{host}:{self.te.get_rpc_port()}"
         self.protocol = protocol
+        logger.warning("Mooncake engine %s (%s) listens on every interface, not only %s, and authenticates no peer "
+                       "(its API takes no bind address): keep its network isolated", self.session, protocol, host)
 
     def buffer(self, nbytes: int) -> torch.Tensor:
         buf = cpu_buffer(nbytes)
