@@ -80,7 +80,7 @@ def measure(model: str, weights: str, shared: bool, requests: int = 4) -> dict:
         up = UpProcess(Path(tmp), "--model", model, "--prefill", "1", "--decode", "1", "--weights", weights,
                        "--share-weights", flag, "--preload", flag)
         try:
-            with Client(up.target, timeout_s=300) as c:
+            with Client(up.target, timeout_s=300, **up.client_tls) as c:
                 for i in range(requests):
                     c.generate(f"Tell me about the number {i}.", max_tokens=16, temperature=0.0, chat=True)
             time.sleep(1.0)

@@ -92,14 +92,14 @@ def admission_settings(args) -> tuple[int, int, dict]:
     return inflight, queued, how
 
 
-async def run_point(address: str, tokenizer, args, rate: float, seed: int) -> dict:
+async def run_point(address: str, tokenizer, args, rate: float, seed: int, tls: dict[str, str]) -> dict:
     from distserve.client import AsyncClient
     from distserve.engine.errors import ResourceExhausted
 
     n = max(1, int(round(rate * args.duration)))
     reqs = with_arrivals(build_requests(args.workload, n, tokenizer, seed), rate, "poisson", 1.0, seed)
     reqs = [r for r in reqs if r.arrival_s < args.duration] or reqs[:1]
-    client = AsyncClient(address, timeout_s=args.timeout)
+    client = AsyncClient(address, timeout_s=args.timeout, **tls)
     t0 = time.monotonic()
     out: list[dict] = []
 
@@ -209,7 +209,7 @@ def main() -> None:
             async def warm():
                 from distserve.client import AsyncClient
 
-                async with AsyncClient(up.target, timeout_s=120) as c:
+                async with AsyncClient(up.target, timeout_s=120, **up.client_tls) as c:
                     for spec in build_requests(args.workload, 2, tokenizer, args.seed + 999):
                         await c.generate(spec.prompt_ids, max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
 
@@ -218,7 +218,7 @@ def main() -> None:
             result["rss_mb_start"] = suite_rss(up)
             for i, m in enumerate(multiples):
                 before = suite_rss(up)
-                point = asyncio.run(run_point(up.target, tokenizer, args, m * args.capacity, args.seed + i))
+                point = asyncio.run(run_point(up.target, tokenizer, args, m * args.capacity, args.seed + i, up.client_tls))
                 time.sleep(args.settle)
                 point.update(multiple=m, rss_mb_before=before, rss_mb_after=suite_rss(up))
                 result["points"].append(point)

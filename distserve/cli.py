@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--weights", default="", choices=("", "auto", "fp32", "int8"), help="every worker's --weights (default: theirs, auto)")
     up.add_argument("--kv-dtype", default="", choices=("", "auto", "int8"), help="every worker's --kv-dtype (default: theirs, auto)")
     up.add_argument("--share-weights", default="", choices=("", "auto", "on", "off"), help="every worker's --share-weights (default: theirs, auto)")
+    up.add_argument("--tls", default="on", choices=("on", "off"),
+                    help="on: mutual TLS between the services and TLS (HTTPS) to the router, with certificates made once in --tls-dir; "
+                         "clients then need DISTSERVE_TLS_CA=<tls-dir>/ca.pem. off: plaintext")
+    up.add_argument("--tls-dir", default="", help="the CA and role certificates (default: $DISTSERVE_HOME/tls; made when missing, "
+                                                  "stale or lacking a host)")
     up.add_argument("--preload", default="on", choices=("on", "off"),
                     help="on: fork the workers from this process after importing torch and the engine once, so they share those pages; off: spawn each as a fresh interpreter")
     up.set_defaults(fn=cmd_up)
@@ -244,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--target", default="", help="a running router (default: start a suite with distserve up)")
     bl.add_argument("--redis-url", default="", help="its Redis (needed with --target)")
     bl.add_argument("--http-url", default="", help="its OpenAI API, e.g. http://127.0.0.1:8000: also measure what HTTP adds over gRPC")
+    bl.add_argument("--tls", default="on", choices=("on", "off"), help="TLS of the suite it starts itself (without --target)")
+    add_tls_arguments(bl)  # against a TLS suite: a router's certificate (the direct Prefill calls need that role)
     bl.add_argument("--model", default="smollm2-135m")
     bl.add_argument("--pairs", type=int, default=50, help="router/direct pairs for the overhead figure")
     bl.add_argument("--num-requests", type=int, default=16, help="concurrent requests in the breakdown batch")

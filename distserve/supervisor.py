@@ -24,6 +24,8 @@ from typing import Any, Callable, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from distserve.rpc.channels import internal_options, sync_channel
+from distserve.rpc.tls import Tls
 from distserve.state.redis_server import RedisServer
 
 
@@ -96,8 +98,9 @@ class Child(Protocol):
 class ProcChild:
     """A worker or router: its Proc, restarted by `respawn`, ready when its gRPC health says SERVING."""
 
-    def __init__(self, proc: Proc, respawn: Callable[[Proc], None]):
+    def __init__(self, proc: Proc, respawn: Callable[[Proc], None], tls: Tls | None = None):
         self.proc = proc
+        self.tls = tls  # the suite's TLS (a certificate any service admits to health checks), or None
         self.name = proc.name
         self.address = proc.address
         self._respawn = respawn  # puts a freshly spawned interpreter in proc.popen
@@ -115,9 +118,9 @@ class ProcChild:
 
     def ready(self) -> bool:
         if self._channel is None:  # short reconnect backoff: it starts listening while we poll
-            self._channel = grpc.insecure_channel(self.address, options=[
+            self._channel = sync_channel(self.address, self.tls, [
                 ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000)])
+                ("grpc.max_reconnect_backoff_ms", 1000), *internal_options(self.tls)])
         try:
             resp = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(), timeout=0.2)
         except grpc.RpcError:

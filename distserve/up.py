@@ -25,6 +25,12 @@ thread and no OpenMP pool exists here when it forks (the model is pulled in a su
 child starts its own session, logs to its file and runs `distserve serve <role>` as a spawned one
 would. `--preload off` spawns every worker as a fresh interpreter instead.
 
+Services talk TLS (`--tls on`, the default): `up` makes a CA and a certificate per role once, in
+`--tls-dir` (default $DISTSERVE_HOME/tls; made again when it lacks a host asked for or nears its end),
+and gives each child its role's files in DISTSERVE_TLS_*: workers take calls only from peers with a
+certificate of that CA and the right role, the router serves TLS (and HTTPS), and clients need
+DISTSERVE_TLS_CA=<tls-dir>/ca.pem, which the status line names. `--tls off` runs everything plaintext.
+
 Redis runs with distserve's ACL users (distserve.state.acl): each child gets its role's URL, password
 included, in its environment (`DISTSERVE_REDIS_URL`), never in its argv, which any user can read in
 /proc; the admin URL is written, owner-only, to `redis-admin.url` in the logs folder.
@@ -52,7 +58,13 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from filelock import FileLock
+
 from distserve.engine.models import home
+from distserve.rpc.certs import make_certs, role_files
+from distserve.rpc.certs import valid_for as certs_valid_for
+from distserve.rpc.channels import internal_options, sync_channel
+from distserve.rpc.tls import Tls
 from distserve.state.acl import write_private
 from distserve.state.redis_server import RedisServer, free_port
 from distserve.supervisor import ProcChild, RedisChild, RestartPolicy, Supervisor, describe_exit
@@ -186,9 +198,9 @@ def core_plan(workers: int, threads: int, pin: bool) -> list[tuple[int, str]]:
 
 
 def wait_serving(address: str, proc: subprocess.Popen | Forked, deadline: float,
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False, tls: Tls | None = None) -> None:
     """Returns once `address` answers SERVING; SystemExit(0) as soon as stopping() (a signal came)."""
-    with grpc.insecure_channel(address) as ch:
+    with sync_channel(address, tls, internal_options(tls)) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if stopping():
@@ -227,6 +239,7 @@ class Suite:
         self.args = args
         self.procs: list[Proc] = []  # in start order: workers, then routers
         self.redis: RedisServer | None = None
+        self.tls_dir: Path | None = None  # the certificates' folder, with --tls on
         self.supervisor: Supervisor | None = None  # set once everything serves
         self.logs = Path(args.logs) if args.logs else home() / "logs" / time.strftime("up-%Y%m%d-%H%M%S")
         self._stop = False
@@ -273,6 +286,7 @@ class Suite:
         fork = a.preload == "on"
         if fork:
             preload()
+        self.tls_dir = self._certificates() if a.tls == "on" else None
         self.redis = RedisServer(host="127.0.0.1", acl=True).start()
         write_private(self.redis_admin_file, self.redis.admin_url + "\n")
         roles = ["prefill"] * a.prefill + ["decode"] * a.decode + ["colocated"] * a.colocated
@@ -293,22 +307,22 @@ class Suite:
             argv = ["serve", role, *common, *engine_flags, "--port", str(port), "--threads", str(threads), "--worker-id", name, *a.worker_arg]
             if cpus:
                 argv += ["--cpus", cpus]
-            workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}", self._redis_env(role)))
+            workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}", self._env(role)))
         routers = []
         for i, port in enumerate(router_ports(a.host, a.port, a.routers)):
             name = "router" if i == 0 else f"router-{i + 1}"
             http = ["--http-port", str(a.http_port + i if a.http_port > 0 else a.http_port)]
             routers.append(self._spawn(name, ["serve", "router", *common, "--port", str(port), *http, *a.router_arg],
-                                       f"{a.host}:{port}", self._redis_env("router")))
+                                       f"{a.host}:{port}", self._env("router")))
         deadline = time.monotonic() + READY_TIMEOUT_S
         for p in [*workers, *routers]:
             try:
-                wait_serving(p.address, p.popen, deadline, lambda: self._stop)  # Ctrl-C while starting
+                wait_serving(p.address, p.popen, deadline, lambda: self._stop, self.tls)  # Ctrl-C while starting
             except Exception as exc:
                 self.report_failure(p, exc)
                 raise SystemExit(1)
         policy = RestartPolicy(limit=a.restart_limit)
-        children = [RedisChild(self.redis), *(ProcChild(p, self._respawn) for p in self.procs)]
+        children = [RedisChild(self.redis), *(ProcChild(p, self._respawn, self.tls) for p in self.procs)]
         self.supervisor = Supervisor(children, policy, self.logs / "supervisor.json")
         return [r.address for r in routers]
 
@@ -317,8 +331,30 @@ class Suite:
         """Where the URL of Redis's admin user is written (owner-only)."""
         return self.logs / "redis-admin.url"
 
-    def _redis_env(self, role: str) -> dict[str, str]:
-        return {"DISTSERVE_REDIS_URL": self.redis.role_url(role)}
+    def _env(self, role: str) -> dict[str, str]:
+        """What a child of `role` gets in its environment: its Redis URL and, with TLS, its certificate."""
+        tls = role_files(self.tls_dir, role).env() if self.tls_dir else {}
+        return {"DISTSERVE_REDIS_URL": self.redis.role_url(role), **tls}
+
+    def _certificates(self) -> Path:
+        """The TLS folder, with a set valid for the hosts this suite serves on (made when it has none)."""
+        a = self.args
+        d = Path(a.tls_dir) if a.tls_dir else home() / "tls"
+        hosts = [h for h in (a.host, socket.gethostname()) if h not in ("0.0.0.0", "::", "")]
+        d.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(d) + ".lock"):  # two `up`s starting at once make one set
+            if not certs_valid_for(d, hosts):
+                make_certs(d, hosts)
+                logger.info("made a CA and role certificates in %s", d)
+        return d
+
+    @property
+    def tls(self) -> Tls | None:
+        """What up itself presents to health-check its children (a router's certificate)."""
+        if self.tls_dir is None:
+            return None
+        f = role_files(self.tls_dir, "router")
+        return Tls.load(str(f.ca), str(f.cert), str(f.key))
 
     def report_failure(self, p: Proc, exc: Exception, what: str = "failed to start") -> None:
         print(f"{p.name} {what}: {exc}; last lines of {p.log}:", file=sys.stderr)
@@ -354,12 +390,15 @@ class Suite:
             addresses = self.start()
             a = self.args
             more = f"routers at {','.join(addresses)}; " if len(addresses) > 1 else ""
+            if self.tls_dir is not None:  # before the "is up" line, which scripts wait for
+                print(f"TLS certificates in {self.tls_dir}; clients need DISTSERVE_TLS_CA={self.tls_dir / 'ca.pem'}", flush=True)
             print(f"distserve is up: router at {addresses[0]} ({more}{a.prefill} prefill, {a.decode} decode, "
                   f"{a.colocated} colocated; model {a.model}; redis at {self.redis.url}, admin URL in {self.redis_admin_file}; "
                   f"logs in {self.logs}). "
                   "Ctrl-C stops it.", flush=True)
             if a.http_port > 0:
-                print(f"OpenAI-compatible API at http://{a.host}:{a.http_port}/v1", flush=True)
+                scheme = "https" if self.tls_dir is not None else "http"
+                print(f"OpenAI-compatible API at {scheme}://{a.host}:{a.http_port}/v1", flush=True)
             while not self._stop:
                 self.supervisor.tick()
                 if not self.supervisor.alive("router"):
@@ -384,8 +423,9 @@ class UpProcess:
         self.port = free_port()
         if "--http-port" not in args:  # never the default 8000: tests run beside whatever holds it
             args = (*args, "--http-port", str(free_port()))
+        if "--tls-dir" not in args:  # its own CA, not the user's $DISTSERVE_HOME/tls
+            args = (*args, "--tls-dir", str(tmp / "tls"))
         self.http_port = int(args[args.index("--http-port") + 1])
-        self.http_url = f"http://127.0.0.1:{self.http_port}" if self.http_port > 0 else None
         self.logs = tmp / "logs"
         self.out = tmp / "up.out"
         self._f = open(self.out, "wb")
@@ -410,8 +450,18 @@ class UpProcess:
             self.stop()
             raise TimeoutError("distserve up did not come up")
         self.target = f"127.0.0.1:{self.port}"
+        m = re.search(r"TLS certificates in (\S+);", text)
+        self.tls_dir = Path(m.group(1)) if m else None  # None: the suite runs plaintext (--tls off)
+        self.tls_ca = str(self.tls_dir / "ca.pem") if self.tls_dir else None
+        scheme = "https" if self.tls_dir else "http"
+        self.http_url = f"{scheme}://127.0.0.1:{self.http_port}" if self.http_port > 0 else None
         m = re.search(r"routers at (\S+);", text)
         self.targets = m.group(1).split(",") if m else [self.target]  # every router, the first one first
+
+    @property
+    def client_tls(self) -> dict[str, str]:
+        """The SDK's TLS arguments for this suite's routers: `Client(up.target, **up.client_tls)`."""
+        return {"tls_ca": self.tls_ca or ""}
 
     def status(self) -> dict[str, dict]:
         """supervisor.json: per process name its pid, address, state, restarts and last exit."""

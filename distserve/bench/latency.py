@@ -10,7 +10,9 @@
    alternately over gRPC and over the OpenAI API (streaming /v1/completions, a new connection each
    time, as the load generator sends them); the paired differences are what HTTP adds (p50, p90).
 
-Without --target it starts its own suite with `distserve up` (1 prefill + 1 decode) and stops it after.
+Without --target it starts its own suite with `distserve up` (1 prefill + 1 decode; TLS as `--tls` says)
+and stops it after. Against a suite with TLS, --tls-ca/--tls-cert/--tls-key name a router's certificate
+(the direct Prefill calls need the router role).
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import ssl
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-import grpc
 
 from distserve.client import AsyncClient
 from distserve.kv.grpc_transport import GrpcKvTransport
 from distserve.kv.handle import KvHandle
 from distserve.rpc.channels import ChannelPool
+from distserve.rpc.tls import Tls
 from distserve.state.connect import connect
 from distserve.state.registry import Registry
 from distserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -41,10 +44,25 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def breakdown(target: str, n: int, prompt_len: int, max_tokens: int, seed: int = 0) -> dict:
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """A router's TLS files (empty: plaintext)."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    def client(self) -> dict:
+        return {"tls_ca": self.ca, "tls_cert": self.cert, "tls_key": self.key}
+
+    def channel(self) -> Tls | None:
+        return Tls.load(self.ca, self.cert, self.key)
+
+
+async def breakdown(target: str, n: int, prompt_len: int, max_tokens: int, seed: int = 0, tls: TlsFiles = TlsFiles()) -> dict:
     rng = random.Random(seed)
     prompts = [[rng.randrange(100, 250) for _ in range(prompt_len)] for _ in range(n)]  # valid for every model here
-    async with AsyncClient(target) as c:
+    async with AsyncClient(target, **tls.client()) as c:
         await c.generate(prompts[0][:16], max_tokens=2, temperature=0.0)  # warm the path
         outs = await asyncio.gather(*(c.generate(p, max_tokens=max_tokens, temperature=0.0, ignore_eos=True) for p in prompts))
     e2e = [o.metrics.e2e_s for o in outs]
@@ -66,18 +84,18 @@ async def breakdown(target: str, n: int, prompt_len: int, max_tokens: int, seed:
     }
 
 
-async def router_overhead(target: str, redis_url: str, n: int, prompt_len: int = 16) -> dict:
+async def router_overhead(target: str, redis_url: str, n: int, prompt_len: int = 16, tls: TlsFiles = TlsFiles()) -> dict:
     r = connect(redis_url, role="bench")
     views = [v for v in await Registry(r).live_workers(role="prefill")]
     await r.aclose()
     if not views:
         raise SystemExit("no prefill worker registered")
-    pool = ChannelPool()
+    pool = ChannelPool(tls=tls.channel())
     kv = GrpcKvTransport(pool)
     prompt = list(range(200, 200 + prompt_len))
     params = common_pb2.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     direct, routed = [], []
-    async with AsyncClient(target) as c:
+    async with AsyncClient(target, **tls.client()) as c:
         for i in range(n + 2):
             view = views[i % len(views)]
             stub = prefill_pb2_grpc.PrefillStub(pool.get(view.info.address))
@@ -104,18 +122,19 @@ async def router_overhead(target: str, redis_url: str, n: int, prompt_len: int =
     }
 
 
-async def http_overhead(target: str, http_url: str, model: str, n: int, prompt_len: int = 16) -> dict:
+async def http_overhead(target: str, http_url: str, model: str, n: int, prompt_len: int = 16, tls: TlsFiles = TlsFiles()) -> dict:
     from urllib.parse import urlsplit
 
     from distserve.bench.openai_target import OpenAITarget
     from distserve.bench.workloads import RequestSpec
 
     url = urlsplit(http_url)
-    http = OpenAITarget(url.hostname, url.port or 80, model, timeout_s=60, send_token_ids=True)
+    https = ssl.create_default_context(cafile=tls.ca or None) if url.scheme == "https" else None
+    http = OpenAITarget(url.hostname, url.port or 80, model, timeout_s=60, send_token_ids=True, tls=https)
     prompt = list(range(200, 200 + prompt_len))
     spec = RequestSpec(0, prompt, "", prompt_len, 1)
     over_grpc, over_http = [], []
-    async with AsyncClient(target) as c:
+    async with AsyncClient(target, **tls.client()) as c:
         for i in range(n + 2):
             t = time.perf_counter()
             async for chunk in c.stream(prompt, max_tokens=1, temperature=0.0, ignore_eos=True):
@@ -139,26 +158,31 @@ async def http_overhead(target: str, http_url: str, model: str, n: int, prompt_l
     }
 
 
-async def measure(target: str, redis_url: str, args, http_url: str | None = None) -> dict:
+async def measure(target: str, redis_url: str, args, http_url: str | None = None, tls: TlsFiles = TlsFiles()) -> dict:
     out = {
-        "breakdown": await breakdown(target, args.num_requests, args.prompt_len, args.max_tokens),
-        "router": await router_overhead(target, redis_url, args.pairs),
+        "tls": bool(tls.ca),
+        "breakdown": await breakdown(target, args.num_requests, args.prompt_len, args.max_tokens, tls=tls),
+        "router": await router_overhead(target, redis_url, args.pairs, tls=tls),
     }
     if http_url:
-        out["http"] = await http_overhead(target, http_url, args.model, args.pairs)
+        out["http"] = await http_overhead(target, http_url, args.model, args.pairs, tls=tls)
     return out
 
 
 def main(args) -> None:
     up = None
     target, redis_url, http_url = args.target, args.redis_url, args.http_url
+    tls = TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)
     if not target:
+        from distserve.rpc.certs import role_files
         from distserve.up import UpProcess
 
-        up = UpProcess(Path(tempfile.mkdtemp(prefix="distserve-bench-")), "--model", args.model)
+        up = UpProcess(Path(tempfile.mkdtemp(prefix="distserve-bench-")), "--model", args.model, "--tls", args.tls)
         target, redis_url, http_url = up.target, up.redis_url, up.http_url
+        router = role_files(up.tls_dir, "router") if up.tls_dir else None
+        tls = TlsFiles(str(router.ca), str(router.cert), str(router.key)) if router else TlsFiles()
     try:
-        result = asyncio.run(measure(target, redis_url, args, http_url))
+        result = asyncio.run(measure(target, redis_url, args, http_url, tls))
     finally:
         if up is not None:
             up.stop()
@@ -166,6 +190,7 @@ def main(args) -> None:
         print(json.dumps(result))
         return
     b, r = result["breakdown"], result["router"]
+    print("TLS (mutual between services)" if result["tls"] else "plaintext")
     print(f"{b['requests']} concurrent requests, {b['prompt_tokens']} prompt + {b['output_tokens']} output tokens; mean e2e {b['mean_e2e_s']:.3f}s")
     for k in PHASES:
         print(f"  {k:<18} {b['phases_mean_s'][k]:9.4f}s  {100 * b['phases_share'][k]:6.2f}%")

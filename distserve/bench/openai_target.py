@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator
 
@@ -76,8 +77,10 @@ async def sse_events(body: AsyncIterator[bytes]) -> AsyncIterator[str]:
 
 
 class OpenAITarget:
-    def __init__(self, host: str, port: int, model: str, timeout_s: float = 600.0, send_token_ids: bool = False):
+    def __init__(self, host: str, port: int, model: str, timeout_s: float = 600.0, send_token_ids: bool = False,
+                 tls: ssl.SSLContext | None = None):
         self.host, self.port, self.model = host, port, model
+        self.tls = tls  # HTTPS when set
         self.timeout_s = timeout_s
         self.send_token_ids = send_token_ids
 
@@ -101,7 +104,7 @@ class OpenAITarget:
         return res
 
     async def _stream(self, spec: RequestSpec, t0: float, res: RequestResult) -> None:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
+        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls)
         try:
             writer.write(self._request(spec))
             await writer.drain()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import ssl
 import subprocess
 import sys
 import time
@@ -59,20 +61,22 @@ class DistserveTarget:
 
 
 def parse_target(target: str, model: str = "", timeout_s: float = 600.0, token_ids: bool | None = None):
-    """`distserve://host:port` (or a bare host:port) or `openai://host:port`."""
+    """`distserve://host:port` (or a bare host:port), `openai://host:port` or, over TLS, `https://host:port`
+    (checked against $DISTSERVE_TLS_CA when set, else the system's CAs; the SDK reads it too)."""
     scheme, sep, rest = target.partition("://")
     if not sep:
         scheme, rest = "distserve", target
     if scheme == "distserve":
         return DistserveTarget(rest, timeout_s)
-    if scheme in ("openai", "http"):
+    if scheme in ("openai", "http", "https"):
         from distserve.bench.openai_target import OpenAITarget
 
         host, _, port = rest.rstrip("/").rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"openai target needs host:port, got {target!r}")
-        return OpenAITarget(host, int(port), model or "smollm2-135m", timeout_s, send_token_ids=bool(token_ids))
-    raise ValueError(f"unknown target scheme {scheme!r}: use distserve://host:port or openai://host:port")
+        tls = ssl.create_default_context(cafile=os.environ.get("DISTSERVE_TLS_CA") or None) if scheme == "https" else None
+        return OpenAITarget(host, int(port), model or "smollm2-135m", timeout_s, send_token_ids=bool(token_ids), tls=tls)
+    raise ValueError(f"unknown target scheme {scheme!r}: use distserve://host:port, openai://host:port or https://host:port")
 
 
 @dataclass(slots=True)

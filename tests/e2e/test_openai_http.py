@@ -9,6 +9,7 @@ of `stream_options.include_usage`), errors in OpenAI's shape with the right stat
 from __future__ import annotations
 
 import json
+import ssl
 
 import httpx
 import openai
@@ -21,6 +22,11 @@ pytestmark = pytest.mark.timeout(600)
 
 MODEL = "tiny-llama"
 PROMPT = "The quick brown fox"
+
+
+def trust(suite: UpProcess) -> ssl.SSLContext:
+    """What HTTPS clients verify the suite's router with: the CA `distserve up` made."""
+    return ssl.create_default_context(cafile=suite.tls_ca)
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +43,23 @@ def suite(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oai(suite):
-    with openai.OpenAI(base_url=suite.http_url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+    # `distserve up` serves HTTPS with its own CA by default: the client trusts that CA, as users do
+    with openai.OpenAI(base_url=suite.http_url + "/v1", api_key="unused", max_retries=0, timeout=60,
+                       http_client=httpx.Client(verify=trust(suite))) as c:
         yield c
 
 
 def test_models_and_health(suite, oai):
     models = oai.models.list()
     assert [m.id for m in models.data] == [MODEL]
-    assert httpx.get(suite.http_url + "/health", timeout=10).status_code == 200
-    metrics = httpx.get(suite.http_url + "/metrics", timeout=10)
+    assert httpx.get(suite.http_url + "/health", timeout=10, verify=trust(suite)).status_code == 200
+    metrics = httpx.get(suite.http_url + "/metrics", timeout=10, verify=trust(suite))
     assert metrics.status_code == 200 and "distserve_requests_total" in metrics.text
 
 
 def test_completion_equals_the_grpc_answer_and_reports_usage(suite, oai):
     out = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
-    with Client(suite.target) as c:
+    with Client(suite.target, **suite.client_tls) as c:
         ref = c.generate(PROMPT, max_tokens=12, temperature=0, ignore_eos=True)
     assert out.object == "text_completion" and len(out.choices) == 1
     assert out.choices[0].text == ref.text
@@ -76,7 +84,7 @@ def test_a_batch_of_prompts_echo_and_n(oai):
 def test_token_id_prompts(oai, suite):
     ids = [5, 6, 7, 8]
     out = oai.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
-    with Client(suite.target) as c:
+    with Client(suite.target, **suite.client_tls) as c:
         assert out.choices[0].text == c.generate(ids, max_tokens=6, temperature=0, ignore_eos=True).text
     two = oai.completions.create(model=MODEL, prompt=[ids, [9, 10]], max_tokens=2, temperature=0, extra_body={"ignore_eos": True})
     assert len(two.choices) == 2 and two.usage.prompt_tokens == 6
@@ -150,7 +158,8 @@ def test_chat_completion_and_its_stream_agree(oai):
 def test_raw_sse_stream_is_framed_as_openai_sends_it(suite):
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", suite.http_url + "/v1/completions", json=body, headers={"x-request-id": "sse-check-1"}, timeout=60) as r:
+    with httpx.stream("POST", suite.http_url + "/v1/completions", json=body, headers={"x-request-id": "sse-check-1"}, timeout=60,
+                      verify=trust(suite)) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-request-id"] == "sse-check-1"
@@ -174,26 +183,26 @@ def test_raw_sse_stream_is_framed_as_openai_sends_it(suite):
     ({"model": MODEL, "prompt": [[1, 2], "mixed"]}, 400, "prompt"),
 ])
 def test_errors_have_openais_shape_and_status(suite, body, status, param):
-    r = httpx.post(suite.http_url + "/v1/completions", json=body, timeout=30)
+    r = httpx.post(suite.http_url + "/v1/completions", json=body, timeout=30, verify=trust(suite))
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"]
 
 
-def test_the_openai_client_raises_typed_errors(oai):
+def test_the_openai_client_raises_typed_errors(oai, suite):
     with pytest.raises(openai.NotFoundError):
         oai.completions.create(model="nope", prompt="x")
     with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_p=2)
     bad = httpx.post(str(oai.base_url.join("completions")), content=b"{not json", headers={"content-type": "application/json"},
-                     timeout=10)  # a malformed body
+                     timeout=10, verify=trust(suite))  # a malformed body
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
 
 
-def _metric(url: str, name: str, **labels) -> float:
+def _metric(suite: UpProcess, name: str, **labels) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url + "/metrics", timeout=10).text
+    text = httpx.get(suite.http_url + "/metrics", timeout=10, verify=trust(suite)).text
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
@@ -201,9 +210,9 @@ def _metric(url: str, name: str, **labels) -> float:
 def test_a_client_that_disconnects_cancels_both_legs(suite):
     import time
 
-    before = _metric(suite.http_url, "distserve_requests_total", role="router", outcome="cancelled")
+    before = _metric(suite, "distserve_requests_total", role="router", outcome="cancelled")
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 900, "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", suite.http_url + "/v1/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", suite.http_url + "/v1/completions", json=body, timeout=60, verify=trust(suite)) as r:
         events = 0
         for line in r.iter_lines():
             events += line.startswith("data: ")
@@ -211,12 +220,12 @@ def test_a_client_that_disconnects_cancels_both_legs(suite):
                 break  # leave mid-stream: the connection closes with the block
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        cancelled = _metric(suite.http_url, "distserve_requests_total", role="router", outcome="cancelled")
-        running = _metric(suite.http_url, "distserve_pool_running_requests", role="decode")
+        cancelled = _metric(suite, "distserve_requests_total", role="router", outcome="cancelled")
+        running = _metric(suite, "distserve_pool_running_requests", role="decode")
         if cancelled > before and running == 0:
             break
         time.sleep(0.3)
-    assert cancelled == before + 1  # the router saw the client go and ended the request
+    assert cancelled == before + 1, (before, cancelled, running)  # the router saw the client go and ended the request
     assert running == 0  # and the decode worker dropped it (its load, as the registry reports it)
 
 
@@ -239,7 +248,7 @@ def test_two_hundred_concurrent_streams_complete(suite):
 
     async def go():
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-        async with httpx.AsyncClient(base_url=suite.http_url, timeout=120, limits=limits) as c:
+        async with httpx.AsyncClient(base_url=suite.http_url, timeout=120, limits=limits, verify=trust(suite)) as c:
             return await asyncio.gather(*(one(c, i) for i in range(200)))
 
     assert asyncio.run(go()) == [8] * 200

@@ -25,7 +25,7 @@ def test_min_tokens_and_top_logprobs_through_prefill_and_decode(tmp_path, tiny, 
         dump_on_failure(up)
         p = [17, 101, 55, 203, 9, 66, 140, 31, 250, 12]
         ref = reference(tiny, p, 8)
-        with Client(up.target) as c:
+        with Client(up.target, **up.client_tls) as c:
             # the greedy first token is a stop id: without min_tokens the request ends at once
             plain = c.generate(p, max_tokens=8, temperature=0.0, stop_token_ids=[ref[0]])
             assert plain.token_ids == ref[:1] and plain.finish_reason == "stop"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 
 from distserve.client import AsyncClient, Client
 from distserve.engine.errors import InvalidRequest
+from distserve.rpc.certs import role_files
 from distserve.state.redis_server import free_port
 from distserve.state.registry import Registry
 from distserve.state.requests import RequestPhase, RequestStateStore
@@ -63,7 +65,7 @@ def test_fifty_concurrent_requests_match_transformers_and_free_everything(suite,
     reqs = [([rng.randrange(3, 259) for _ in range(rng.randrange(2, 200))], rng.randrange(1, 40)) for _ in range(50)]
 
     async def go():
-        async with AsyncClient(suite.target) as c:
+        async with AsyncClient(suite.target, **suite.client_tls) as c:
             return await asyncio.gather(*(c.generate(p, max_tokens=n, temperature=0.0) for p, n in reqs))
 
     outs = asyncio.run(go())
@@ -79,7 +81,7 @@ def test_fifty_concurrent_requests_match_transformers_and_free_everything(suite,
 
 def test_text_prompt_streams_and_state_is_recorded(suite, tiny, dump_on_failure):
     dump_on_failure(suite)
-    with Client(suite.target) as c:
+    with Client(suite.target, **suite.client_tls) as c:
         chunks = list(c.stream("héllo wörld ✓", max_tokens=12, temperature=0.0, ignore_eos=True, request_id="state-1"))
     assert chunks[-1].finish_reason == "length"
     ids = [t for ch in chunks for t in ch.token_ids]
@@ -111,7 +113,7 @@ def test_cancelled_stream_stops_both_legs_and_frees_blocks(suite, dump_on_failur
     dump_on_failure(suite)
 
     async def go():
-        async with AsyncClient(suite.target) as c:
+        async with AsyncClient(suite.target, **suite.client_tls) as c:
             got = 0
             async for ch in c.stream([5] * 100, max_tokens=900, temperature=0.0, ignore_eos=True, request_id="cancel-1"):
                 got += len(ch.token_ids)
@@ -145,7 +147,7 @@ def test_cancelled_stream_stops_both_legs_and_frees_blocks(suite, dump_on_failur
     ],
 )
 def test_invalid_requests_get_invalid_argument_and_workers_keep_serving(suite, kwargs, field):
-    with Client(suite.target) as c:
+    with Client(suite.target, **suite.client_tls) as c:
         prompt = kwargs.pop("prompt")
         with pytest.raises(InvalidRequest) as e:
             c.generate(prompt, **kwargs)
@@ -161,7 +163,8 @@ def test_worker_joining_gets_traffic_and_a_dead_one_stops_getting_it(suite, tmp_
     late = subprocess.Popen([sys.executable, "-m", "distserve.cli", "serve", "decode", "--model", "tiny-llama",
                              "--redis-url", suite.redis_url, "--port", str(port), "--worker-id", "decode-late",
                              "--num-blocks", "256", "--ttl-s", "2", "--heartbeat-s", "0.25", "--threads", "1"],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **role_files(suite.tls_dir, "decode").env()})  # joins the suite's mTLS
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and "READY" not in (tmp_path / "late.log").read_text(errors="replace"):
@@ -170,7 +173,7 @@ def test_worker_joining_gets_traffic_and_a_dead_one_stops_getting_it(suite, tmp_
         ready_at = time.monotonic()
 
         async def burst(n):
-            async with AsyncClient(suite.target) as c:
+            async with AsyncClient(suite.target, **suite.client_tls) as c:
                 outs = await asyncio.gather(*(c.generate([9] * 20, max_tokens=20, temperature=0.0, ignore_eos=True) for _ in range(n)))
             return {o.metrics.decode_worker for o in outs}
 
@@ -190,7 +193,7 @@ def test_worker_joining_gets_traffic_and_a_dead_one_stops_getting_it(suite, tmp_
 def test_deadline_exceeded_is_typed_and_frees_the_request(suite):
     from distserve.engine.errors import DeadlineExceeded
 
-    with Client(suite.target) as c:
+    with Client(suite.target, **suite.client_tls) as c:
         with pytest.raises(DeadlineExceeded) as e:
             c.generate([5] * 50, max_tokens=900, temperature=0.0, ignore_eos=True, timeout_s=0.3)
         assert e.value.grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -37,7 +37,7 @@ def test_each_transport_end_to_end_matches_transformers(transport, wire, tiny, t
     try:
         rng = random.Random(5)
         reqs = [([rng.randrange(3, 259) for _ in range(rng.randrange(5, 150))], rng.randrange(2, 20)) for _ in range(6)]
-        with Client(up.target) as c:
+        with Client(up.target, **up.client_tls) as c:
             outs = [c.generate(p, max_tokens=n, temperature=0.0, ignore_eos=True) for p, n in reqs]
         for (p, n), out in zip(reqs, outs):
             assert out.token_ids == reference(tiny, p, n)

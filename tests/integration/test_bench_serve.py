@@ -22,8 +22,14 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     up = UpProcess(tmp_path_factory.mktemp("up"), "--model", "tiny-llama", "--prefill", "1", "--decode", "1", timeout_s=90)
-    yield up.target
-    up.stop()
+    # the suite serves TLS: the bench (through the SDK) finds the CA where users put it, $DISTSERVE_TLS_CA
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DISTSERVE_TLS_CA", up.tls_ca)
+    try:
+        yield up.target
+    finally:
+        mp.undo()
+        up.stop()
 
 
 def cli(argv: list[str], capsys) -> str:

@@ -109,7 +109,7 @@ def test_suite_with_int8_weights_and_int8_kv_serves_valid_tokens(tmp_path, tiny,
         else:
             assert not forked, children
         want = run_prompts(LLMEngine(tiny, EngineConfig(num_blocks=128, weights="int8", kv_dtype="int8")), ps, GREEDY)
-        with Client(up.target, timeout_s=120) as c:
+        with Client(up.target, timeout_s=120, **up.client_tls) as c:
             for i, p in enumerate(ps):
                 out = c.generate(p, max_tokens=12, temperature=0.0)
                 if out.token_ids != want[str(i)]:

@@ -18,6 +18,9 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from distserve.client import Client
+from distserve.rpc.certs import role_files
+from distserve.rpc.channels import internal_options, sync_channel
+from distserve.rpc.tls import Tls
 from distserve.state.registry import Registry
 from distserve.up import UpProcess
 
@@ -26,11 +29,11 @@ pytestmark = pytest.mark.timeout(240)
 RECOVERY_S = 60.0  # a fault until the next request succeeds, at most (a restart imports torch afresh)
 
 
-def generate_ok(target: str, within_s: float) -> int:
+def generate_ok(target: str, within_s: float, tls: dict[str, str]) -> int:
     """Requests until one completes; the number of attempts it took. Fails after within_s."""
     deadline = time.monotonic() + within_s
     attempts, last = 0, None
-    with Client(target, timeout_s=10) as c:
+    with Client(target, timeout_s=10, **tls) as c:
         while time.monotonic() < deadline:
             attempts += 1
             try:
@@ -53,8 +56,11 @@ def wait_for(what: str, check, within_s: float):
     raise AssertionError(f"{what}: not within {within_s:.0f}s")
 
 
-def serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as ch:
+def serving(address: str, tls_dir: Path) -> bool:
+    """Health of one process of the suite, asked with a router's certificate (workers want one)."""
+    f = role_files(tls_dir, "router")
+    tls = Tls.load(str(f.ca), str(f.cert), str(f.key))
+    with sync_channel(address, tls, internal_options(tls)) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
         except grpc.RpcError:
@@ -92,7 +98,7 @@ def test_up_restarts_a_killed_decode_worker_and_a_killed_redis_and_keeps_serving
     ok = False
     try:
         assert up.targets == [up.target]
-        assert generate_ok(up.target, 30) == 1  # the suite serves before any fault
+        assert generate_ok(up.target, 30, up.client_tls) == 1  # the suite serves before any fault
         redis_credentials_stay_out_of_argv_and_output(up)
 
         # kill -9 the decode worker: `up` stays, the worker comes back on its port, requests complete
@@ -104,8 +110,8 @@ def test_up_restarts_a_killed_decode_worker_and_a_killed_redis_and_keeps_serving
         assert up.proc.poll() is None, "distserve up stopped when a worker died"
         assert after["pid"] != before["pid"] and after["address"] == before["address"]
         assert after["last_exit"] == "signal SIGKILL"
-        assert serving(after["address"])
-        generate_ok(up.target, RECOVERY_S)
+        assert serving(after["address"], up.tls_dir)
+        generate_ok(up.target, RECOVERY_S, up.client_tls)
         assert up.status()["prefill-1"]["restarts"] == 0 and up.status()["router"]["restarts"] == 0
 
         # kill -9 Redis: restarted on the same port, the workers re-register, requests complete again
@@ -117,7 +123,7 @@ def test_up_restarts_a_killed_decode_worker_and_a_killed_redis_and_keeps_serving
         assert redis.Redis.from_url(up.redis_url, socket_timeout=2).ping()
         wait_for("both workers re-registered in the new Redis",
                  lambda: asyncio.run(live_worker_ids(up.redis_url)) >= {"prefill-1", "decode-1"}, 10)
-        generate_ok(up.target, 30)
+        generate_ok(up.target, 30, up.client_tls)
         assert up.proc.poll() is None
         ok = True
     finally:
@@ -137,13 +143,13 @@ def test_up_runs_several_routers_and_ends_with_code_1_when_none_is_left(tmp_path
     try:
         assert len(up.targets) == 2 and up.targets[0] == up.target
         for target in up.targets:
-            generate_ok(target, 30)
+            generate_ok(target, 30, up.client_tls)
         st = up.status()
         assert st["router-2"]["address"] == up.targets[1]
         os.kill(st["router-2"]["pid"], signal.SIGKILL)  # limit 0: left down, the other router serves on
         wait_for("router-2 failed", lambda: up.status()["router-2"]["state"] == "failed", 10)
         assert up.proc.poll() is None
-        generate_ok(up.target, 10)
+        generate_ok(up.target, 10, up.client_tls)
         os.kill(st["router"]["pid"], signal.SIGKILL)  # no router left: up stops the suite, code 1
         assert up.proc.wait(timeout=60) == 1
         ok = True
