@@ -75,7 +75,8 @@ def cmd_bench(args) -> None:
         from distserve.bench.kv_bench import run, table
 
         result = run(sizes_mb=[int(x) for x in args.sizes_mb.split(",")], prompts=[int(x) for x in args.prompts.split(",") if x],
-                     reps=args.reps, model=args.model, transports=tuple(args.transports.split(",")), agreement=not args.no_agreement)
+                     reps=args.reps, model=args.model, transports=tuple(args.transports.split(",")), agreement=not args.no_agreement,
+                     tls=args.tls)
         print(json.dumps(result) if args.json else table(result))
     elif args.what == "serve":
         from distserve.bench.serve import main
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--model", default="smollm2-135m")
     bk.add_argument("--transports", default="grpc,gloo,shm", help="mooncake is added when its wheel imports")
     bk.add_argument("--no-agreement", action="store_true", help="skip the fp16/int8 greedy-agreement run")
+    bk.add_argument("--tls", action="store_true", help="mutual TLS on the control plane, as a suite with TLS runs it (the grpc transport's bytes go through it)")
     bk.add_argument("--json", action="store_true")
     from distserve.bench.goodput import add_goodput_arguments
     from distserve.bench.serve import add_serve_arguments

@@ -12,17 +12,19 @@ Then, in-process, greedy agreement of fp16 and int8 KV on the wire against fp32 
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import datetime
 import socket
 import statistics
 import struct
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from distserve.bench.kv_peer import Peer
+from distserve.rpc.certs import make_certs
 
 MiB = 1 << 20
 
@@ -110,11 +112,14 @@ class _Baselines:
             self.sock.close()
 
 
-async def _transports(peer: Peer, names: tuple[str, ...], rows: list[dict], reps: int) -> None:
+async def _transports(peer: Peer, names: tuple[str, ...], rows: list[dict], reps: int, tls_dir: Path | None = None) -> None:
     from distserve.kv.factory import build_pullers
+    from distserve.rpc.certs import role_files
     from distserve.rpc.channels import ChannelPool
+    from distserve.rpc.tls import Tls
 
-    pool = ChannelPool()
+    f = role_files(tls_dir, "decode") if tls_dir else None
+    pool = ChannelPool(tls=Tls.load(str(f.ca), str(f.cert), str(f.key)) if f else None)  # a decode worker's channels
     transports = build_pullers(tuple(n for n in names if n != "grpc"), pool, worker_id="bench", device=torch.device("cpu"))
     try:
         for row in rows:
@@ -187,7 +192,10 @@ def _agreement(model: str, n_prompts: int, max_tokens: int) -> dict:
 
 
 def run(sizes_mb=(1, 4, 16, 64, 256), prompts=(128, 512, 2048), reps: int = 5, model: str = "smollm2-135m",
-        transports=("grpc", "gloo", "shm"), agreement: bool = True, agreement_prompts: int = 16, agreement_tokens: int = 32) -> dict:
+        transports=("grpc", "gloo", "shm"), agreement: bool = True, agreement_prompts: int = 16, agreement_tokens: int = 32,
+        tls: bool = False) -> dict:
+    """With `tls`, the control plane (and so the grpc transport's bytes) runs mutual TLS, as a suite with
+    TLS does; the side channels (gloo, shm, mooncake) carry the KV outside it either way."""
     import uvloop
 
     from distserve.kv import mooncake_transport
@@ -195,10 +203,11 @@ def run(sizes_mb=(1, 4, 16, 64, 256), prompts=(128, 512, 2048), reps: int = 5, m
     mooncake_ok, mooncake_why = mooncake_transport.status()
     names = tuple(transports) + (("mooncake",) if mooncake_ok and "mooncake" not in transports else ())
     names = tuple(n for n in names if n != "mooncake" or mooncake_ok)
-    out: dict = {"reps": reps, "unit": "GB/s = 1e9 bytes/s; latency = median of reps after one warm-up",
+    tls_dir = make_certs(Path(tempfile.mkdtemp(prefix="distserve-kv-tls-"))) if tls else None
+    out: dict = {"reps": reps, "unit": "GB/s = 1e9 bytes/s; latency = median of reps after one warm-up", "tls": tls,
                  "threads": torch.get_num_threads(), "mooncake": "used (tcp)" if "mooncake" in names else f"skipped: {mooncake_why}"}
     held = ["gloo", *(n for n in names if n not in ("grpc", "gloo"))]  # gloo always: the raw gloo baseline uses its store
-    with Peer(transports=",".join(held)) as peer:
+    with Peer(transports=",".join(held), tls_dir=tls_dir) as peer:
         base = _Baselines(peer)
         try:
             payload_rows = []
@@ -216,7 +225,7 @@ def run(sizes_mb=(1, 4, 16, 64, 256), prompts=(128, 512, 2048), reps: int = 5, m
                 row["memcpy"] = _stat(base.memcpy(n, reps), n)
                 row["socket"] = _stat(base.socket(n, reps), n)
                 row["gloo_raw"] = _stat(base.gloo(n, reps), n)
-            uvloop.run(_transports(peer, names, payload_rows + real_rows, reps))
+            uvloop.run(_transports(peer, names, payload_rows + real_rows, reps, tls_dir))
         finally:
             base.close()
     out["payloads"], out["real_kv"] = payload_rows, real_rows
@@ -237,7 +246,8 @@ def run(sizes_mb=(1, 4, 16, 64, 256), prompts=(128, 512, 2048), reps: int = 5, m
 
 def table(result: dict) -> str:
     names = [k for k in ("memcpy", "socket", "gloo_raw", "grpc", "gloo", "shm", "mooncake") if k in result["payloads"][0]]
-    lines = [f"{'payload':>34} " + " ".join(f"{n:>16}" for n in names)]
+    lines = ["control plane (and the grpc transport): " + ("mutual TLS" if result.get("tls") else "plaintext"),
+             f"{'payload':>34} " + " ".join(f"{n:>16}" for n in names)]
     for row in result["payloads"] + result["real_kv"]:
         cells = [f"{row[n]['gbps']:6.2f}GB/s {row[n]['latency_ms']:7.1f}ms" for n in names]
         lines.append(f"{row['payload']:>34} " + " ".join(f"{c:>16}" for c in cells))

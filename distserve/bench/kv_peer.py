@@ -13,6 +13,8 @@ per line on stdin and reads one JSON reply per line on stdout:
   raw_gloo                         -> {store, secret}: a raw 2-rank gloo group (rank 0) over that
                                    rendezvous store, serving sizes the same way
 `close()` ends the process (SIGKILL after a grace period); its stderr goes to a log file.
+With `tls_dir` (a `distserve certs` folder) the holder serves KvTransfer as a prefill worker does
+under TLS: its prefill certificate, callers' certificates required, only decode/colocated roles.
 """
 
 from __future__ import annotations
@@ -42,11 +44,13 @@ def random_kv(shape, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
 class Peer:
     """The parent's handle on a holder process."""
 
-    def __init__(self, *, transports: str = "gloo,shm", idle_s: float = 60.0, log: Path | None = None, timeout_s: float = 120.0):
+    def __init__(self, *, transports: str = "gloo,shm", idle_s: float = 60.0, log: Path | None = None, timeout_s: float = 120.0,
+                 tls_dir: Path | None = None):
         self.log_path = log or Path(f"/tmp/distserve-kv-peer-{os.getpid()}-{time.monotonic_ns()}.log")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "distserve.bench.kv_peer", "--transports", transports, "--idle-s", str(idle_s)],
+            [sys.executable, "-m", "distserve.bench.kv_peer", "--transports", transports, "--idle-s", str(idle_s),
+             *(["--tls-dir", str(tls_dir)] if tls_dir else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
         )
         self.timeout_s = timeout_s
@@ -104,7 +108,8 @@ class Peer:
 
 # -- the child process --------------------------------------------------------------------------
 class _Holder:
-    def __init__(self, transports: list[str], idle_s: float):
+    def __init__(self, transports: list[str], idle_s: float, tls_dir: str = ""):
+        self.tls_dir = tls_dir
         from distserve.kv.factory import build_senders
         from distserve.kv.lease import LeaseTable
         from distserve.kv.server import KvTransferServer
@@ -122,7 +127,15 @@ class _Holder:
         from distserve.rpc.server import build_server
         from distserve.kv.grpc_transport import add_to_server as add_kv_transfer
 
-        self.built = await build_server(["distserve.v1.KvTransfer"], host="127.0.0.1", port=0)
+        tls = None
+        if self.tls_dir:
+            from distserve.rpc.certs import role_files
+            from distserve.rpc.tls import WORKER_CALLERS, PeerRoles, Tls
+
+            f = role_files(self.tls_dir, "prefill")
+            tls = Tls.load(str(f.ca), str(f.cert), str(f.key))
+        self.built = await build_server(["distserve.v1.KvTransfer"], host="127.0.0.1", port=0, tls=tls,
+                                        interceptors=[PeerRoles(WORKER_CALLERS)] if tls else ())
         add_kv_transfer(self.server, self.built.server)
         await self.built.server.start()
         self.reaper = asyncio.create_task(self.server.run_reaper(0.2))
@@ -246,8 +259,8 @@ def _host_id() -> str:
     return host_id()
 
 
-async def _main(transports: list[str], idle_s: float) -> None:
-    holder = _Holder(transports, idle_s)
+async def _main(transports: list[str], idle_s: float, tls_dir: str = "") -> None:
+    holder = _Holder(transports, idle_s, tls_dir)
     print(json.dumps(await holder.start()), flush=True)
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue = asyncio.Queue()
@@ -280,7 +293,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--transports", default="gloo,shm")
     p.add_argument("--idle-s", type=float, default=60.0)
+    p.add_argument("--tls-dir", default="")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    uvloop.run(_main([t for t in a.transports.split(",") if t], a.idle_s))
+    uvloop.run(_main([t for t in a.transports.split(",") if t], a.idle_s, a.tls_dir))
