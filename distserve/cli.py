@@ -116,8 +116,11 @@ def cmd_health(args) -> None:
 
 
 def cmd_certs(args) -> None:
-    from distserve.rpc.certs import ROLES, make_certs
+    from distserve.rpc.certs import ROLES, make_certs, valid_for
 
+    if args.keep and valid_for(args.out, args.host):
+        print(f"kept the certificates in {args.out}: a whole set, valid for every --host")
+        return
     out = make_certs(args.out, args.host, days=args.days)
     print(f"wrote a CA and certificates for {', '.join(ROLES)} to {out} (keys 0600); "
           f"serve each role with DISTSERVE_TLS_CA={out}/ca.pem DISTSERVE_TLS_CERT={out}/<role>.pem "
@@ -292,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--host", action="append", default=[],
                    help="a DNS name or IP address clients use to reach the services, besides localhost/127.0.0.1/::1 (repeat)")
     c.add_argument("--days", type=int, default=365, help="validity")
+    c.add_argument("--keep", action="store_true",
+                   help="leave --out alone when it already holds a whole set, signed by its CA, naming every --host and "
+                        "not within a day of its end (for a container that runs it at every start); else make a new one")
     c.set_defaults(fn=cmd_certs)
 
     st = sub.add_parser("settings", help="print the table of every service setting (docs/configuration.md)")

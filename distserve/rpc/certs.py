@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -107,19 +108,30 @@ def make_certs(out: str | Path, hosts: Iterable[str] = (), *, days: int = 365, r
 
 
 def valid_for(directory: str | Path, hosts: Iterable[str], margin_days: float = 1.0) -> bool:
-    """Whether `directory` holds a set whose router certificate names every host and is not near its end."""
-    path = role_files(directory, "router").cert
+    """Whether `directory` holds a whole set that can be kept: ca.pem and every role's certificate and
+    key, each certificate signed by that CA and matching its key, none within `margin_days` of its end,
+    and the router's naming every host. A set cut short (an interrupted `make_certs`) is not valid."""
+    d = Path(directory)
     try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError):
+        ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+        certs = {}
+        for role in ROLES:
+            files = role_files(d, role)
+            cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+            key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
+            cert.verify_directly_issued_by(ca)
+            if cert.public_key() != key.public_key():
+                return False
+            certs[role] = cert
+    except (OSError, ValueError, TypeError, InvalidSignature):
         return False
-    if not all(role_files(directory, r).key.exists() for r in ROLES):
+    end = min(c.not_valid_after_utc for c in (ca, *certs.values()))
+    if end - datetime.datetime.now(datetime.timezone.utc) <= datetime.timedelta(days=margin_days):
         return False
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    san = certs["router"].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     have = {str(v) for v in san.get_values_for_type(x509.DNSName)} | {str(v) for v in san.get_values_for_type(x509.IPAddress)}
     wanted = {str(ipaddress.ip_address(h)) if _is_ip(h) else h for h in hosts}
-    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
-    return wanted <= have and left > datetime.timedelta(days=margin_days)
+    return wanted <= have
 
 
 def _is_ip(host: str) -> bool:
