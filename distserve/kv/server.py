@@ -12,13 +12,14 @@ meanwhile until the write ends, so the KV is never freed under a transfer.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import grpc
 import torch
 
-from distserve.engine.errors import InvalidRequest, Unavailable
+from distserve.engine.errors import InvalidRequest, PermissionDenied, Unavailable
 from distserve.kv.compression import encode, normalize
 from distserve.kv.grpc_transport import KvTransferServicer
 from distserve.kv.handle import dtype_name
@@ -63,6 +64,7 @@ class KvTransferServer(KvTransferServicer):
 
     @grpc_errors
     async def Connect(self, request: kv_pb2.ConnectKvRequest, context: grpc.aio.ServicerContext) -> kv_pb2.ConnectKvResponse:
+        await _endpoints_on_caller(request.params, context.peer())
         await self._sender(request.transport).connect(request)
         return kv_pb2.ConnectKvResponse()
 
@@ -91,3 +93,32 @@ class KvTransferServer(KvTransferServicer):
                 await sender.close()
             except Exception:
                 logger.exception("closing KV sender %s failed", sender.name)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text.strip("[]").split("%")[0])
+    except ValueError:
+        return None
+    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+async def _endpoints_on_caller(params: Mapping[str, str], peer: str) -> None:
+    """A Connect may name only endpoints (host:port values, e.g. the pair's rendezvous store) on the
+    caller's own host: the holder dials them, and must not be pointed at a third machine."""
+    kind, _, rest = peer.partition(":")
+    caller = _ip(rest.rpartition(":")[0]) if kind in ("ipv4", "ipv6") else None
+    loop = asyncio.get_running_loop()
+    for name, value in dict(params).items():
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            continue
+        ip = _ip(host)
+        ips = {ip} if ip is not None else set()
+        if ip is None:
+            try:
+                ips = {_ip(info[4][0]) for info in await loop.getaddrinfo(host.strip("[]"), None)}
+            except OSError:
+                raise PermissionDenied(f"params.{name}: cannot resolve {host!r}") from None
+        if caller is None or caller not in ips:
+            raise PermissionDenied(f"params.{name}: endpoint {value!r} is not on the caller's host ({peer})")

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 
+import grpc
 import pytest
 import torch
 import torch.distributed as dist
@@ -27,7 +28,7 @@ from distserve.kv import rendezvous
 from distserve.kv.rendezvous import PairStore, split_address
 from distserve.kv.torch_transport import TorchKvSender, TorchKvTransport, make_group
 from distserve.rpc.channels import ChannelPool
-from distserve.v1 import kv_pb2
+from distserve.v1 import kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -227,3 +228,17 @@ def test_connect_without_a_store_and_secret_is_an_invalid_request():
         with pytest.raises(InvalidRequest):
             asyncio.run(sender.connect(request))
     assert sender.pairs() == 0
+
+
+def test_the_holder_dials_only_endpoints_on_the_callers_host():
+    """Connect names the store the holder joins: an address on another host (even another loopback
+    address) is refused before anything is dialed; the caller's own host, by IP or name, gets through
+    to the store checks."""
+    with Peer(transports="gloo") as p, grpc.insecure_channel(p.address) as ch:
+        stub = kv_pb2_grpc.KvTransferStub(ch)
+        for store, code in (("127.0.0.2:9", grpc.StatusCode.PERMISSION_DENIED), ("10.255.255.1:9", grpc.StatusCode.PERMISSION_DENIED),
+                            ("127.0.0.1:9", grpc.StatusCode.INVALID_ARGUMENT), ("localhost:9", grpc.StatusCode.INVALID_ARGUMENT)):
+            request = kv_pb2.ConnectKvRequest(transport="gloo", channel="c1", peer_id="p", params={"store": store, "secret": "zz"})
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Connect(request, timeout=10)
+            assert refused.value.code() == code, (store, refused.value.details())
