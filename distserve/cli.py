@@ -1,4 +1,4 @@
-"""The `distserve` command: up, serve, generate, bench, model pull, health, certs, settings."""
+"""The `distserve` command: up, serve, generate, bench, profile, plan, model pull, health, certs, settings."""
 
 from __future__ import annotations
 
@@ -86,6 +86,18 @@ def cmd_bench(args) -> None:
         from distserve.bench.goodput import main
 
         main(args)
+
+
+def cmd_profile(args) -> None:
+    from distserve.planner.commands import profile_main
+
+    profile_main(args)
+
+
+def cmd_plan(args) -> None:
+    from distserve.planner.commands import plan_main
+
+    plan_main(args)
 
 
 def cmd_model(args) -> None:
@@ -276,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(bsub.add_parser("serve", help="one load run (Poisson/gamma/closed loop) against distserve:// or openai:// with SLO attainment"))
     add_goodput_arguments(bsub.add_parser("goodput", help="highest rate with >= 90% SLO attainment, and the SLO scale at a fixed rate"))
     b.set_defaults(fn=cmd_bench)
+
+    from distserve.planner.commands import add_plan_arguments, add_profile_arguments
+
+    add_profile_arguments(sub.add_parser("profile", help="measure the engine on this machine and fit the planner's latency model")).set_defaults(fn=cmd_profile)
+    add_plan_arguments(sub.add_parser("plan", help="placements by simulated goodput; `plan simulate` replays a trace, `plan reference` the DistServe A100 runs; --watch, --validate")).set_defaults(fn=cmd_plan)
 
     m = sub.add_parser("model", help="model cache")
     msub = m.add_subparsers(dest="action", required=True)
