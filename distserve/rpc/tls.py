@@ -27,11 +27,14 @@ from distserve.rpc.server import before_handler
 
 ROLE_URI = "spiffe://distserve/role/"
 
-# Which roles may call which worker service (mutual TLS only; health and reflection: any valid peer).
+# Which roles may call which worker service, or one method of it (the more specific entry wins;
+# mutual TLS only; health and reflection: any valid peer). Routers release the KV of requests whose
+# clients left before a decode worker took it.
 WORKER_CALLERS: Mapping[str, frozenset[str]] = {
     "distserve.v1.Prefill": frozenset({"router"}),
     "distserve.v1.Decode": frozenset({"router"}),
     "distserve.v1.KvTransfer": frozenset({"decode", "colocated"}),
+    "distserve.v1.KvTransfer/Release": frozenset({"decode", "colocated", "router"}),
 }
 
 
@@ -106,16 +109,19 @@ def peer_role(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class PeerRoles(grpc.aio.ServerInterceptor):
-    """Lets each listed service be called only by the roles given for it (by their certificates);
-    a caller without one gets UNAUTHENTICATED, one of another role PERMISSION_DENIED."""
+    """Lets each listed service (`pkg.Service`) or method (`pkg.Service/Method`) be called only by the
+    roles given for it (by their certificates); a caller without one gets UNAUTHENTICATED, one of
+    another role PERMISSION_DENIED."""
 
     def __init__(self, callers: Mapping[str, frozenset[str]]):
-        self.callers = {f"/{service}/": roles for service, roles in callers.items()}
+        # "/pkg.Service/Method" exactly, or "/pkg.Service/" as a prefix; the longest match wins
+        self.callers = sorted(((f"/{name}" if "/" in name else f"/{name}/", roles) for name, roles in callers.items()),
+                              key=lambda item: -len(item[0]))
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        roles = next((r for prefix, r in self.callers.items() if method.startswith(prefix)), None)
+        roles = next((r for name, r in self.callers if method == name or (name.endswith("/") and method.startswith(name))), None)
         if handler is None or roles is None:
             return handler
 

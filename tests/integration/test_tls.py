@@ -39,7 +39,7 @@ def tls_of(certs: Path, role: str | None) -> Tls:
 
 
 def call(address: str, tls: Tls | None, method: str):
-    """What one call of `method` (prefill, decode, pull) gets: the response, or the failed call's status code."""
+    """What one call of `method` (prefill, decode, pull, release) gets: the response, or the failed call's status code."""
     with sync_channel(address, tls, internal_options(tls)) as ch:
         try:
             if method == "prefill":
@@ -48,6 +48,9 @@ def call(address: str, tls: Tls | None, method: str):
             if method == "decode":
                 req = decode_pb2.DecodeRequest(request_id="probe", prompt_token_ids=[5, 6, 7], params=common_pb2.SamplingParams(max_tokens=2))
                 return list(decode_pb2_grpc.DecodeStub(ch).Decode(req, timeout=20))
+            if method == "release":
+                req = kv_pb2.ReleaseKvRequest(request_id="probe", transfer_token=b"x" * 16)
+                return kv_pb2_grpc.KvTransferStub(ch).Release(req, timeout=20)
             req = kv_pb2.PullKvRequest(request_id="probe", transfer_token=b"x" * 16)
             return list(kv_pb2_grpc.KvTransferStub(ch).Pull(req, timeout=20))
         except grpc.RpcError as exc:
@@ -101,6 +104,7 @@ def test_worker_rpcs_need_a_certificate_of_the_suites_ca(suite, method, worker):
 @pytest.mark.parametrize("method, worker, allowed", [
     ("prefill", "prefill", {"router"}),
     ("pull", "prefill", {"decode", "colocated"}),
+    ("release", "prefill", {"decode", "colocated", "router"}),  # routers free the KV of requests whose clients left
     ("decode", "decode", {"router"}),
 ])
 def test_each_worker_rpc_admits_only_its_callers_roles(suite, method, worker, allowed):
