@@ -111,17 +111,22 @@ class _Engine:
         self.commands: list[Callable[[], None]] = []  # run at the next step boundary
         self.stage_free = [0.0] * spec.step.pp
         self.stepping = False  # the first stage is busy
+        self.poke_due = False  # a poke is scheduled for this instant
         self.assigned = 0  # requests sent here and not finished (the router's running count)
         self.queued_tokens = 0  # prompt tokens sent here and not yet scheduled (the router's queued count)
         self.steps = 0
 
     # -- commands and the step loop ------------------------------------------------------------
     def command(self, fn: Callable[[], None]) -> None:
+        """Runs `fn` on the engine at its next step boundary (now, if idle: after everything else that
+        happens at this instant, so simultaneous arrivals share a step as queued commands do)."""
         self.commands.append(fn)
-        if not self.stepping:
-            self.poke()
+        if not self.stepping and not self.poke_due:
+            self.poke_due = True
+            self.sim.at(self.sim.now, self.poke)
 
     def poke(self) -> None:
+        self.poke_due = False
         if self.stepping:
             return
         while self.commands:
@@ -256,6 +261,7 @@ class _Engine:
                     self.finish(r)
                 else:
                     self.running.append(r)
+        self.poke()  # with pipeline stages the first stage may be idle already
 
     def finish(self, r: _Req) -> None:
         self.release(r)
