@@ -30,16 +30,28 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--threads", default="", help="thread counts per worker, comma-separated (default: this machine's cores)")
     p.add_argument("--weights", default="fp32,int8", help="weight formats, comma-separated")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--update", action="store_true",
+                   help="keep the configurations already in --out that this run does not measure (add a thread count, re-measure one format)")
+    p.add_argument("--refit", action="store_true", help="measure nothing: fit --out's configurations again from the raw points it holds")
     p.add_argument("--json", action="store_true", help="print the profile (without raw points) as JSON")
     return p
 
 
 def profile_main(args) -> None:
-    from distserve.planner.profiler import profile
+    from distserve.planner.profile import load_profile
+    from distserve.planner.profiler import profile, refit
 
+    out = Path(args.out or f"profile_{args.model.replace('/', '_')}.json")
+    if args.refit:
+        prof = refit(load_profile(out))
+        prof.save(out)
+        print(profile_table(prof))
+        print(f"refitted {out}")
+        return
     threads = _csv(args.threads, int) or None
     prof = profile(args.model, threads, _csv(args.weights), args.quick, args.seed, progress=lambda s: print(s, file=sys.stderr, flush=True))
-    out = Path(args.out or f"profile_{args.model.replace('/', '_')}.json")
+    if args.update and out.exists():
+        prof = merged(load_profile(out), prof)
     prof.save(out)
     if args.json:
         d = prof.to_dict()
@@ -48,6 +60,19 @@ def profile_main(args) -> None:
         return
     print(profile_table(prof))
     print(f"wrote {out}")
+
+
+def merged(old, new):
+    """`new` with the engine configurations (and their raw points) of `old` that `new` did not measure."""
+    if old.model.name != new.model.name or old.machine.get("cpu") != new.machine.get("cpu"):
+        raise SystemExit(f"cannot update a profile of {old.model.name} on {old.machine.get('cpu')} with {new.model.name} on {new.machine.get('cpu')}")
+    have = {(e.threads, e.weights) for e in new.engines}
+    kept = [e for e in old.engines if (e.threads, e.weights) not in have]
+    new.engines = sorted(kept + new.engines, key=lambda e: (e.threads, e.weights))
+    for key, pts in old.points.items():
+        new.points.setdefault(key, pts)
+    new.source = f"{new.source}; kept from {old.created}: " + ", ".join(f"threads={e.threads}/{e.weights}" for e in kept) if kept else new.source
+    return new
 
 
 def profile_table(prof) -> str:
@@ -350,6 +375,10 @@ def reference_main(args) -> None:
             print(f"{e}: mean |attainment error| {out['mean_abs_error_points'][e]:.1f} points over its labelled runs{loo}{extra}")
     if "goodput" in out:
         g = out["goodput"]
-        print(f"simulated goodput (>= 90% attainment, lengths of {g['lengths_from']}, Poisson): "
-              f"DistServe c21d11 {g['distserve']['goodput_rps']:.2f} req/s on 3 GPUs = {g['distserve']['per_gpu']:.2f}/GPU; "
-              f"vLLM {g['vllm']['goodput_rps']:.2f} req/s on 1 GPU; ratio {g['ratio']}x (paper: ~{g['paper_ratio']:g}x)")
+        print(f"\nsimulated goodput (>= 90% of requests meet both SLOs; lengths of {g['lengths_from']}, Poisson arrivals):")
+        print(f"{'SLO TTFT/TPOT':>16}{'DistServe c21d11 req/s (per GPU)':>34}{'vLLM req/s (per GPU)':>22}{'ratio per GPU':>15}")
+        for row in g["scales"]:
+            d, v = row["distserve"], row["vllm"]
+            ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+            print(f"{row['slo_ttft'] * 1e3:>9.0f}/{row['slo_tpot'] * 1e3:.0f}ms{d['goodput_rps']:>22.2f} ({d['per_gpu']:.2f}){v['goodput_rps']:>16.2f} ({v['per_gpu']:.2f}){ratio:>15}")
+        print(f"(the paper: about {g['paper_ratio']:g}x for OPT-13B on the chatbot workload; '-': vLLM meets the target at no rate)")

@@ -12,7 +12,9 @@ samples a token through the LM head, which on a CPU with a 49k-token vocabulary 
 not per token. The decode part is the reference fit's own form (a + b * sum(n_i) + c * B, where n_i is
 the context a request's new token attends to), so the authors' A100 coefficients load as they are.
 A mixed step (chunked prefill) is the prefill part plus the decode part without its intercept: one
-forward pass, one fixed cost. Pipeline parallelism divides a step's time among its stages
+forward pass, one fixed cost. Where one set of coefficients cannot fit a phase, the fit splits it in
+two at a threshold, as the reference fit does for decode batch sizes: decode by batch size, prefill by
+the prompt tokens in the step. Pipeline parallelism divides a step's time among its stages
 (`StepModel.pp`), as the paper's simulator does; the simulator pipelines the stages.
 
 `fit_phase` fits one phase's coefficients by least squares on relative error (every coefficient >= 0)
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -40,15 +42,23 @@ class StepModel:
     decode_large: tuple[float, float, float] | None = None  # the same from large_batch up (None: one set)
     large_batch: int = 1 << 30  # batch size from which decode_large applies
     pp: int = 1  # pipeline stages: each runs 1/pp of a step
+    prefill_large: tuple[float, ...] | None = None  # the prefill set from large_tokens prompt tokens in a step up
+    large_tokens: int = 1 << 30
 
-    def _prefill_var(self, chunks: Sequence[tuple[int, int]]) -> float:
-        p = self.prefill
+    def _prefill_coef(self, tokens: int) -> tuple[float, ...]:
+        if self.prefill_large is not None and tokens >= self.large_tokens:
+            return self.prefill_large
+        return self.prefill
+
+    def _prefill(self, chunks: Sequence[tuple[int, int]]) -> tuple[float, float]:
+        """(intercept, the rest) of a step's prefill part."""
         tokens = sum(e - s for s, e in chunks)
+        p = self._prefill_coef(tokens)
         squares = sum(e * e - s * s for s, e in chunks)
         t = p[1] * tokens + p[2] * squares
         if len(p) > 3:
             t += p[3] * len(chunks)
-        return t
+        return p[0], t
 
     def _decode_coef(self, batch: int) -> tuple[float, float, float]:
         if self.decode_large is not None and batch >= self.large_batch:
@@ -57,7 +67,7 @@ class StepModel:
 
     def prefill_s(self, chunks: Sequence[tuple[int, int]]) -> float:
         """A step of prompt chunks (start, end) alone."""
-        return (self.prefill[0] + self._prefill_var(chunks)) / self.pp
+        return sum(self._prefill(chunks)) / self.pp
 
     def decode_s(self, batch: int, context_tokens: int) -> float:
         """A step of `batch` decode tokens attending to `context_tokens` in all (each its whole context)."""
@@ -68,36 +78,40 @@ class StepModel:
         """Any step: prompt chunks and decode tokens together."""
         if not chunks:
             return self.decode_s(batch, context_tokens) if batch else 0.0
-        t = self.prefill[0] + self._prefill_var(chunks)
+        t = sum(self._prefill(chunks))
         if batch:
             _, b, c = self._decode_coef(batch)
             t += b * context_tokens + c * batch
         return t / self.pp
 
     def scaled(self, prefill: float = 1.0, decode: float = 1.0) -> StepModel:
-        """Every prefill coefficient times `prefill`, every decode one times `decode` (calibration)."""
-        large = tuple(decode * x for x in self.decode_large) if self.decode_large is not None else None
-        return StepModel(tuple(prefill * x for x in self.prefill), tuple(decode * x for x in self.decode), large,
-                         self.large_batch, self.pp)
+        """Every prefill coefficient times `prefill`, every decode one times `decode`."""
+        times = lambda f, xs: tuple(f * x for x in xs) if xs is not None else None  # noqa: E731
+        return replace(self, prefill=times(prefill, self.prefill), decode=times(decode, self.decode),
+                       decode_large=times(decode, self.decode_large), prefill_large=times(prefill, self.prefill_large))
 
     def with_pp(self, pp: int) -> StepModel:
-        return StepModel(self.prefill, self.decode, self.decode_large, self.large_batch, pp)
+        return replace(self, pp=pp)
 
     def to_dict(self) -> dict:
         d = {"prefill": list(self.prefill), "decode": list(self.decode)}
         if self.decode_large is not None:
             d |= {"decode_large": list(self.decode_large), "large_batch": self.large_batch}
+        if self.prefill_large is not None:
+            d |= {"prefill_large": list(self.prefill_large), "large_tokens": self.large_tokens}
         return d
 
     @classmethod
     def from_dict(cls, d: dict, scale: float = 1.0) -> StepModel:
         """From `to_dict`'s form; `scale` converts units (0.001 for coefficients in milliseconds)."""
-        large = d.get("decode_large")
+        large, plarge = d.get("decode_large"), d.get("prefill_large")
         return cls(
             tuple(scale * x for x in d["prefill"]),
             tuple(scale * x for x in d["decode"]),
             tuple(scale * x for x in large) if large is not None else None,
             int(d.get("large_batch", 1 << 30)),
+            prefill_large=tuple(scale * x for x in plarge) if plarge is not None else None,
+            large_tokens=int(d.get("large_tokens", 1 << 30)),
         )
 
 
@@ -181,20 +195,38 @@ class PhaseFit:
 
     coef: tuple[float, ...]
     error: FitError
-    large: tuple[float, ...] | None = None  # decode: the large-batch set
-    large_batch: int = 1 << 30
+    large: tuple[float, ...] | None = None  # the second set (decode: large batches; prefill: many tokens)
+    large_batch: int = 1 << 30  # where it starts (decode: batch size; prefill: prompt tokens in the step)
     note: str = ""
     predicted: list[float] = field(default_factory=list)
 
 
-def fit_prefill(points: Sequence[PrefillPoint], per_prompt_term: bool = True) -> PhaseFit:
+def fit_prefill(points: Sequence[PrefillPoint], per_prompt_term: bool = True, split_if_max_err_over: float = 0.15) -> PhaseFit:
+    """One coefficient set, or two (below / from a threshold of prompt tokens per step) when one set's
+    max relative error exceeds `split_if_max_err_over` and a split lowers it: an engine whose kernels
+    change regime with the step's size (int8 on CPU slows per token from ~512 tokens a step)."""
     x = np.array([p.features() for p in points])
     y = np.array([p.seconds for p in points])
     if not per_prompt_term:
         x = x[:, :3]
     w = nonneg_lstsq_rel(x, y)
-    pred = list(x @ w)
-    return PhaseFit(tuple(float(v) for v in w), rel_errors(pred, list(y)), predicted=pred)
+    pred = x @ w
+    best = PhaseFit(tuple(float(v) for v in w), rel_errors(list(pred), list(y)), predicted=list(pred))
+    if best.error.max_rel <= split_if_max_err_over:
+        return best
+    totals = np.array([sum(p.lengths) for p in points])
+    for threshold in sorted(set(totals.tolist()))[2:]:
+        lo = totals < threshold
+        if lo.sum() < 4 or (~lo).sum() < 4:
+            continue
+        w_lo = nonneg_lstsq_rel(x[lo], y[lo])
+        w_hi = nonneg_lstsq_rel(x[~lo], y[~lo])
+        pred = np.where(lo, x @ w_lo, x @ w_hi)
+        err = rel_errors(list(pred), list(y))
+        if err.max_rel < best.error.max_rel * 0.8:
+            best = PhaseFit(tuple(float(v) for v in w_lo), err, tuple(float(v) for v in w_hi), int(threshold),
+                            note=f"two sets, split at {int(threshold)} prompt tokens per step", predicted=list(pred))
+    return best
 
 
 def fit_decode(points: Sequence[DecodePoint], split_if_max_err_over: float = 0.15) -> PhaseFit:
@@ -223,7 +255,8 @@ def fit_decode(points: Sequence[DecodePoint], split_if_max_err_over: float = 0.1
 
 
 def step_model(prefill: PhaseFit, decode: PhaseFit) -> StepModel:
-    return StepModel(prefill.coef, decode.coef, decode.large, decode.large_batch)  # type: ignore[arg-type]
+    return StepModel(prefill.coef, decode.coef, decode.large, decode.large_batch,  # type: ignore[arg-type]
+                     prefill_large=prefill.large, large_tokens=prefill.large_batch)
 
 
 def mixed_error(model: StepModel, points: Sequence[MixedPoint]) -> FitError:

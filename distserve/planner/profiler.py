@@ -4,8 +4,10 @@ Per engine configuration (threads per worker x weight format), in this process, 
 engine (as `distserve bench engine` does):
 
 1. prefill: `LLMEngine(mode="prefill")` steps over a grid of prompt lengths x prompts per step (and a
-   few batches of mixed lengths); each point is the median wall time of `step()` (schedule, forward,
-   sampling, bookkeeping: what a worker's engine thread spends), with the prompts freed after.
+   few batches of mixed lengths), in `reps` rounds over the whole grid; each point is the fastest
+   round's wall time of `step()` (schedule, forward, sampling, bookkeeping: what a worker's engine
+   thread spends), with the prompts freed after. Rounds and the minimum keep a burst of other work on
+   a shared host from spoiling a point.
 2. decode: B sequences at context C are placed in a decode engine by importing KV (`reserve` +
    `admit_prefilled`, as a decode worker does; no prefill needed), then the median of a few `step()`s.
 3. mixed: the same decode batch in a chunked-prefill engine plus one prompt chunk in the same step;
@@ -143,11 +145,13 @@ class EngineProfiler:
             return dt
 
         run((min(64, self.max_len - 1),) * 2)  # warm-up
-        points = []
-        for lengths in self.prefill_batches():
-            times = [run(lengths) for _ in range(g.reps)]
-            points.append(PrefillPoint(lengths, statistics.median(times)))
-        return points
+        batches = self.prefill_batches()
+        times: list[list[float]] = [[] for _ in batches]
+        for _ in range(g.reps):  # rounds over the grid: a burst of other work spoils one round, not a point
+            for i, lengths in enumerate(batches):
+                times[i].append(run(lengths))
+        # the fastest round: the engine's own time, which another process on the host only ever adds to
+        return [PrefillPoint(lengths, min(ts)) for lengths, ts in zip(batches, times)]
 
     # -- decode and mixed --------------------------------------------------------------------------
     def _kv_bytes(self, tokens: int) -> int:
@@ -245,6 +249,39 @@ class EngineProfiler:
         return out
 
 
+def fit_engine(pre: list[PrefillPoint], dec: list[DecodePoint], mixed: list[MixedPoint]) -> tuple:
+    """The step model of one configuration and its fit errors per phase (mixed: not fitted, a check)."""
+    pf, df = fit_prefill(pre), fit_decode(dec)
+    sm = step_model(pf, df)
+    fit = {"prefill": pf.error.to_dict(), "decode": df.error.to_dict(), "mixed": mixed_error(sm, mixed).to_dict()}
+    for name, f in (("prefill", pf), ("decode", df)):
+        if f.note:
+            fit[f"{name}_note"] = f.note
+    return sm, fit
+
+
+def points_of(raw: dict) -> tuple[list[PrefillPoint], list[DecodePoint], list[MixedPoint]]:
+    """The measured points of one configuration from a profile's `points` (its JSON form)."""
+    pre = [PrefillPoint(tuple(lens), s) for lens, s in raw["prefill"]]
+    dec = [DecodePoint(b, c, s) for b, c, s in raw["decode"]]
+    mixed = [MixedPoint(tuple(tuple(c) for c in ch), b, c, s) for ch, b, c, s in raw.get("mixed", [])]
+    return pre, dec, mixed
+
+
+def refit(prof: Profile) -> Profile:
+    """Every configuration fitted again from the raw points the profile holds (no measuring)."""
+    engines = []
+    for e in prof.engines:
+        raw = prof.points.get(f"threads={e.threads},weights={e.weights}")
+        if raw is None:
+            engines.append(e)
+            continue
+        sm, fit = fit_engine(*points_of(raw))
+        engines.append(EngineProfile(e.threads, e.weights, e.tp, sm, fit))
+    prof.engines = engines
+    return prof
+
+
 def socket_bandwidth(nbytes: int = 16 << 20, reps: int = 3) -> float:
     """Bytes/s through a loopback socket pair, one thread sending, this one receiving (as gRPC's chunks)."""
     a, b = socket.socketpair()
@@ -313,11 +350,7 @@ def profile(model: str = "smollm2-135m", threads: list[int] | None = None, weigh
             dec, mixed = prof.decode_points()
             if not copies:
                 copies = prof.kv_copies()
-            pf, df = fit_prefill(pre), fit_decode(dec)
-            sm = step_model(pf, df)
-            fit = {"prefill": pf.error.to_dict(), "decode": df.error.to_dict(), "mixed": mixed_error(sm, mixed).to_dict()}
-            if df.note:
-                fit["decode_note"] = df.note
+            sm, fit = fit_engine(pre, dec, mixed)
             engines.append(EngineProfile(threads=t, weights=w, tp=1, step=sm, fit=fit))
             raw[f"threads={t},weights={w}"] = {
                 "prefill": [[list(p.lengths), p.seconds] for p in pre],

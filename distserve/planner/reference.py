@@ -171,20 +171,24 @@ def real_goodput(rows: list[Comparison], engine: str, target: float = 0.9) -> tu
 
 
 def goodput_ratio(folder: Path = DEFAULT_DIR, overheads: dict | None = None, slo_ttft: float = SLO_TTFT,
-                  slo_tpot: float = SLO_TPOT) -> dict:
+                  slo_tpot: float = SLO_TPOT, scales: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0)) -> dict:
     """Simulated goodput per GPU of DistServe c21d11 (3 GPUs) and vLLM (1 GPU) on the reference length
-    mix (the largest run's lengths, Poisson arrivals)."""
+    mix (the largest run's lengths, Poisson arrivals), at the SLOs times each scale."""
     profs = profiles(folder)
     for engine, c in (overheads or {}).items():
         profs[engine] = with_overheads(profs[engine], c["step_s"], c["seq_s"])
     biggest = max(runs(folder), key=lambda r: r.n)
-    o = Objective(slo_ttft=slo_ttft, slo_tpot=slo_tpot, trace=load_trace(biggest.path), num_requests=biggest.n)
-    out = {"lengths_from": biggest.name, "paper_ratio": PAPER_RATIO}
-    for engine, placement in (("distserve", "c21d11"), ("vllm", "1c")):
-        g = goodput(profs[engine], parse_placement(placement), o, LIMITS)
-        out[engine] = {"placement": placement, "gpus": g.units, "goodput_rps": round(g.rate, 3), "per_gpu": round(g.per_unit, 3)}
-    v = out["vllm"]["per_gpu"]
-    out["ratio"] = round(out["distserve"]["per_gpu"] / v, 2) if v > 0 else float("inf")
+    trace = load_trace(biggest.path)
+    out: dict = {"lengths_from": biggest.name, "paper_ratio": PAPER_RATIO, "scales": []}
+    for f in scales:
+        o = Objective(slo_ttft=f * slo_ttft, slo_tpot=f * slo_tpot, trace=trace, num_requests=biggest.n)
+        row: dict = {"scale": f, "slo_ttft": f * slo_ttft, "slo_tpot": f * slo_tpot}
+        for engine, placement in (("distserve", "c21d11"), ("vllm", "1c")):
+            g = goodput(profs[engine], parse_placement(placement), o, LIMITS)
+            row[engine] = {"placement": placement, "gpus": g.units, "goodput_rps": round(g.rate, 3), "per_gpu": round(g.per_unit, 3)}
+        v = row["vllm"]["per_gpu"]
+        row["ratio"] = round(row["distserve"]["per_gpu"] / v, 2) if v > 0 else None
+        out["scales"].append(row)
     return out
 
 
