@@ -51,6 +51,7 @@ from distserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, generation_pb2
 from services.router.admission import Admission, Shed, Ticket
 from services.router.picker import WorkerPicker
 from services.router.run import LegFailure, LegPolicy, Prefilled, Run, kv_fault, rpc_failure
+from services.router.state_writer import StateOutage, StateWriter
 
 log = logging.getLogger(__name__)
 
@@ -63,50 +64,6 @@ THREAD_TOKENIZE_BYTES = 16 * 1024  # text prompts longer than this are tokenized
 class InputLimits:
     max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a text prompt, checked before tokenizing
     max_prompt_tokens: int = 1 << 17  # token ids of a token prompt (or resumed tokens), checked before copying them
-
-
-class _StateOutage:
-    """Whether request-state writes are failing, so an outage logs once, not at every write."""
-
-    def __init__(self):
-        self.failing = False
-
-    def failed(self, rid: str, exc: Exception) -> None:
-        if not self.failing:
-            log.warning("request state writes fail (first: %s): %s; serving goes on without them", rid, exc)
-        self.failing = True
-
-    def ok(self) -> None:
-        if self.failing:
-            log.info("request state writes work again")
-        self.failing = False
-
-
-class _StateWriter:
-    """Writes one request's state to Redis off the critical path, in order."""
-
-    def __init__(self, store: RequestStateStore, request_id: str, outage: _StateOutage):
-        self.store, self.rid, self.outage = store, request_id, outage
-        self._last: asyncio.Task | None = None
-
-    def update(self, phase: RequestPhase | None = None, **fields) -> None:
-        prev = self._last
-
-        async def write():
-            if prev is not None:
-                await asyncio.shield(prev)
-            try:
-                await self.store.update(self.rid, phase, **fields)
-            except Exception as exc:  # state is bookkeeping; serving goes on without it
-                self.outage.failed(self.rid, exc)
-            else:
-                self.outage.ok()
-
-        self._last = asyncio.ensure_future(write())
-
-    async def flush(self) -> None:
-        if self._last is not None:
-            await asyncio.shield(self._last)
 
 
 class Generation:
@@ -125,7 +82,7 @@ class Generation:
         self.admission = admission or Admission(max_inflight=1 << 30, max_queued_tokens=1 << 62)
         self.limits = limits
         self._background: set[asyncio.Task] = set()
-        self._state_outage = _StateOutage()
+        self._state_outage = StateOutage()
 
     # -- the request path ---------------------------------------------------------------------
     async def generate(self, request: generation_pb2.GenerateRequest, deadline_s: float | None) -> AsyncIterator[generation_pb2.GenerateResponse]:
@@ -154,7 +111,7 @@ class Generation:
         except DistserveError:
             self.metrics.requests.labels("router", "rejected").inc()
             raise
-        state = _StateWriter(self.states, run.rid, self._state_outage)
+        state = StateWriter(self.states, run.rid, self._state_outage)
         state.update(RequestPhase.QUEUED, prompt_tokens=len(run.prompt), max_tokens=run.params.max_tokens,
                      resumed_tokens=run.resumed or None)
         outcome = "failed"
@@ -240,7 +197,7 @@ class Generation:
         return run
 
     # -- one attempt: prefill leg, then decode leg --------------------------------------------
-    async def _attempt(self, run: Run, state: _StateWriter) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    async def _attempt(self, run: Run, state: StateWriter) -> AsyncIterator[generation_pb2.GenerateResponse]:
         colocated = not await self.picker.by_role("prefill") and bool(await self.picker.by_role("colocated"))
         self.metrics.decisions.labels("colocated" if colocated else "disaggregated").inc()
         if not colocated and not run.local_prefill and run.prefilled is None:
@@ -286,7 +243,7 @@ class Generation:
             run.finish = resp.finish_reason
         return run.prefilled
 
-    async def _decode_leg(self, run: Run, role: str, state: _StateWriter) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    async def _decode_leg(self, run: Run, role: str, state: StateWriter) -> AsyncIterator[generation_pb2.GenerateResponse]:
         p = run.prefilled
         prompt = p.prompt if p is not None else run.leg_prompt()
         params = p.params if p is not None else run.leg_params()
@@ -338,7 +295,7 @@ class Generation:
         self.picker.ejector.success(wid)
 
     # -- replay ------------------------------------------------------------------------------
-    async def _replay(self, run: Run, failure: LegFailure, state: _StateWriter) -> None:
+    async def _replay(self, run: Run, failure: LegFailure, state: StateWriter) -> None:
         """Prepares the next attempt after a failed leg, or raises when the request must fail."""
         if self.picker.ejector.failure(failure.worker_id):
             self.metrics.ejections.inc()
@@ -401,7 +358,7 @@ class Generation:
             log.warning("releasing the KV of %r failed (the lease will expire): %s", request_id, exc)
 
     # -- tokens out --------------------------------------------------------------------------
-    def _emit(self, run: Run, ids: list[int], logprobs: list[float], state: _StateWriter,
+    def _emit(self, run: Run, ids: list[int], logprobs: list[float], state: StateWriter,
               finish: int = UNFINISHED, top_logprobs: list[common_pb2.TopLogprobs] = ()) -> generation_pb2.GenerateResponse | None:
         """Records tokens as sent and returns their message (None when there is nothing to send);
         sets run.finish when they end the request (a worker's finish reason, a stop string past
@@ -434,7 +391,7 @@ class Generation:
         return generation_pb2.GenerateResponse(request_id=run.rid, token_ids=ids, text=delta, logprobs=logprobs,
                                                top_logprobs=top_logprobs)
 
-    def _finish(self, run: Run, state: _StateWriter) -> generation_pb2.GenerateResponse:
+    def _finish(self, run: Run, state: StateWriter) -> generation_pb2.GenerateResponse:
         held = run.detok.text[run.text_sent:]  # what waited for a stop string that never came
         tail = held + (run.detok.flush() if not run.stop_cut else "")
         end = time.monotonic()
