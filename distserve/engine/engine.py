@@ -2,8 +2,10 @@
 
 A request enters with `add_request` (to be prefilled here) or `reserve` + `admit_prefilled` (its KV
 was computed elsewhere and is imported into blocks reserved first). Each `step` runs one forward
-pass and returns a `RequestOutput` per sequence that got a token or finished. Finished sequences
-free their blocks in that step; on a prefill-only engine a prefilled sequence is HELD instead, and its
+pass and returns a `RequestOutput` per sequence that got a token or finished. Each step's time is fed to
+`step_times` (the online fit of step time against tokens in the step); with a TPOT target, a chunked
+step that carries running decodes takes only the prompt tokens that keep it within the target.
+Finished sequences free their blocks in that step; on a prefill-only engine a prefilled sequence is HELD instead, and its
 blocks are freed by `free` (lease released or expired). `abort` frees whatever a request holds.
 
 Not thread-safe: one engine thread owns it (see `distserve.engine.worker`).
@@ -26,6 +28,7 @@ from distserve.engine.sampler import Sampler, TopLogprobs
 from distserve.engine.sampling import SamplingParams, find_stop, validate_request
 from distserve.engine.scheduler import Scheduler, SchedulerOutput
 from distserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from distserve.engine.step_times import StepPredictor, StepTimes, chunk_budget
 from distserve.engine.weights import load as load_weights
 from distserve.engine.weights import resolve_format
 
@@ -45,6 +48,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill tokens + decodes)
     max_num_seqs: int = 64  # most sequences in one step
     chunked_prefill: bool = False  # mix prompt chunks into decode steps (colocated/decode modes)
+    tpot_target_s: float = 0.0  # chunked: a step with running decodes takes only the prompt tokens that keep it within this (0 = no cap)
     seed: int | None = None  # seeds sampling of requests that bring no seed
     weights: str = "fp32"  # linear layers: "fp32" (the model's dtype), "int8" or "auto" (weights.resolve_format)
     kv_dtype: str = "auto"  # KV cache: "auto" (the model's dtype) or "int8" (per-block scales)
@@ -60,6 +64,8 @@ class EngineConfig:
             raise ValueError(f"share_weights must be True, False or 'auto', got {self.share_weights!r}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
+        if not self.tpot_target_s >= 0:
+            raise ValueError(f"tpot_target_s must be >= 0, got {self.tpot_target_s}")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -92,10 +98,16 @@ class EngineStats:
     free_blocks: int
     total_blocks: int
     block_size: int
+    step_fixed_s: float = 0.0  # the step-time fit's fixed cost (0 = nothing measured yet)
+    step_token_s: float = 0.0  # ... and its cost per token in a step
+    max_step_tokens: int = 0  # token budget of one step
+    prefill_budget_tokens: int = 0  # chunked engines: prompt tokens a step may carry now, with the running batch (0 = not chunked)
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), step_predictor: StepPredictor | None = None):
+        """`step_predictor` sets the chunk budget under a TPOT target (default: this engine's own
+        measured `step_times`; a planner profile's step model, say)."""
         self.loaded = loaded
         self.config = config
         model = loaded.model
@@ -116,12 +128,16 @@ class LLMEngine:
                  f"mapped read-only from {runner_weights.path}" if runner_weights.mapped else "private",
                  runner_weights.nbytes / 1e6, "int8" if layout.quantized else str(dtype).removeprefix("torch."), num_blocks)
         self.sampler = Sampler(config.seed, tuple(loaded.eos_token_ids))
+        self.step_times = StepTimes()
+        self.step_predictor = step_predictor or self.step_times.predict
+        chunked = config.chunked_prefill and config.mode != "prefill"
         self.scheduler = Scheduler(
             self.blocks,
             config.max_num_batched_tokens,
             config.max_num_seqs,
-            config.chunked_prefill and config.mode != "prefill",
+            chunked,
             hold_after_prefill=config.mode == "prefill",
+            chunk_cap=self.chunk_cap if chunked and config.tpot_target_s > 0 else None,
         )
         self.eos = frozenset(loaded.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}  # every request that holds or awaits blocks
@@ -220,8 +236,19 @@ class LLMEngine:
         s = self.scheduler
         return bool(s.waiting or s.prefilling or s.running)
 
+    def chunk_cap(self, decodes: list[Sequence]) -> int:
+        """Prompt tokens a step of these decodes may carry within the TPOT target (at least a block's
+        worth, so prompts advance however long the decodes alone take)."""
+        cfg = self.config
+        room = cfg.max_num_batched_tokens - len(decodes)
+        if not decodes or cfg.tpot_target_s <= 0:
+            return room
+        context = sum(s.num_tokens for s in decodes)
+        return chunk_budget(self.step_predictor, cfg.tpot_target_s, len(decodes), context, room, min(room, cfg.block_size))
+
     def stats(self) -> EngineStats:
         s = self.scheduler
+        fit = self.step_times.fit
         return EngineStats(
             queued_requests=len(s.waiting) + len(s.prefilling),
             queued_tokens=s.queued_tokens,
@@ -230,10 +257,15 @@ class LLMEngine:
             free_blocks=self.blocks.num_free,
             total_blocks=self.blocks.num_blocks,
             block_size=self.config.block_size,
+            step_fixed_s=fit.fixed_s if fit else 0.0,
+            step_token_s=fit.token_s if fit else 0.0,
+            max_step_tokens=self.config.max_num_batched_tokens,
+            prefill_budget_tokens=self.chunk_cap(s.running[: self.config.max_num_seqs]) if s.chunked else 0,
         )
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t_step = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
@@ -248,7 +280,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         logits = self.runner.forward(batch)
         self.last_forward_s = time.perf_counter() - t0
-        return self._postprocess(sched, to_sample, logits)
+        outs = self._postprocess(sched, to_sample, logits)
+        self.step_times.observe(len(sched.decode) + sum(c.end - c.start for c in sched.chunks), time.perf_counter() - t_step)
+        return outs
 
     def _postprocess(self, sched: SchedulerOutput, to_sample: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         for s in sched.decode:

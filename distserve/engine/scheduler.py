@@ -10,13 +10,17 @@ Policies:
 - prefill priority (vLLM's default without chunking): a step is either all prefill or all decode;
   prefill goes first whenever a waiting prompt fits.
 - chunked prefill: every running sequence decodes one token and the rest of the token budget is
-  filled with prompt chunks, so decodes never stall behind a long prompt.
+  filled with prompt chunks, so decodes never stall behind a long prompt. With a `chunk_cap`
+  (a TPOT target, see `distserve.engine.step_times`), a step that carries running decodes takes at
+  most `chunk_cap(decodes)` prompt tokens, so their time per output token stays within the target
+  while prompts advance; a step with no running decode takes the whole token budget.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from distserve.engine.block_manager import BlockManager
@@ -42,8 +46,10 @@ class Scheduler:
         max_num_seqs: int,
         chunked_prefill: bool,
         hold_after_prefill: bool,
+        chunk_cap: Callable[[list[Sequence]], int] | None = None,
     ):
         self.blocks = blocks
+        self.chunk_cap = chunk_cap  # decodes of a step -> prompt tokens it may carry (None: the token budget)
         self.budget = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.chunked = chunked_prefill
@@ -98,6 +104,8 @@ class Scheduler:
     def _schedule_chunked(self) -> SchedulerOutput:
         out = SchedulerOutput(decode=self.running[: self.max_num_seqs])
         budget = self.budget - len(out.decode)
+        if self.chunk_cap is not None and out.decode and (self.prefilling or self.waiting):
+            budget = min(budget, self.chunk_cap(out.decode))
         seats = self.max_num_seqs - len(out.decode)
         for seq in self.prefilling:
             if budget <= 0 or seats <= 0:
