@@ -1,7 +1,8 @@
 """What every model worker (prefill, decode, colocated) shares: settings, engine thread, gRPC
 server, registry heartbeat, metrics, and shutdown in order.
 
-Start: load the model -> start the engine thread -> warm it with one request -> bind the gRPC server
+Start: load the model -> start the engine thread -> warm it with one request and calibrate its step
+times with a few prompts of other sizes (so the step-time fit it publishes has points) -> bind the gRPC server
 (health NOT_SERVING) -> register in Redis and start the heartbeat -> health SERVING.
 Stop (SIGTERM/SIGINT): health NOT_SERVING (routers watching it stop sending at once) -> leave the
 registry -> keep serving for `leave_s` what routers with an older view still send -> wait up to `drain_s`
@@ -30,7 +31,10 @@ from distserve.config import setting
 from distserve.engine.engine import EngineConfig, LLMEngine
 from distserve.engine.models import load_model
 from distserve.engine.sampling import SamplingParams
+from distserve.engine.step_times import StepPredictor
+from distserve.engine.weights import resolve_format
 from distserve.engine.worker import EngineWorker
+from distserve.kv.estimate import PullEstimate
 from distserve.metrics import Metrics
 from distserve.rpc.server import BuiltServer, build_server
 from distserve.rpc.tls import WORKER_CALLERS, PeerRoles, TlsSettings
@@ -38,6 +42,8 @@ from distserve.state.connect import connect
 from distserve.state.registry import Heartbeat, Registry, WorkerInfo, WorkerLoad
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_TOKENS = (32, 256)  # prompt sizes run at start, besides the warm-up's 4 tokens (capped by the step budget)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +67,8 @@ class WorkerSettings(TlsSettings):
     max_num_batched_tokens: int = setting(2048, "token budget of one engine step")
     max_num_seqs: int = setting(64, "most sequences in one engine step")
     chunked_prefill: bool = setting(False, "mix prompt chunks into decode steps (decode/colocated)")
+    tpot_slo_ms: float = setting(60.0, "TPOT target of steps that carry prompt chunks (decode, and colocated with --chunked-prefill): a step with running decodes takes only the prompt tokens that keep its predicted time within it; decode workers then prefill the prompts routers send them without KV in such chunks (conditional disaggregation). Leave margin below the SLO you measure against; 0 = no cap, and decode workers prefill whole prompts unless --chunked-prefill")
+    step_profile: str = setting("", "planner profile JSON (distserve profile) whose step model for this worker's threads and weights predicts step times for the TPOT cap, instead of the times measured online")
     lease_s: float = setting(30.0, "how long prefilled KV waits for a decode worker before it is freed")
     heartbeat_s: float = setting(0.5, "how often load is published to Redis")
     ttl_s: float = setting(3.0, "registry entry lifetime without a heartbeat")
@@ -98,6 +106,7 @@ class WorkerSettings(TlsSettings):
             ("leave_s", 0 <= self.leave_s <= self.drain_s, f"between 0 and drain_s ({self.drain_s})"),
             ("kv_idle_s", self.kv_idle_s > 0, "> 0"),
             ("kv_buffer_bytes", self.kv_buffer_bytes >= 0, ">= 0"),
+            ("tpot_slo_ms", self.tpot_slo_ms >= 0, ">= 0"),
         )
         bad = [f"{name} must be {what}, got {getattr(self, name)!r}" for name, ok, what in rules if not ok]
         bad += self.tls_problems()
@@ -112,13 +121,34 @@ class WorkerSettings(TlsSettings):
             kv_cache_bytes=self.kv_cache_bytes,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs,
-            chunked_prefill=self.chunked_prefill,
+            chunked_prefill=self.chunked_prefill or (self.role == "decode" and self.tpot_slo_ms > 0),
+            tpot_target_s=self.tpot_slo_ms / 1000,
             seed=self.seed,
             weights=self.weights,
             kv_dtype=self.kv_dtype,
             share_weights={"on": True, "off": False}.get(self.share_weights, "auto"),
             free_model_weights=True,  # the worker's LoadedModel serves nothing else
         )
+
+
+def profile_predictor(path: str, threads: int, weights: str) -> StepPredictor:
+    """The step model of a planner profile for an engine of `threads` threads and `weights` format (a
+    profile with one weight format or thread count serves every setting of it)."""
+    from distserve.planner.profile import load_profile  # the planner (and numpy) only when asked for
+
+    prof = load_profile(path)
+    formats = prof.weight_formats
+    engine = prof.engine(threads=threads if threads in prof.thread_counts else prof.thread_counts[0],
+                         weights=weights if weights in formats else (formats[0] if len(formats) == 1 else weights))
+    if (engine.threads, engine.weights) != (threads, weights):
+        log.warning("step_profile %s has no engine of %d threads and %s weights; using its %d-thread %s model",
+                    path, threads, weights, engine.threads, engine.weights)
+    model = engine.step
+
+    def predict(decodes: int, context_tokens: int, chunk_tokens: int) -> float:
+        return model.step_s([(0, chunk_tokens)] if chunk_tokens else [], decodes, context_tokens)
+
+    return predict
 
 
 def parse_cpus(spec: str) -> set[int]:
@@ -156,6 +186,7 @@ class WorkerRuntime:
         self.draining = False
         self.inflight = 0
         self.metrics_port: int | None = None  # bound Prometheus port, None when off
+        self.kv_pulls = PullEstimate()  # a decode worker's recent KV pulls (published for routers' transfer estimates)
         self.stop_event = asyncio.Event()
 
     # -- start -------------------------------------------------------------------------------
@@ -168,17 +199,36 @@ class WorkerRuntime:
         # without the transformers model's weights: the runner reads its weight file (or loads them itself)
         lm = load_model(s.model, device=s.device, dtype=s.dtype, seed=s.seed, weights=False)
         mode = "prefill" if s.role == "prefill" else "decode"
-        self.engine = LLMEngine(lm, s.engine_config(mode))
+        predictor = None
+        if s.step_profile:
+            try:
+                predictor = profile_predictor(s.step_profile, s.threads or torch.get_num_threads(), resolve_format(s.weights, lm))
+            except (OSError, ValueError, KeyError) as exc:
+                raise SystemExit(f"step_profile {s.step_profile!r} cannot be used: {exc}") from None
+        self.engine = LLMEngine(lm, s.engine_config(mode), step_predictor=predictor)
         self.worker = EngineWorker(self.engine, threads=s.threads or None)
         log.info("%s loaded %s: %d KV blocks of %d tokens", self.worker_id, s.model, self.engine.blocks.num_blocks, s.block_size)
 
     async def warm_up(self) -> None:
-        """One tiny request through the engine, so the first real one pays no lazy start-up."""
-        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        stream = await self.worker.generate("warm-up", [1, 2, 3, 4], params)
+        """One tiny request through the engine, so the first real one pays no lazy start-up; then
+        prompts of a few sizes, so the step-time fit starts with points of several sizes."""
+        await self._run_once("warm-up", 4, 2)
+        e = self.engine
+        for n in CALIBRATION_TOKENS:
+            n = min(n, e.config.max_num_batched_tokens, e.max_model_len - 1)
+            if n > 4:
+                await self._run_once(f"calibrate-{n}", n, 1)
+        fit = e.step_times.fit
+        if fit is not None:
+            log.info("step times: %.2f ms + %.3f ms per token", 1e3 * fit.fixed_s, 1e3 * fit.token_s)
+
+    async def _run_once(self, rid: str, tokens: int, max_tokens: int) -> None:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        prompt = [1 + i % 100 for i in range(tokens)]
+        stream = await self.worker.generate(rid, prompt, params)
         async for out in stream:
             if out.held:
-                await self.worker.abort("warm-up")
+                await self.worker.abort(rid)
 
     async def start(self) -> None:
         s = self.settings
@@ -226,6 +276,12 @@ class WorkerRuntime:
             total_blocks=st.total_blocks,
             held_requests=st.held_requests,
             draining=self.draining,
+            step_fixed_s=st.step_fixed_s,
+            step_token_s=st.step_token_s,
+            max_step_tokens=st.max_step_tokens,
+            prefill_budget_tokens=st.prefill_budget_tokens,
+            kv_bytes_per_s=self.kv_pulls.bytes_per_s,
+            kv_bytes_per_token=self.kv_pulls.bytes_per_token,
         )
 
     async def serve(self, transports: tuple[str, ...] = ("grpc",)) -> None:

@@ -12,6 +12,11 @@ Keys (prefix `distserve` by default):
   {prefix}:worker:{id}  hash {info: JSON WorkerInfo, load: JSON WorkerLoad}, with a TTL
   {prefix}:workers      set of worker ids; ids whose hash has expired are dropped lazily by
                         `live_workers` (a Lua script: one round trip, single Redis instance)
+
+Compatibility: fields are only ever added, each with a default, so an entry written by an older
+worker reads with the defaults; fields a reader does not know (a newer worker's) are ignored. Readers
+before the step-time and KV-estimate fields of `WorkerLoad` did not ignore them and skip such
+entries: upgrade routers before workers.
 """
 
 from __future__ import annotations
@@ -69,6 +74,13 @@ class WorkerLoad:
     held_requests: int = 0  # prefilled KV held under a lease, waiting for a decode worker
     draining: bool = False  # shutting down: take no new work
     updated_at: float = 0.0  # unix time of this sample; 0 = stamp at publish
+    # how fast its engine steps run (the online fit step_s = step_fixed_s + step_token_s * tokens in the step)
+    step_fixed_s: float = 0.0  # 0 (and step_token_s 0): not measured, or a worker that does not publish it
+    step_token_s: float = 0.0
+    max_step_tokens: int = 0  # token budget of one step (0 = unknown)
+    prefill_budget_tokens: int = 0  # decode: prompt tokens one step may carry now within its TPOT target (0 = it does not prefill in chunks)
+    kv_bytes_per_s: float = 0.0  # decode: bandwidth of its recent KV pulls (0 = none yet)
+    kv_bytes_per_token: float = 0.0  # decode: KV wire bytes per prompt token of its recent pulls
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,14 +99,18 @@ def _encode(obj: WorkerInfo | WorkerLoad) -> str:
     return json.dumps(dataclasses.asdict(obj), separators=(",", ":"))
 
 
+_INFO_FIELDS = frozenset(f.name for f in dataclasses.fields(WorkerInfo))
+_LOAD_FIELDS = frozenset(f.name for f in dataclasses.fields(WorkerLoad))
+
+
 def _decode_info(raw: str | bytes) -> WorkerInfo:
     data = json.loads(raw)
     data["transports"] = tuple(data["transports"])
-    return WorkerInfo(**data)
+    return WorkerInfo(**{k: v for k, v in data.items() if k in _INFO_FIELDS})  # a newer writer's fields are ignored
 
 
 def _decode_load(raw: str | bytes) -> WorkerLoad:
-    return WorkerLoad(**json.loads(raw))
+    return WorkerLoad(**{k: v for k, v in json.loads(raw).items() if k in _LOAD_FIELDS})
 
 
 # KEYS[1] = index set, ARGV[1] = worker key prefix. Returns [id, info, load, ...] of live workers

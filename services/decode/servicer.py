@@ -4,7 +4,8 @@ Admission first: blocks for the prompt plus every token it may generate are rese
 moves; while none are free the request waits (its KV stays leased on the prefill side, which in turn
 stops admitting prompts when full). Then the KV is pulled over the best shared transport, the lease is
 released, and the request joins the running batch. Without a KV handle the worker prefills the
-prompt itself (conditional disaggregation, or the colocated role). A cancelled call aborts the request
+prompt itself (conditional disaggregation, or the colocated role): in chunks that ride on the running
+batch within the worker's TPOT target (`--tpot-slo-ms`), so its running decodes keep their pace. A cancelled call aborts the request
 and frees its blocks; a failed pull frees the reservation and ends with UNAVAILABLE.
 """
 
@@ -115,6 +116,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     pulled.pulled.release(reuse=False)  # the engine may still read it
                     raise
                 pulled.pulled.release()
+                rt.kv_pulls.observe(pulled.pulled.wire_bytes, pulled.seconds, handle.num_tokens)  # published for routers
                 rt.metrics.decisions.labels("disaggregated").inc()
                 yield decode_pb2.DecodeResponse(
                     queue_s=queue_s, kv_transfer_s=pulled.seconds, kv_bytes=pulled.pulled.wire_bytes,

@@ -130,3 +130,20 @@ def test_chunk_cap_of_the_engine_follows_the_running_batch(tiny):
     assert eng.chunk_cap(fake) == 16  # 20 decodes take 40 ms: 5 more tokens fit, but a block's worth always does
     off = LLMEngine(tiny, EngineConfig(num_blocks=20))
     assert off.stats().prefill_budget_tokens == 0  # not chunked: it offers no local prefill budget
+
+
+def test_a_planner_profile_predicts_the_budget(tmp_path):
+    from distserve.planner.latency import StepModel
+    from distserve.planner.profile import EngineProfile, ModelInfo, Profile, ServingCosts
+    from distserve.runtime import profile_predictor
+
+    step = StepModel(prefill=(0.004, 1e-4, 1e-8, 0.0), decode=(0.003, 1e-6, 2e-4))
+    info = ModelInfo("m", 2, 64, 4, 2, 16, 128, 259, 1024, 10_000, 4)
+    prof = Profile(info, "cpu", {}, [EngineProfile(1, "fp32", 1, step)], {}, "grpc", ServingCosts(), {"block_size": 16})
+    prof.save(tmp_path / "p.json")
+    predict = profile_predictor(str(tmp_path / "p.json"), 1, "fp32")
+    assert predict(8, 800, 64) == pytest.approx(step.step_s([(0, 64)], 8, 800))
+    assert predict(8, 800, 0) == pytest.approx(step.decode_s(8, 800))
+    assert profile_predictor(str(tmp_path / "p.json"), 2, "int8")(1, 10, 10) == predict(1, 10, 10)  # its only engine serves
+    b = chunk_budget(predict, 0.030, 8, 800, 2048, 16)
+    assert predict(8, 800, b) <= 0.030 < predict(8, 800, b + 1)
