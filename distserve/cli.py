@@ -1,4 +1,4 @@
-"""The `distserve` command: up, serve, generate, bench, profile, plan, model pull, health, certs, settings."""
+"""The `distserve` command: up, serve, generate, bench, profile, plan, kernels, model pull, health, certs, settings."""
 
 from __future__ import annotations
 
@@ -98,6 +98,12 @@ def cmd_plan(args) -> None:
     from distserve.planner.commands import plan_main
 
     plan_main(args)
+
+
+def cmd_kernels(args) -> None:
+    from distserve.engine.kernels.commands import kernels_main
+
+    kernels_main(args)
 
 
 def cmd_model(args) -> None:
@@ -293,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_profile_arguments(sub.add_parser("profile", help="measure the engine on this machine and fit the planner's latency model")).set_defaults(fn=cmd_profile)
     add_plan_arguments(sub.add_parser("plan", help="placements by simulated goodput; `plan simulate` replays a trace, `plan reference` the DistServe A100 runs; --watch, --validate")).set_defaults(fn=cmd_plan)
+
+    from distserve.engine.kernels.commands import add_kernels_arguments
+
+    add_kernels_arguments(sub.add_parser("kernels", help="native kernels: `build` them ahead of time per CPU class, `status` of what is built and chosen")).set_defaults(fn=cmd_kernels)
 
     m = sub.add_parser("model", help="model cache")
     msub = m.add_subparsers(dest="action", required=True)

@@ -24,13 +24,16 @@ pool gauges by each read of the registry. The series, by who exports them:
 | `distserve_info` | role, model, instance_id | x | x | x |
 | `distserve_registry_up` | | x | | |
 | `distserve_requests_expired_total` | | x | | |
+| `distserve_native_kernels` | kernel | | x | x |
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1)
@@ -40,6 +43,22 @@ POOL_ROLES = ("prefill", "decode", "colocated")
 # why a router replayed a request: its prefill call failed; its prefilled KV was lost before a decode
 # worker pulled it; its decode stream broke; its decode stream stalled past the stall timeout
 MIGRATION_REASONS = ("prefill_failed", "kv_lost", "decode_failed", "decode_stalled")
+
+
+class NativeKernels:
+    """`distserve_native_kernels{kernel}`: 1 where this process runs the kernel's native build, 0 where it
+    asked for one and runs the slower torch path; read at each scrape from what the engine loaded
+    (distserve.engine.kernels.status()), so no series until it asks, and none in a router."""
+
+    def describe(self):
+        yield GaugeMetricFamily("distserve_native_kernels", "1 per native kernel in use, 0 per kernel on the torch fallback", labels=["kernel"])
+
+    def collect(self):
+        family = next(self.describe())
+        loaded = sys.modules.get("distserve.engine.kernels")  # never imported here: routers need not load the engine
+        for name, st in (loaded.status().items() if loaded else ()):
+            family.add_metric([name], float(st.native))
+        yield family
 
 
 class Metrics:
@@ -81,6 +100,7 @@ class Metrics:
         # Redis outages and dead routers, as this router sees them
         self.registry_up = Gauge("distserve_registry_up", "1 while the worker registry in Redis is readable, 0 while the router routes from its last read", registry=r)
         self.expired = Counter("distserve_requests_expired", "Requests of dead routers this router closed as EXPIRED", registry=r)
+        r.register(NativeKernels())
         # zero-valued children, so every series is scrapeable before its first event
         for outcome in ("finished", "failed", "cancelled"):
             self.requests.labels(role, outcome)

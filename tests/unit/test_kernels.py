@@ -1,16 +1,15 @@
-"""The native CPU kernels against float64 definitions, and the code path this machine does not run.
+"""The native CPU kernels against float64 definitions, and the builds for CPU classes this machine does not choose.
 
-The kernels are compiled with -march=native, so an AVX-512 machine runs other loops than an AVX2 one,
-and a CPU with neither (or an ARM one) the generic vector code. Each of those builds that is not this
-machine's own is compiled here too (x86 hosts) and must compute what the native one computes.
+A CPU runs the best build of its class (kernels/variants.py): AVX-512 with VNNI, AVX2 or generic vector
+code, other loops each. Every other class this machine can run is built here too and must compute
+what the chosen one computes. (How builds are found, cached, locked and chosen: test_kernel_builds.py.)
 """
-
-from pathlib import Path
 
 import pytest
 import torch
 
 from distserve.engine import kernels, quant
+from distserve.engine.kernels.variants import cpu_flags, supported
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -77,25 +76,21 @@ def test_a_head_size_the_kernel_does_not_take_is_refused_with_a_clear_error():
         mod.paged_decode_attention(torch.empty_like(q), q, kc, vc, tables, lens, 16, 0.3)
 
 
-def cpu_flags() -> set[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
+LANES = {"avx512vnni": 16, "avx2": 8, "generic": 4}  # fp32 lanes of vec.h's code path per build
 
 
-OTHER_BUILDS = {  # variant: (flags after -march=native, lanes, whether this machine's native build is something else)
-    "avx2": (("-mno-avx512f", "-mno-avx512vnni", "-mno-avxvnni"), 8, {"avx512f", "avx512_vnni"} <= cpu_flags()),
-    "portable": (("-march=x86-64", "-mtune=generic"), 4, "avx2" in cpu_flags()),  # SSE2: the generic vector code
-}
+def other_variants() -> list[str]:
+    """The classes this CPU runs besides the one it chose."""
+    chosen = kernels.status()["paged_attention"].variant
+    return [v.name for v in supported(cpu_flags()) if v.name != chosen]
 
 
-@pytest.mark.parametrize("variant", sorted(OTHER_BUILDS))
+@pytest.mark.parametrize("variant", ["avx512vnni", "avx2", "generic"])
 def test_another_instruction_set_build_computes_what_the_native_one_computes(variant):
-    flags, lanes, differs = OTHER_BUILDS[variant]
-    if not differs:
-        pytest.skip(f"this machine's native build already is the {variant} path")
-    pa = kernels.build(f"distserve_paged_attention_{variant}", "paged_attention.cpp", flags, variant=variant)
-    il = kernels.build(f"distserve_int8_linear_{variant}", "int8_linear.cpp", flags, variant=variant)
+    if variant not in other_variants():
+        pytest.skip(f"{variant}: this machine chose it, or cannot run it")
+    lanes = LANES[variant]
+    pa, il = kernels.load("paged_attention", variant=variant), kernels.load("int8_linear", variant=variant)
     assert pa is not None and il is not None
     nat_pa, nat_il = kernels.paged_attention(), kernels.int8_linear()
     assert pa.supports_head_dim(lanes * 3) and not pa.supports_head_dim(lanes * 3 + 2)
