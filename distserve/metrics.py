@@ -16,6 +16,7 @@ pool gauges by each read of the registry. The series, by who exports them:
 | `distserve_kv_leases_held` | | | x | |
 | `distserve_kv_transfer_seconds`, `distserve_kv_transfer_bytes_total` | transport | | | x |
 | `distserve_disaggregation_decisions_total` | decision | x | | x |
+| `distserve_disagg_decision_total` | decision (local, remote) | x | | |
 | `distserve_retries_total` | leg | x | | x |
 | `distserve_migrations_total` | reason | x | | |
 | `distserve_ejections_total` | | x | | |
@@ -86,6 +87,7 @@ class Metrics:
         self.transfer_seconds = Histogram("distserve_kv_transfer_seconds", "Time to pull one request's KV, by transport", ["transport"], registry=r, buckets=TRANSFER_BUCKETS)
         self.transfer_bytes = Counter("distserve_kv_transfer_bytes", "KV bytes pulled, by transport", ["transport"], registry=r)
         self.decisions = Counter("distserve_disaggregation_decisions", "Where a request's prefill ran", ["decision"], registry=r)
+        self.disagg_decisions = Counter("distserve_disagg_decision", "The router's choice of where to prefill a prompt: on its decode worker (local) or the prefill pool (remote)", ["decision"], registry=r)
         self.retries = Counter("distserve_retries", "Calls retried, by leg (prefill, decode, kv_pull)", ["leg"], registry=r)
         self.migrations = Counter("distserve_migrations", "Requests replayed on other workers after a leg failed, by reason", ["reason"], registry=r)
         self.ejections = Counter("distserve_ejections", "Workers ejected from the picker for a cool-down after repeated failures", registry=r)
@@ -114,6 +116,8 @@ class Metrics:
         if role == "router":
             for reason in MIGRATION_REASONS:
                 self.migrations.labels(reason)
+            for decision in ("local", "remote"):
+                self.disagg_decisions.labels(decision)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Starts the HTTP endpoint; port 0 picks a free one. Returns the port."""

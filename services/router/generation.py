@@ -7,9 +7,11 @@ its own status (services/router/servicer.py for gRPC, services/router/http.py fo
 
 Life of a request: admission (admission.py: over max_inflight, max_queued_tokens or past its deadline
 already, it is refused at once with RESOURCE_EXHAUSTED and a retry-after-ms hint) -> validate (sizes
-before tokenizing; long texts tokenized on a thread) and tokenize -> QUEUED in Redis -> attempt: a prefill leg on the
+before tokenizing; long texts tokenized on a thread) and tokenize -> QUEUED in Redis -> attempt: where
+to prefill (disagg.py: remote, local, or per request by the conditional rule) -> remote: a prefill leg on the
 least-loaded prefill worker (first token streamed to the client at once: PREFILLED), then a decode
-leg on a decode worker with room, which pulls the KV and streams the rest (DECODING) -> the finish
+leg on a decode worker with room, which pulls the KV and streams the rest (DECODING); local: one decode
+leg on the decode worker weighed, which prefills the prompt itself and streams every token -> the finish
 step (FINISHED with timings). Text is detokenized incrementally and cut at stop strings.
 
 When a leg fails (worker gone, stream broken, KV lost before the pull, no message within the stall
@@ -22,7 +24,8 @@ pass instead of step by step). At most `migration_limit` replays; a worker that 
 ejected from the picker for a while. A client that resumes after a router died sends the tokens it
 has (`resume_token_ids`), and the request continues the same way from there.
 When the client cancels, every leg is cancelled and KV held for it is released.
-With no prefill workers registered, requests go to colocated workers in one leg.
+With no prefill workers registered, requests go to colocated workers in one leg (or, in the conditional
+mode, are prefilled by the decode workers themselves).
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ from distserve.rpc.errors import error_from_rpc
 from distserve.state.requests import RequestPhase, RequestStateStore
 from distserve.tokenization import IncrementalDetokenizer
 from distserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, generation_pb2, prefill_pb2, prefill_pb2_grpc
+from distserve.state.registry import WorkerView
 from services.router.admission import Admission, Shed, Ticket
+from services.router.disagg import Choice, Disaggregation, DisaggPolicy
 from services.router.picker import WorkerPicker
 from services.router.run import LegFailure, LegPolicy, Prefilled, Run, kv_fault, rpc_failure
 from services.router.state_writer import StateOutage, StateWriter
@@ -69,7 +74,7 @@ class InputLimits:
 class Generation:
     def __init__(self, tokenizer, model: str, picker: WorkerPicker, states: RequestStateStore, pool: ChannelPool,
                  metrics: Metrics, policy: LegPolicy = LegPolicy(), admission: Admission | None = None,
-                 limits: InputLimits = InputLimits()):
+                 limits: InputLimits = InputLimits(), disagg: DisaggPolicy = DisaggPolicy()):
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.model = model
@@ -81,6 +86,7 @@ class Generation:
         self.policy = policy
         self.admission = admission or Admission(max_inflight=1 << 30, max_queued_tokens=1 << 62)
         self.limits = limits
+        self.disagg = Disaggregation(disagg, picker, metrics)
         self._background: set[asyncio.Task] = set()
         self._state_outage = StateOutage()
 
@@ -199,8 +205,12 @@ class Generation:
     # -- one attempt: prefill leg, then decode leg --------------------------------------------
     async def _attempt(self, run: Run, state: StateWriter) -> AsyncIterator[generation_pb2.GenerateResponse]:
         colocated = not await self.picker.by_role("prefill") and bool(await self.picker.by_role("colocated"))
-        self.metrics.decisions.labels("colocated" if colocated else "disaggregated").inc()
-        if not colocated and not run.local_prefill and run.prefilled is None:
+        choice = None
+        if not colocated and run.prefilled is None:
+            choice = await self._choose(run)
+        local = choice is not None and choice.local
+        self.metrics.decisions.labels("colocated" if colocated else "local_prefill" if local else "disaggregated").inc()
+        if not colocated and not local and run.prefilled is None:
             run.metrics.phases.router_s = run.metrics.phases.router_s or time.monotonic() - run.t0
             p = await self._prefill_leg(run)
             msg = self._emit(run, [p.first_token], [p.first_logprob] if run.params.logprobs else [], state,
@@ -210,8 +220,20 @@ class Generation:
                 yield msg
             if run.finish != UNFINISHED:
                 return
-        async for msg in self._decode_leg(run, "colocated" if colocated else "decode", state):
+        async for msg in self._decode_leg(run, "colocated" if colocated else "decode", state,
+                                          worker=choice.decode if local else None):
             yield msg
+
+    async def _choose(self, run: Run) -> Choice:
+        """Where this attempt prefills (disagg.py), recorded in the request's metrics."""
+        prompt = run.leg_prompt()
+        blocks = lambda bs: -(-(len(prompt) + run.tokens_left - 1) // bs)  # noqa: E731
+        choice = await self.disagg.choose(len(prompt), blocks, run.avoid, kv_lost=run.local_prefill,
+                                          observed_rate=self.admission.prefill_rate, pick=lambda fn: self._pick(run, fn))
+        m = run.metrics
+        m.disagg_decision, m.disagg_reason = choice.decision, choice.reason
+        m.local_estimate_s, m.remote_estimate_s = choice.local_s, choice.remote_s
+        return choice
 
     async def _prefill_leg(self, run: Run) -> Prefilled:
         prompt, params = run.leg_prompt(), run.leg_params()
@@ -243,12 +265,17 @@ class Generation:
             run.finish = resp.finish_reason
         return run.prefilled
 
-    async def _decode_leg(self, run: Run, role: str, state: StateWriter) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    async def _decode_leg(self, run: Run, role: str, state: StateWriter,
+                          worker: WorkerView | None = None) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """`worker`: the decode worker chosen to prefill the prompt itself (else one is picked now)."""
         p = run.prefilled
         prompt = p.prompt if p is not None else run.leg_prompt()
         params = p.params if p is not None else run.leg_params()
         blocks = lambda bs: -(-(len(prompt) + params.max_tokens - 1) // bs)  # noqa: E731
-        worker = await self._pick(run, lambda: self.picker.pick_decode(blocks, role=role, exclude=run.avoid))
+        if worker is not None:
+            self.picker.claim_decode(worker, len(prompt))
+        else:
+            worker = await self._pick(run, lambda: self.picker.pick_decode(blocks, role=role, exclude=run.avoid))
         wid = worker.worker_id
         run.metrics.decode_worker = wid
         run.metrics.colocated = role == "colocated" or p is None
@@ -272,6 +299,8 @@ class Generation:
                     ph = run.metrics.phases
                     ph.decode_queue_s, ph.kv_transfer_s = resp.queue_s, resp.kv_transfer_s
                     run.metrics.kv_transport, run.metrics.kv_bytes = resp.kv_transport, resp.kv_bytes
+                    if p is not None and resp.kv_bytes:
+                        self.disagg.transfers.observe(p.worker_id, wid, resp.kv_bytes, resp.kv_transfer_s, len(prompt))
                     t_dec = time.monotonic()
                 if resp.prefill_compute_s:
                     run.metrics.phases.prefill_queue_s, run.metrics.phases.prefill_compute_s = resp.queue_s, resp.prefill_compute_s

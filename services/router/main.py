@@ -33,6 +33,7 @@ from distserve.state.requests import RequestStateStore
 from distserve.state.routers import Reaper, RouterHeartbeat, RouterInfo
 from distserve.v1 import generation_pb2_grpc
 from services.router.admission import Admission
+from services.router.disagg import DisaggPolicy
 from services.router.ejection import OutlierEjector
 from services.router.picker import WorkerPicker
 from services.router.run import LegPolicy
@@ -72,6 +73,9 @@ class RouterSettings(TlsSettings):
     retry_after_ms: int = setting(500, "retry-after-ms hint sent with a refusal")
     max_prompt_bytes: int = setting(1 << 20, "largest text prompt in UTF-8 bytes, checked before tokenizing (INVALID_ARGUMENT beyond)")
     max_prompt_tokens: int = setting(1 << 17, "largest token-id prompt (and resumed tokens), checked before anything else reads them")
+    disagg_mode: str = setting("remote", "where prompts are prefilled: remote = the prefill pool, then the KV moves to a decode worker; local = on the decode worker itself (no KV transfer); conditional = per request, local when the prompt is short and the decode worker is expected to give its first token sooner than the prefill pool by disagg_margin_s (docs/conditional-disaggregation.md)", ("conditional", "remote", "local"))
+    local_max_prompt_tokens: int = setting(512, "conditional: prompts longer than this always prefill on the prefill pool")
+    disagg_margin_s: float = setting(0.2, "conditional: how much sooner (seconds) a local prefill must be expected to give the first token than the prefill pool (queue, compute and KV transfer) to be chosen")
     tls_client_certs: bool = setting(False, "with TLS: clients of the public APIs must also present a certificate from tls_ca (mutual TLS), besides any API key")
 
     def __post_init__(self):
@@ -98,6 +102,8 @@ class RouterSettings(TlsSettings):
             ("retry_after_ms", self.retry_after_ms >= 0, ">= 0"),
             ("max_prompt_bytes", self.max_prompt_bytes >= 1, ">= 1"),
             ("max_prompt_tokens", self.max_prompt_tokens >= 1, ">= 1"),
+            ("local_max_prompt_tokens", self.local_max_prompt_tokens >= 0, ">= 0"),
+            ("disagg_margin_s", self.disagg_margin_s >= 0, ">= 0"),
         )
         bad = [f"{name} must be {what}, got {getattr(self, name)!r}" for name, ok, what in rules if not ok]
         bad += self.tls_problems()
@@ -128,7 +134,8 @@ async def run(settings: RouterSettings) -> None:
     policy = LegPolicy(settings.prefill_timeout_s, settings.stall_timeout_s, settings.migration_limit)
     admission = Admission(settings.max_inflight, settings.max_queued_tokens, settings.retry_after_ms)
     limits = InputLimits(settings.max_prompt_bytes, settings.max_prompt_tokens)
-    generation = Generation(tokenizer, settings.model, picker, states, pool, metrics, policy, admission, limits)
+    disagg = DisaggPolicy(settings.disagg_mode, settings.local_max_prompt_tokens, settings.disagg_margin_s)
+    generation = Generation(tokenizer, settings.model, picker, states, pool, metrics, policy, admission, limits, disagg)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(generation), built.server)
     metrics_port = metrics.serve(settings.metrics_port, host=settings.host) if settings.metrics_port >= 0 else None
     metrics.set_info(settings.model, router_id)
@@ -149,8 +156,8 @@ async def run(settings: RouterSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("router serving %s on %s (%s; metrics port %s, HTTP %s, %s)", settings.model, built.address,
-             "TLS" if tls else "plaintext", metrics_port, http.url if http else "off", f"{len(keys)} API keys" if keys.enabled else "no API keys: open to every caller")
+    log.info("router serving %s on %s (%s; prefill %s; metrics port %s, HTTP %s, %s)", settings.model, built.address,
+             "TLS" if tls else "plaintext", settings.disagg_mode, metrics_port, http.url if http else "off", f"{len(keys)} API keys" if keys.enabled else "no API keys: open to every caller")
     print(f"READY router {built.address} metrics={metrics_port or ''}" + (f" http={http.port}" if http else ""), flush=True)
     await stop.wait()
     log.info("router draining")

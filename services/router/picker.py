@@ -1,7 +1,8 @@
 """Choosing workers from live registry data.
 
 The router reads the registry at most every `refresh_s` and between reads adds what it sent itself
-(prompt tokens to a prefill worker, a running request to a decode worker), so a burst of requests
+(prompt tokens to a prefill worker, a running request to a decode worker, and the prompt tokens a
+decode worker is to prefill itself), so a burst of requests
 spreads over the pool instead of piling onto whichever worker looked idlest at the last read;
 between equally loaded workers the choice is random.
 Draining workers get nothing new; workers the outlier ejector holds out, and those a request
@@ -55,6 +56,7 @@ class WorkerPicker:
         self._read_at = 0.0
         self._pending_tokens: dict[str, int] = {}  # sent since the last read
         self._pending_running: dict[str, int] = {}
+        self._pending_local: dict[str, int] = {}  # prompt tokens sent to decode workers to prefill themselves
         self._watches: dict[str, tuple[str, asyncio.Task]] = {}  # worker id -> (address, its health watch)
         self._down: set[str] = set()  # registered, but its health is not SERVING
         self._outage_since: float | None = None  # monotonic time the registry became unreadable
@@ -101,6 +103,7 @@ class WorkerPicker:
         self._read_at = now
         self._pending_tokens.clear()
         self._pending_running.clear()
+        self._pending_local.clear()
         if self.pool is not None:
             self._watch(self._views)
         if self.metrics is not None:
@@ -166,24 +169,47 @@ class WorkerPicker:
         return views
 
     async def pick_prefill(self, prompt_tokens: int, exclude: set[str] = frozenset()) -> WorkerView:
-        views = await self._candidates("prefill", exclude)
-        best = least(views, key=lambda v: v.load.queued_tokens + self._pending_tokens.get(v.worker_id, 0))
+        best = await self.peek_prefill(exclude)
         self._pending_tokens[best.worker_id] = self._pending_tokens.get(best.worker_id, 0) + prompt_tokens
         return best
+
+    async def peek_prefill(self, exclude: set[str] = frozenset()) -> WorkerView:
+        """The prefill worker `pick_prefill` would choose now (the least queued tokens), nothing sent yet."""
+        views = await self._candidates("prefill", exclude)
+        return least(views, key=self.queued_tokens)
+
+    def queued_tokens(self, view: WorkerView) -> int:
+        """Prompt tokens waiting on a worker: its last published queue plus what this router sent it since."""
+        wid = view.worker_id
+        return view.load.queued_tokens + self._pending_tokens.get(wid, 0) + self._pending_local.get(wid, 0)
+
+    def running(self, view: WorkerView) -> int:
+        """Requests running on a decode worker, with those this router sent it since its last publish."""
+        return view.load.running_requests + self._pending_running.get(view.worker_id, 0)
 
     async def pick_decode(self, blocks_needed_by, role: str = "decode", exclude: set[str] = frozenset()) -> WorkerView:
         """Among workers with room for the request, the one with the least running load.
         `blocks_needed_by(block_size)` gives the request's blocks for a worker's block size."""
+        best = await self.peek_decode(blocks_needed_by, role, exclude)
+        self.claim_decode(best)
+        return best
+
+    def claim_decode(self, view: WorkerView, local_prompt_tokens: int = 0) -> None:
+        """Counts a request sent to a decode worker (with the prompt tokens it is to prefill itself)."""
+        wid = view.worker_id
+        self._pending_running[wid] = self._pending_running.get(wid, 0) + 1
+        if local_prompt_tokens:
+            self._pending_local[wid] = self._pending_local.get(wid, 0) + local_prompt_tokens
+
+    async def peek_decode(self, blocks_needed_by, role: str = "decode", exclude: set[str] = frozenset()) -> WorkerView:
+        """The decode worker `pick_decode` would choose now, not yet counted as sent."""
         views = await self._candidates(role, exclude)
         fits = [v for v in views if blocks_needed_by(v.info.block_size) <= v.info.total_blocks]
         if not fits:
             raise ResourceExhausted("the request needs more KV blocks than any decode worker has")
 
         def load(v: WorkerView) -> tuple:
-            running = v.load.running_requests + self._pending_running.get(v.worker_id, 0)
             has_room = blocks_needed_by(v.info.block_size) <= v.load.free_blocks
-            return (not has_room, running, -v.load.free_blocks)
+            return (not has_room, self.running(v), -v.load.free_blocks)
 
-        best = least(fits, key=load)
-        self._pending_running[best.worker_id] = self._pending_running.get(best.worker_id, 0) + 1
-        return best
+        return least(fits, key=load)

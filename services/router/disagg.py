@@ -1,0 +1,192 @@
+"""Conditional disaggregation: per request and per moment, the router prefills a prompt either on the
+decode worker that will decode it ("local": a Decode call without a KV handle, which that worker
+prefills in chunks within its TPOT target) or on the prefill pool ("remote": Prefill, then the KV
+pulled by the decode worker).
+
+Modes (`--disagg-mode`): `remote` always remote, `local` always local (both for benchmarking, and
+remote is the default); `conditional` decides by the rule below. In every mode a request whose KV got
+lost twice on its way to decode prefills locally (services/router/generation.py's replay).
+
+The rule, for a prompt of P tokens, the decode worker D the picker would choose for it and the
+prefill worker R it would choose (the least queued tokens):
+
+    remote_s = prefill_s(R, Q_R + P) + transfer_s(R -> D, P)
+        prefill_s(R, n) = ceil(n / M_R) * a_R + b_R * n   R's published step fit (step_s = a + b * tokens),
+                          its step budget M_R, and n: the tokens queued there (its last published queue
+                          plus what this router sent since) and this prompt's; without R's fit, n over
+                          the prefill rate this router measured on its prefill legs
+        transfer_s(P)   = P * bytes_per_token / bytes_per_s  of the pair R -> D, from the pulls this router's
+                          requests reported; before any, D's published pull estimate; before that, 0
+    local_s  = ceil(n_D / T_D) * (a_D + b_D * B_D) + b_D * n_D
+                          T_D: the prompt tokens one of D's steps may carry within its TPOT target with
+                          its running batch of B_D requests (published; plus what this router sent since);
+                          n_D: prompt tokens queued on D plus P; (a_D, b_D): D's step fit. Each step runs
+                          the B_D decodes and a chunk; the first token comes with the last chunk.
+
+    local  iff  P <= local_max_prompt_tokens  and  T_D > 0 (D prefills in chunks)  and  D's fit is known
+                and  local_s + margin_s < remote_s
+    otherwise remote; with no prefill worker at all, local (the decode pool serves alone).
+
+Why the margin: with an idle prefill pool remote_s is local_s plus a transfer, and going local is not
+free: it takes decode time (D's running requests slow down towards its TPOT target) for a gain of a
+few milliseconds. The margin (default 0.2 s) keeps prompts remote until the prefill pool's queue makes
+waiting for it cost more than that, i.e. when the prefill pool is the bottleneck and D has slack. It is
+also the router's guard against estimates that are a heartbeat old. Each decision is counted
+(`distserve_disagg_decision_total{decision}`) and reported in the request's metrics with its reason
+and both estimates, so the rule can be audited against the TTFT each request got.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from distserve.engine.errors import ResourceExhausted, Unavailable
+from distserve.kv.estimate import PullEstimate
+from distserve.state.registry import WorkerLoad, WorkerView
+
+MODES = ("conditional", "remote", "local")
+# why a choice was made: forced by the mode; conditional's estimates; a prompt over local_max_prompt_tokens;
+# a decode worker that does not prefill in chunks (or publishes no step fit); no estimate of the prefill
+# side; no prefill worker; no decode worker to weigh; the KV of this request got lost twice
+REASONS = ("mode", "estimate", "long_prompt", "no_budget", "unmeasured", "no_prefill_worker", "no_decode_worker", "kv_lost")
+MAX_PAIRS = 4096  # transfer estimates kept (least recently used dropped)
+
+
+@dataclass(frozen=True, slots=True)
+class DisaggPolicy:
+    mode: str = "remote"  # one of MODES
+    local_max_prompt_tokens: int = 512  # conditional: longer prompts always prefill remotely
+    margin_s: float = 0.2  # conditional: local must be expected this much sooner than remote
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"disagg mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    local: bool  # prefill on the decode worker
+    reason: str  # one of REASONS
+    local_s: float = 0.0  # expected seconds to the first token, local (0 = not estimated)
+    remote_s: float = 0.0  # ... and remote, KV transfer included
+    decode: WorkerView | None = None  # local: the decode worker weighed (the request goes there)
+
+    @property
+    def decision(self) -> str:
+        return "local" if self.local else "remote"
+
+
+def local_seconds(prompt_tokens: int, decode: WorkerLoad) -> float | None:
+    """Expected seconds until a decode worker prefilled this prompt in chunks (the load's queue and
+    running batch as the router counts them); None when it does not prefill in chunks or has no fit."""
+    budget, a, b = decode.prefill_budget_tokens, decode.step_fixed_s, decode.step_token_s
+    if budget <= 0 or b <= 0:
+        return None
+    n = decode.queued_tokens + prompt_tokens
+    return math.ceil(n / budget) * (a + b * decode.running_requests) + b * n
+
+
+def prefill_seconds(prompt_tokens: int, prefill: WorkerLoad, observed_rate: float | None = None) -> float | None:
+    """Expected seconds until a prefill worker prefilled this prompt behind its queue; None when
+    neither its fit nor an observed rate is known."""
+    n = prefill.queued_tokens + prompt_tokens
+    a, b = prefill.step_fixed_s, prefill.step_token_s
+    if b > 0:
+        return math.ceil(n / max(1, prefill.max_step_tokens or n)) * a + b * n
+    if observed_rate and observed_rate > 0 and math.isfinite(observed_rate):
+        return n / observed_rate
+    return None
+
+
+def decide(prompt_tokens: int, decode: WorkerLoad, prefill: WorkerLoad | None, policy: DisaggPolicy,
+           transfer_s: float = 0.0, observed_rate: float | None = None) -> Choice:
+    """The conditional rule (module docstring) on loads as the router counts them: `decode` and
+    `prefill` with what this router sent since their last publish added to their queues and batch."""
+    if prefill is None:
+        return Choice(True, "no_prefill_worker", local_seconds(prompt_tokens, decode) or 0.0)
+    if prompt_tokens > policy.local_max_prompt_tokens:
+        return Choice(False, "long_prompt")
+    local = local_seconds(prompt_tokens, decode)
+    if local is None:
+        return Choice(False, "no_budget")
+    remote = prefill_seconds(prompt_tokens, prefill, observed_rate)
+    if remote is None:
+        return Choice(False, "unmeasured", local)
+    remote += transfer_s
+    return Choice(local + policy.margin_s < remote, "estimate", local, remote)
+
+
+class PairTransfers:
+    """KV pull estimates per (prefill worker, decode worker), from what decode legs report."""
+
+    def __init__(self, max_pairs: int = MAX_PAIRS):
+        self.max_pairs = max_pairs
+        self._pairs: OrderedDict[tuple[str, str], PullEstimate] = OrderedDict()
+
+    def observe(self, prefill_id: str, decode_id: str, nbytes: int, seconds: float, tokens: int) -> None:
+        key = (prefill_id, decode_id)
+        est = self._pairs.pop(key, None) or PullEstimate()
+        est.observe(nbytes, seconds, tokens)
+        self._pairs[key] = est
+        while len(self._pairs) > self.max_pairs:
+            self._pairs.popitem(last=False)
+
+    def seconds(self, prefill_id: str, decode: WorkerView, tokens: int) -> float:
+        """The pair's estimate, else the decode worker's published one, else 0."""
+        est = self._pairs.get((prefill_id, decode.worker_id))
+        if est is not None and est.known:
+            return est.seconds(tokens)
+        ld = decode.load
+        if ld.kv_bytes_per_s > 0 and ld.kv_bytes_per_token > 0:
+            return tokens * ld.kv_bytes_per_token / ld.kv_bytes_per_s
+        return 0.0
+
+
+class Disaggregation:
+    """The router's choices: the policy, the picker's view of the pools, the pair transfer estimates."""
+
+    def __init__(self, policy: DisaggPolicy, picker, metrics):
+        self.policy = policy
+        self.picker = picker
+        self.metrics = metrics
+        self.transfers = PairTransfers()
+
+    async def choose(self, prompt_tokens: int, blocks_needed_by, avoid: set[str], *, kv_lost: bool = False,
+                     observed_rate: float | None = None,
+                     pick: Callable[[Callable[[], Awaitable[WorkerView]]], Awaitable[WorkerView]] | None = None) -> Choice:
+        """Where this prompt is prefilled. `pick(fn)` runs a picker call the way the caller retries them
+        (waiting a little for a worker on replays); only a local choice needs its decode worker now."""
+        pick = pick or (lambda fn: fn())
+        peek = lambda: self.picker.peek_decode(blocks_needed_by, exclude=avoid)  # noqa: E731
+        mode = self.policy.mode
+        if kv_lost or mode == "local":
+            choice = Choice(True, "kv_lost" if kv_lost else "mode", decode=await pick(peek))
+        elif mode == "remote":
+            choice = Choice(False, "mode")
+        else:
+            choice = await self._conditional(prompt_tokens, peek, avoid, observed_rate)
+        self.metrics.disagg_decisions.labels(choice.decision).inc()
+        return choice
+
+    async def _conditional(self, prompt_tokens: int, peek, avoid: set[str], observed_rate: float | None) -> Choice:
+        try:
+            decode = await peek()
+        except (Unavailable, ResourceExhausted):  # the decode leg says why, after the usual waits
+            return Choice(False, "no_decode_worker")
+        picker = self.picker
+        dload = dataclasses.replace(decode.load, running_requests=picker.running(decode), queued_tokens=picker.queued_tokens(decode))
+        try:
+            prefill = await picker.peek_prefill(avoid)
+        except Unavailable:
+            prefill = None
+        if prefill is None:
+            choice = decide(prompt_tokens, dload, None, self.policy)
+        else:
+            pload = dataclasses.replace(prefill.load, queued_tokens=picker.queued_tokens(prefill))
+            transfer = self.transfers.seconds(prefill.worker_id, decode, prompt_tokens)
+            choice = decide(prompt_tokens, dload, pload, self.policy, transfer, observed_rate)
+        return dataclasses.replace(choice, decode=decode) if choice.local else choice
