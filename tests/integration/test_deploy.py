@@ -205,12 +205,25 @@ def test_dockerfile_installs_the_package_as_the_readme_does_with_a_cuda_variant(
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r'pip install "torch==\$\{TORCH_VERSION\}" \.', text)
     assert "ARG DEVICE=cpu" in text and "cuda)" in text and "ARG TORCH_VERSION=2.13.0" in text
-    for src in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", text, re.M):
+    for src in re.findall(r"^COPY (?!--from=)(\S+(?: \S+)*) \S+$", text, re.M):  # from the context, not a stage
         for path in src.split():
             assert (ROOT / path).exists(), f"COPY {path}: missing from the build context"
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert not {"distserve", "services", "protos", "pyproject.toml"} & set(ignored)
 
+
+
+def test_the_image_carries_kernels_built_for_every_cpu_class_and_no_compiler():
+    """The build stage compiles every class; the final stage takes the builds and points the engine at
+    them, and has no compiler (a container never compiles: it runs a build or the torch path)."""
+    build, final = (DEPLOY / "Dockerfile").read_text().split("\nFROM ")[1:]
+    assert build.splitlines()[0].endswith(" AS build")
+    (out,) = re.findall(r"^RUN distserve kernels build --all .*--out (\S+)$", build, re.M)
+    assert re.search(rf"^COPY --from=build {re.escape(out)} {re.escape(out)}$", final, re.M)
+    assert re.search(rf"DISTSERVE_KERNELS_DIR={re.escape(out)}\b", final)
+    installs = lambda stage: " ".join(re.findall(r"apt-get install ([^\n]*)", stage))  # noqa: E731
+    assert "g++" in installs(build) and not {"g++", "gcc", "clang", "build-essential"} & set(installs(final).split())
+    assert "libgomp1" in final  # the OpenMP runtime the builds link
 
 
 def test_the_installed_package_carries_the_kernel_sources(tmp_path):
