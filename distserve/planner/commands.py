@@ -96,7 +96,8 @@ def profile_table(prof) -> str:
 
 def _objective_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", default="chat", help="chat, code, summarize (the bench workloads), or trace:PATH (a trace's lengths)")
-    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--num-requests", type=int, default=0,
+                   help="requests per simulated rate (default: 200 for a CPU profile, 1000 for a GPU profile, whose batches are larger; a trace: its lengths, then drawn from them)")
     p.add_argument("--seed", type=int, default=0, help="the bench workloads' seed: same lengths and arrivals as `bench serve --seed`")
     p.add_argument("--arrival", default="poisson", choices=("poisson", "gamma"))
     p.add_argument("--cv", type=float, default=1.0)
@@ -190,12 +191,12 @@ def _limits(args):
     return EngineLimits(args.max_num_batched_tokens, args.max_num_seqs, args.kv_dtype)
 
 
-def _objective(args):
+def _objective(args, device: str = "cpu"):
     from distserve.planner.search import Objective
     from distserve.planner.trace import load_trace
 
     trace = load_trace(args.workload[len("trace:"):]) if args.workload.startswith("trace:") else None
-    n = len(trace.requests) if trace is not None else args.num_requests
+    n = args.num_requests or (1000 if device == "gpu" else 200)
     return Objective(args.slo_ttft, args.slo_tpot, args.attainment, args.workload, n, args.seed, args.arrival, args.cv, trace)
 
 
@@ -215,7 +216,7 @@ def search_main(args) -> None:
     from distserve.planner.search import plan_cpu, plan_gpu
 
     prof = _load(args)
-    o = _objective(args)
+    o = _objective(args, prof.device)
     limits = _limits(args)
     notes: dict = {}
     if prof.device == "gpu":
@@ -251,7 +252,8 @@ def _goodput_dict(g, prof) -> dict:
 
 def plan_table(prof, ranked, o, budget: str, notes: dict | None = None) -> str:
     unit = "core" if prof.device == "cpu" else "GPU"
-    src = o.trace.name if o.trace is not None else f"{o.workload} ({o.num_requests} requests, seed {o.seed}, {o.arrival})"
+    src = (f"lengths of {o.trace.name} ({o.num_requests} requests, seed {o.seed}, poisson)" if o.trace is not None
+           else f"{o.workload} ({o.num_requests} requests, seed {o.seed}, {o.arrival})")
     lines = [f"{prof.model.name}, profile of {prof.machine.get('cpu') or prof.machine.get('gpu')}; {budget}; workload {src}",
              f"SLO TTFT <= {o.slo_ttft:g}s, TPOT <= {o.slo_tpot * 1e3:g}ms for {o.target:.0%} of requests", ""]
     if notes:
@@ -306,7 +308,7 @@ def simulate_main(args) -> None:
     if args.trace:
         trace = load_trace(args.trace)
     else:
-        trace = workload_trace(args.workload, args.num_requests, args.rate, args.seed, args.arrival, args.cv)
+        trace = workload_trace(args.workload, args.num_requests or 200, args.rate, args.seed, args.arrival, args.cv)
     suite = suite_spec(prof, placement, _limits(args), args.transport or None)
     results = simulate(suite, trace.requests, args.seed)
     cfg = RunConfig(workload=args.trace or args.workload, num_requests=len(results), rate=trace.rate if args.trace else args.rate, arrival=args.arrival, cv=args.cv,

@@ -47,11 +47,11 @@ class Objective:
     seed: int = 0
     arrival: str = "poisson"
     cv: float = 1.0
-    trace: Trace | None = None  # a recorded length mix instead of a workload (arrivals: fresh Poisson)
+    trace: Trace | None = None  # a recorded length mix instead of a workload (num_requests drawn from it, fresh Poisson arrivals)
 
     def requests_at(self, rate: float) -> list[TraceRequest]:
         if self.trace is not None:
-            return with_rate(self.trace, rate, self.seed).requests
+            return with_rate(self.trace, rate, self.seed, self.num_requests).requests
         return workload_trace(self.workload, self.num_requests, rate, self.seed, self.arrival, self.cv).requests
 
 
@@ -235,6 +235,33 @@ def best_phase(profile: Profile, role: str, o: Objective, limits: EngineLimits, 
     return sorted(choices, key=lambda c: (-c.per_gpu, c.tp * c.pp))
 
 
+def balanced_pairs(pre: list[PhaseChoice], dec: list[PhaseChoice], gpus: int, keep: int = 6) -> list[Placement]:
+    """Algorithm 1's replication: for each prefill and decode instance choice, the instance counts within
+    the GPU budget whose slower phase sustains the most per GPU (min(P * g_p, D * g_d) / GPUs); the
+    `keep` best, to be simulated whole."""
+    scored = []
+    for p in pre:
+        for d in dec:
+            gp, gd = p.tp * p.pp, d.tp * d.pp
+            for n_p in range(1, gpus // gp + 1):
+                n_d = (gpus - n_p * gp) // gd
+                if n_d < 1 or p.goodput <= 0 or d.goodput <= 0:
+                    continue
+                # the fewest decode instances that keep up with n_p prefill instances (or all that fit)
+                n_d = min(n_d, max(1, math.ceil(n_p * p.goodput / d.goodput)))
+                used = n_p * gp + n_d * gd
+                score = min(n_p * p.goodput, n_d * d.goodput) / used
+                scored.append((score, used, Placement(prefill=n_p, decode=n_d, tp_prefill=p.tp, pp_prefill=p.pp, tp_decode=d.tp, pp_decode=d.pp)))
+    scored.sort(key=lambda x: (-x[0], x[1]))
+    out: list[Placement] = []
+    for _, _, pl in scored:
+        if pl not in out:
+            out.append(pl)
+        if len(out) == keep:
+            break
+    return out
+
+
 def plan_gpu(profile: Profile, gpus: int, o: Objective, limits: EngineLimits = EngineLimits(), node_gpus: int = 8,
              affinity: str = "high", progress=None) -> tuple[list[Goodput], dict]:
     """Ranked whole-placement goodputs and the per-phase choices behind them."""
@@ -244,13 +271,7 @@ def plan_gpu(profile: Profile, gpus: int, o: Objective, limits: EngineLimits = E
         pre = best_phase(profile, "prefill", o, limits, node_gpus)
         dec = best_phase(profile, "decode", o, limits, node_gpus)
         notes = {"prefill": pre, "decode": dec}
-        for p in pre[:2]:
-            for d in dec[:2]:
-                gp, gd = p.tp * p.pp, d.tp * d.pp
-                for np_ in range(1, gpus // gp + 1):
-                    nd = (gpus - np_ * gp) // gd
-                    if nd >= 1 and abs(math.log(max(np_ * p.goodput, 1e-9) / max(nd * d.goodput, 1e-9))) < 1.0:
-                        cands.append(Placement(prefill=np_, decode=nd, tp_prefill=p.tp, pp_prefill=p.pp, tp_decode=d.tp, pp_decode=d.pp))
+        cands = balanced_pairs(pre, dec, gpus)
     else:  # Algorithm 2: per PP degree, one node's worth of segments per stage
         for pp in divisors(profile.model.num_layers):
             if pp * 1 > gpus:

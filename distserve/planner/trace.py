@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +53,15 @@ def workload_trace(workload: str, n: int, rate: float, seed: int = 0, arrival: s
     return Trace(reqs, name=f"{workload} n={n} @ {rate:g} req/s seed {seed}")
 
 
-def with_rate(trace: Trace, rate: float, seed: int = 0) -> Trace:
-    """The trace's lengths with fresh Poisson arrivals at `rate` (to find the goodput of a recorded length mix)."""
-    times = arrival_times(len(trace.requests), rate, "poisson", 1.0, seed)
-    reqs = [TraceRequest(r.index, r.prompt_len, r.output_len, t) for r, t in zip(trace.requests, times)]
+def with_rate(trace: Trace, rate: float, seed: int = 0, n: int = 0) -> Trace:
+    """The trace's lengths with fresh Poisson arrivals at `rate` (to find the goodput of a recorded length
+    mix); with `n`, that many requests: the trace's own first, then lengths drawn from it (seeded)."""
+    n = n or len(trace.requests)
+    rng = random.Random(f"trace-lengths:{seed}")
+    pairs = [(r.prompt_len, r.output_len) for r in trace.requests]
+    pairs += [(lambda r: (r.prompt_len, r.output_len))(rng.choice(trace.requests)) for _ in range(n - len(pairs))]
+    times = arrival_times(n, rate, "poisson", 1.0, seed)
+    reqs = [TraceRequest(i, p, o, t) for i, ((p, o), t) in enumerate(zip(pairs[:n], times))]
     return Trace(reqs, name=f"{trace.name} lengths @ {rate:g} req/s")
 
 

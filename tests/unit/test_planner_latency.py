@@ -125,3 +125,22 @@ def test_suite_spec_takes_memory_and_limits_from_the_profile():
     assert s.decode[0].max_num_batched_tokens == 1024 and s.decode[0].max_num_seqs == 16
     assert s.decode[0].num_blocks == p.num_blocks()
     assert s.transfer_s(100) == pytest.approx(0.002 + 100 * 30 * 2 * 3 * 64 * 4 / 1e9)
+
+
+def test_gpu_search_balances_phase_instances_within_the_budget(tmp_path):
+    from distserve.planner.search import plan_gpu
+
+    coef = {"1": {"decoding_large_small_bs_threshold": 95, "prefill": [18.1, 0.1019, 7.1e-06],
+                  "decoding_smallbs": [19.93, 0.000627, 0.0385], "decoding_largebs": [7.17, 0.00058, 0.158]},
+            "2": {"decoding_large_small_bs_threshold": 95, "prefill": [14.7, 0.0686, 2.4e-06],
+                  "decoding_smallbs": [13.3, 0.00034, 0.063], "decoding_largebs": [10.6, 0.00031, 0.0856]}}
+    path = tmp_path / "latency-coefficients-x.json"
+    path.write_text(json.dumps({"facebook/opt-13b": coef}))
+    p = load_profile(path)
+    o = Objective(slo_ttft=0.4, slo_tpot=0.15, workload="chat", num_requests=150)
+    ranked, notes = plan_gpu(p, 4, o, EngineLimits(2048, 256), node_gpus=4)
+    assert notes["prefill"] and notes["decode"]
+    assert all(g.units <= 4 for g in ranked)
+    disagg = [g for g in ranked if g.placement.disaggregated]
+    assert disagg and all(g.rate > 0 for g in disagg)
+    assert [g.per_unit for g in ranked] == sorted((g.per_unit for g in ranked), reverse=True)
