@@ -220,7 +220,7 @@ class WorkerRuntime:
                 await self._run_once(f"calibrate-{n}", n, 1)
         fit = e.step_times.fit
         if fit is not None:
-            log.info("step times: %.2f ms + %.3f ms per token", 1e3 * fit.fixed_s, 1e3 * fit.token_s)
+            log.info("step times: %.2f ms + %.3f ms per prompt token + %.3f ms per decode", 1e3 * fit.fixed_s, 1e3 * fit.token_s, 1e3 * fit.decode_s)
 
     async def _run_once(self, rid: str, tokens: int, max_tokens: int) -> None:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -278,6 +278,7 @@ class WorkerRuntime:
             draining=self.draining,
             step_fixed_s=st.step_fixed_s,
             step_token_s=st.step_token_s,
+            step_decode_s=st.step_decode_s,
             max_step_tokens=st.max_step_tokens,
             prefill_budget_tokens=st.prefill_budget_tokens,
             kv_bytes_per_s=self.kv_pulls.bytes_per_s,

@@ -99,9 +99,10 @@ class EngineStats:
     total_blocks: int
     block_size: int
     step_fixed_s: float = 0.0  # the step-time fit's fixed cost (0 = nothing measured yet)
-    step_token_s: float = 0.0  # ... and its cost per token in a step
+    step_token_s: float = 0.0  # ... its cost per prompt token in a step
+    step_decode_s: float = 0.0  # ... and per decode token (a running sequence's)
     max_step_tokens: int = 0  # token budget of one step
-    prefill_budget_tokens: int = 0  # chunked engines: prompt tokens a step may carry now, with the running batch (0 = not chunked)
+    prefill_budget_tokens: int = 0  # chunked engines: prompt tokens a step may carry now within the TPOT target, with the running batch (0 = none, or not chunked)
 
 
 class LLMEngine:
@@ -236,15 +237,20 @@ class LLMEngine:
         s = self.scheduler
         return bool(s.waiting or s.prefilling or s.running)
 
-    def chunk_cap(self, decodes: list[Sequence]) -> int:
-        """Prompt tokens a step of these decodes may carry within the TPOT target (at least a block's
-        worth, so prompts advance however long the decodes alone take)."""
+    def prefill_budget(self, decodes: list[Sequence]) -> int:
+        """Prompt tokens a step of these decodes may carry within the TPOT target (0: none)."""
         cfg = self.config
         room = cfg.max_num_batched_tokens - len(decodes)
         if not decodes or cfg.tpot_target_s <= 0:
             return room
         context = sum(s.num_tokens for s in decodes)
-        return chunk_budget(self.step_predictor, cfg.tpot_target_s, len(decodes), context, room, min(room, cfg.block_size))
+        return chunk_budget(self.step_predictor, cfg.tpot_target_s, len(decodes), context, room)
+
+    def chunk_cap(self, decodes: list[Sequence]) -> int:
+        """The scheduler's cap: the budget, but at least a block's worth, so a prompt already admitted
+        advances however long the decodes alone take."""
+        room = self.config.max_num_batched_tokens - len(decodes)
+        return max(self.prefill_budget(decodes), min(room, self.config.block_size))
 
     def stats(self) -> EngineStats:
         s = self.scheduler
@@ -259,8 +265,9 @@ class LLMEngine:
             block_size=self.config.block_size,
             step_fixed_s=fit.fixed_s if fit else 0.0,
             step_token_s=fit.token_s if fit else 0.0,
+            step_decode_s=fit.decode_s if fit else 0.0,
             max_step_tokens=self.config.max_num_batched_tokens,
-            prefill_budget_tokens=self.chunk_cap(s.running[: self.config.max_num_seqs]) if s.chunked else 0,
+            prefill_budget_tokens=self.prefill_budget(s.running[: self.config.max_num_seqs]) if s.chunked else 0,
         )
 
     # -- the step ----------------------------------------------------------------------------
@@ -281,7 +288,7 @@ class LLMEngine:
         logits = self.runner.forward(batch)
         self.last_forward_s = time.perf_counter() - t0
         outs = self._postprocess(sched, to_sample, logits)
-        self.step_times.observe(len(sched.decode) + sum(c.end - c.start for c in sched.chunks), time.perf_counter() - t_step)
+        self.step_times.observe(len(sched.decode), sum(c.end - c.start for c in sched.chunks), time.perf_counter() - t_step)
         return outs
 
     def _postprocess(self, sched: SchedulerOutput, to_sample: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:

@@ -74,11 +74,12 @@ class WorkerLoad:
     held_requests: int = 0  # prefilled KV held under a lease, waiting for a decode worker
     draining: bool = False  # shutting down: take no new work
     updated_at: float = 0.0  # unix time of this sample; 0 = stamp at publish
-    # how fast its engine steps run (the online fit step_s = step_fixed_s + step_token_s * tokens in the step)
-    step_fixed_s: float = 0.0  # 0 (and step_token_s 0): not measured, or a worker that does not publish it
-    step_token_s: float = 0.0
+    # how fast its engine steps run: the online fit step_s = step_fixed_s + step_decode_s * decodes + step_token_s * prompt tokens
+    step_fixed_s: float = 0.0  # 0 (and the others 0): not measured, or a worker that does not publish it
+    step_token_s: float = 0.0  # per prompt token
+    step_decode_s: float = 0.0  # per running sequence's decode token
     max_step_tokens: int = 0  # token budget of one step (0 = unknown)
-    prefill_budget_tokens: int = 0  # decode: prompt tokens one step may carry now within its TPOT target (0 = it does not prefill in chunks)
+    prefill_budget_tokens: int = 0  # decode: prompt tokens one step may carry now within its TPOT target (0 = none now, or it does not prefill in chunks)
     kv_bytes_per_s: float = 0.0  # decode: bandwidth of its recent KV pulls (0 = none yet)
     kv_bytes_per_token: float = 0.0  # decode: KV wire bytes per prompt token of its recent pulls
 

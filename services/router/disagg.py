@@ -11,19 +11,20 @@ The rule, for a prompt of P tokens, the decode worker D the picker would choose 
 prefill worker R it would choose (the least queued tokens):
 
     remote_s = prefill_s(R, Q_R + P) + transfer_s(R -> D, P)
-        prefill_s(R, n) = ceil(n / M_R) * a_R + b_R * n   R's published step fit (step_s = a + b * tokens),
+        prefill_s(R, n) = ceil(n / M_R) * a_R + b_R * n   R's published step fit (a, and b per prompt token),
                           its step budget M_R, and n: the tokens queued there (its last published queue
                           plus what this router sent since) and this prompt's; without R's fit, n over
                           the prefill rate this router measured on its prefill legs
         transfer_s(P)   = P * bytes_per_token / bytes_per_s  of the pair R -> D, from the pulls this router's
                           requests reported; before any, D's published pull estimate; before that, 0
-    local_s  = ceil(n_D / T_D) * (a_D + b_D * B_D) + b_D * n_D
+    local_s  = ceil(n_D / T_D) * (a_D + d_D * B_D) + b_D * n_D
                           T_D: the prompt tokens one of D's steps may carry within its TPOT target with
                           its running batch of B_D requests (published; plus what this router sent since);
-                          n_D: prompt tokens queued on D plus P; (a_D, b_D): D's step fit. Each step runs
-                          the B_D decodes and a chunk; the first token comes with the last chunk.
+                          n_D: prompt tokens queued on D plus P; (a_D, d_D, b_D): D's step fit (fixed, per
+                          decode, per prompt token). Each step runs the B_D decodes and a chunk; the
+                          first token comes with the last chunk.
 
-    local  iff  P <= local_max_prompt_tokens  and  T_D > 0 (D prefills in chunks)  and  D's fit is known
+    local  iff  P <= local_max_prompt_tokens  and  T_D > 0 (D has budget now)  and  D's fit is known
                 and  local_s + margin_s < remote_s
     otherwise remote; with no prefill worker at all, local (the decode pool serves alone).
 
@@ -80,14 +81,19 @@ class Choice:
         return "local" if self.local else "remote"
 
 
+def fitted(load: WorkerLoad) -> bool:
+    """Whether a worker publishes a step-time fit (all zeros: not measured yet, or an older worker)."""
+    return load.step_fixed_s > 0 or load.step_token_s > 0 or load.step_decode_s > 0
+
+
 def local_seconds(prompt_tokens: int, decode: WorkerLoad) -> float | None:
     """Expected seconds until a decode worker prefilled this prompt in chunks (the load's queue and
     running batch as the router counts them); None when it does not prefill in chunks or has no fit."""
     budget, a, b = decode.prefill_budget_tokens, decode.step_fixed_s, decode.step_token_s
-    if budget <= 0 or b <= 0:
+    if budget <= 0 or not fitted(decode):
         return None
     n = decode.queued_tokens + prompt_tokens
-    return math.ceil(n / budget) * (a + b * decode.running_requests) + b * n
+    return math.ceil(n / budget) * (a + decode.step_decode_s * decode.running_requests) + b * n
 
 
 def prefill_seconds(prompt_tokens: int, prefill: WorkerLoad, observed_rate: float | None = None) -> float | None:
@@ -95,7 +101,7 @@ def prefill_seconds(prompt_tokens: int, prefill: WorkerLoad, observed_rate: floa
     neither its fit nor an observed rate is known."""
     n = prefill.queued_tokens + prompt_tokens
     a, b = prefill.step_fixed_s, prefill.step_token_s
-    if b > 0:
+    if fitted(prefill):
         return math.ceil(n / max(1, prefill.max_step_tokens or n)) * a + b * n
     if observed_rate and observed_rate > 0 and math.isfinite(observed_rate):
         return n / observed_rate

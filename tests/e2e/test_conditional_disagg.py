@@ -16,6 +16,7 @@ import torch
 from distserve.client import AsyncClient
 from distserve.state.redis_server import RedisServer
 from distserve.state.registry import Registry
+from services.router.disagg import fitted
 from tests.integration.service_procs import Cluster, scrape, total
 
 pytestmark = pytest.mark.timeout(600)
@@ -91,7 +92,7 @@ def test_forced_modes_prefill_where_told_and_give_the_same_tokens(suite, tiny):
         dec, pre = loads["decode-c"], loads["prefill-c"]
         # what routers weigh: both step fits (from the start-up calibration on), the decode worker's chunk
         # budget (idle: its whole step budget) and its KV pulls; a prefill worker offers no chunk budget
-        assert dec.step_token_s > 0 and pre.step_token_s > 0 and dec.max_step_tokens == pre.max_step_tokens == 2048
+        assert fitted(dec) and fitted(pre) and dec.max_step_tokens == pre.max_step_tokens == 2048
         assert dec.prefill_budget_tokens == 2048 and pre.prefill_budget_tokens == 0
         assert dec.kv_bytes_per_s > 0 and dec.kv_bytes_per_token == pytest.approx(sum(o.metrics.kv_bytes for o in remote) / sum(map(len, PROMPTS)), rel=0.5)
     except BaseException:

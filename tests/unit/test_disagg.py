@@ -18,8 +18,8 @@ from services.router.ejection import OutlierEjector
 from services.router.picker import WorkerPicker
 
 POLICY = DisaggPolicy("conditional", local_max_prompt_tokens=512, margin_s=0.2)
-# a decode worker: 10 ms + 1 ms per token per step, 8 running, 40 prompt tokens a step within its target
-DECODE = WorkerLoad(running_requests=8, free_blocks=100, total_blocks=100, step_fixed_s=0.010, step_token_s=0.001,
+# a decode worker: 10 ms + 1 ms per decode or prompt token per step, 8 running, 40 prompt tokens a step within its target
+DECODE = WorkerLoad(running_requests=8, free_blocks=100, total_blocks=100, step_fixed_s=0.010, step_token_s=0.001, step_decode_s=0.001,
                     max_step_tokens=2048, prefill_budget_tokens=40)
 # a prefill worker: 5 ms + 1 ms per token per step, steps of up to 2048 tokens
 PREFILL = WorkerLoad(step_fixed_s=0.005, step_token_s=0.001, max_step_tokens=2048)
@@ -35,7 +35,8 @@ def test_local_estimate_counts_steps_of_decodes_plus_chunks():
     # its queue of local prompts goes first
     assert local_seconds(100, _load(DECODE, queued_tokens=60)) == pytest.approx(4 * 0.018 + 0.160)
     assert local_seconds(100, _load(DECODE, prefill_budget_tokens=0)) is None  # it does not prefill in chunks
-    assert local_seconds(100, _load(DECODE, step_token_s=0.0)) is None  # an older worker: no fit published
+    assert local_seconds(100, _load(DECODE, step_fixed_s=0.0, step_token_s=0.0, step_decode_s=0.0)) is None  # no fit published
+    assert local_seconds(100, _load(DECODE, step_token_s=0.0)) == pytest.approx(3 * 0.018)  # prompt tokens measured as free
 
 
 def test_prefill_estimate_from_the_fit_or_the_observed_rate():

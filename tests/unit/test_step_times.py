@@ -8,53 +8,68 @@ from distserve.engine.engine import EngineConfig, LLMEngine
 from distserve.engine.sampling import SamplingParams
 from distserve.engine.scheduler import Scheduler
 from distserve.engine.sequence import Sequence
-from distserve.engine.step_times import StepFit, StepTimes, chunk_budget, fit_line
+from distserve.engine.step_times import StepFit, StepTimes, chunk_budget, fit_plane
 from tests.engine_helpers import prompts, run_to_end
 
 
-def test_fit_line_recovers_a_line_and_keeps_its_coefficients_non_negative():
-    pts = [(t, 0.010 + 0.002 * t, 1) for t in (1, 4, 16, 64, 256)]
-    fit = fit_line(pts)
-    assert fit.fixed_s == pytest.approx(0.010) and fit.token_s == pytest.approx(0.002)
-    # a negative intercept: the line through the origin
-    fit = fit_line([(10, 0.005, 1), (100, 0.2, 1)])
+def plane(d, p):
+    return 0.010 + 0.0008 * d + 0.002 * p  # decode tokens cheaper than prompt tokens, as SmolLM2 int8 on the EPYC
+
+
+def test_fit_plane_recovers_both_token_costs_and_keeps_coefficients_non_negative():
+    pts = [(d, p, plane(d, p), 1) for d, p in ((1, 0), (16, 0), (0, 4), (0, 32), (0, 256), (8, 24))]
+    fit = fit_plane(pts)
+    assert (fit.fixed_s, fit.decode_s, fit.token_s) == pytest.approx((0.010, 0.0008, 0.002))
+    assert fit.seconds(16, 20) == pytest.approx(plane(16, 20))
+    # a negative intercept is dropped: the best plane through the origin instead
+    fit = fit_plane([(0, 10, 0.005, 1), (0, 100, 0.2, 1)])
     assert fit.fixed_s == 0 and fit.token_s > 0
-    # one size only, or a falling line (noise): proportional, so a chunk token costs what a whole step's token did
-    assert fit_line([(16, 0.032, 5)]) == StepFit(0.0, 0.002)
-    assert fit_line([(8, 0.05, 1), (64, 0.04, 1)]).fixed_s == 0
-    assert fit_line([]) is None
+    # a prefill worker never decodes: a decode token costs what a prompt token does
+    fit = fit_plane([(0, p, plane(0, p), 1) for p in (4, 32, 256)])
+    assert fit.decode_s == fit.token_s == pytest.approx(0.002)
+    # relative error: a long step that grows faster than the plane does not bend it where budgets are decided
+    pts = [(d, p, plane(d, p), 5) for d, p in ((1, 0), (16, 0), (0, 4), (0, 32))] + [(0, 2048, 3 * plane(0, 2048), 5)]
+    assert fit_plane(pts).seconds(16, 16) == pytest.approx(plane(16, 16), rel=0.35)
+    assert fit_plane([]) is None
 
 
-def test_buckets_keep_the_slope_while_one_batch_size_dominates():
+def test_buckets_keep_the_fit_while_one_batch_size_dominates():
     st = StepTimes()
-    for t in (4, 32, 256):  # calibration at start
-        st.observe(t, 0.020 + 0.001 * t)
+    st.observe(1, 0, plane(1, 0))  # the warm-up's decode step
+    for p in (4, 32, 256):  # calibration at start
+        st.observe(0, p, plane(0, p))
     for _ in range(5000):  # a worker that then decodes a batch of 16 for a long time
-        st.observe(16, 0.020 + 0.001 * 16)
-    assert st.fit.fixed_s == pytest.approx(0.020, rel=1e-6) and st.fit.token_s == pytest.approx(0.001, rel=1e-6)
+        st.observe(16, 0, plane(16, 0))
+    fit = st.fit
+    assert (fit.fixed_s, fit.decode_s, fit.token_s) == pytest.approx((0.010, 0.0008, 0.002), rel=1e-6)
     for _ in range(50):  # the machine slows down: the buckets that see steps follow
-        st.observe(16, 2 * (0.020 + 0.001 * 16))
-    assert st.fit.seconds(16) > 1.3 * (0.020 + 0.001 * 16)
-    st.observe(0, 1.0)  # nothing ran, or a clock that went backwards: ignored
-    st.observe(8, -1.0)
-    st.observe(8, float("nan"))
-    assert st.steps == 3 + 5000 + 50
-    assert st.predict(2, 999, 30) == st.fit.seconds(32)  # decodes + chunk tokens; context is not in the line
-    assert StepTimes().predict(1, 1, 1) is None
+        st.observe(16, 0, 2 * plane(16, 0))
+    assert st.fit.seconds(16, 0) > 1.3 * plane(16, 0)
+    st.observe(0, 0, 1.0)  # nothing ran, or a clock that went backwards: ignored
+    st.observe(8, 0, -1.0)
+    st.observe(8, 0, float("nan"))
+    assert st.steps == 4 + 5000 + 50
+    assert st.predict(2, 999, 30) == st.fit.seconds(2, 30)  # context is not in the model
+    assert StepTimes().predict(1, 1, 1) is None and StepTimes().fit is None
+    mean = StepTimes()
+    for x in (0.010, 0.030):  # a bucket's first samples are averaged, not dominated by the first
+        mean.observe(0, 8, x)
+    assert mean._buckets[(0, 4)][2] == pytest.approx(0.020)
 
 
 def test_chunk_budget_is_the_largest_chunk_within_the_target():
     ms = 1 / 1024  # a binary "millisecond", so the sums below are exact
     line = lambda d, c, t: (10 + d + t) * ms  # noqa: E731
     # 16 decodes: 26 ms; 60 ms leaves 34 tokens
-    assert chunk_budget(line, 60 * ms, 16, 4000, 2048, 16) == 34
-    assert chunk_budget(line, 5.0, 16, 4000, 2048, 16) == 2048  # all of the step budget fits
-    assert chunk_budget(line, 20 * ms, 16, 4000, 2048, 16) == 16  # the decodes alone pass it: the floor, so prompts advance
-    assert chunk_budget(line, 60 * ms, 16, 4000, 10, 16) == 10  # a step budget below the floor
-    assert chunk_budget(lambda d, c, t: None, 60 * ms, 16, 4000, 2048, 16) == 2048  # nothing measured: no cap
+    assert chunk_budget(line, 60 * ms, 16, 4000, 2048) == 34
+    assert chunk_budget(line, 5.0, 16, 4000, 2048) == 2048  # all of the step budget fits
+    assert chunk_budget(line, 27 * ms, 16, 4000, 2048) == 1
+    assert chunk_budget(line, 20 * ms, 16, 4000, 2048) == 0  # the decodes alone pass it: no budget
+    assert chunk_budget(line, 60 * ms, 16, 4000, 10) == 10 and chunk_budget(line, 60 * ms, 16, 4000, 0) == 0
+    assert chunk_budget(lambda d, c, t: None, 60 * ms, 16, 4000, 2048) == 2048  # nothing measured: no cap
     # a predictor that grows with context and the square of the chunk (a planner profile's form)
     quad = lambda d, c, t: 0.005 + 1e-5 * c + 1e-4 * t + 1e-6 * t * t  # noqa: E731
-    b = chunk_budget(quad, 0.100, 8, 2000, 2048, 16)
+    b = chunk_budget(quad, 0.100, 8, 2000, 2048)
     assert quad(8, 2000, b) <= 0.100 < quad(8, 2000, b + 1)
 
 
@@ -113,7 +128,8 @@ def test_engine_under_a_tpot_target_chunks_prompts_and_keeps_greedy_output(tiny)
     assert mixed and all(t <= 40 - d for d, t in mixed)  # every step with decodes kept within 40 ms
     assert sum(t for _, t in mixed) == sum(map(len, ps[2:]))  # the later prompts rode on the decodes, in chunks
     assert outs == run_to_end(plain)  # token-identical to whole-prompt prefill
-    assert eng.step_times.steps > 0 and eng.stats().step_token_s > 0  # measured while it ran
+    st = eng.stats()
+    assert eng.step_times.steps > 0 and st.step_fixed_s + st.step_decode_s + st.step_token_s > 0  # measured while it ran
     assert eng.blocks.num_free == eng.blocks.num_blocks
     st = eng.stats()
     assert st.max_step_tokens == 256 and st.prefill_budget_tokens == 256  # idle: the whole step budget
@@ -125,9 +141,10 @@ def test_chunk_cap_of_the_engine_follows_the_running_batch(tiny):
     eng = LLMEngine(tiny, EngineConfig(num_blocks=200, chunked_prefill=True, max_num_batched_tokens=256, tpot_target_s=50 / 512,
                                        block_size=16), step_predictor=lambda d, c, t: (d + t) / 256)
     fake = [seq(i, 10) for i in range(20)]
-    assert eng.chunk_cap([]) == 256
-    assert eng.chunk_cap(fake[:5]) == 20  # 25 tokens in 50 ms, 5 of them decodes
-    assert eng.chunk_cap(fake) == 16  # 20 decodes take 40 ms: 5 more tokens fit, but a block's worth always does
+    assert eng.chunk_cap([]) == eng.prefill_budget([]) == 256
+    assert eng.chunk_cap(fake[:5]) == eng.prefill_budget(fake[:5]) == 20  # 25 tokens in 50 ms, 5 of them decodes
+    assert eng.prefill_budget(fake) == 5  # 20 decodes take 40 ms: 5 more tokens fit ...
+    assert eng.chunk_cap(fake) == 16  # ... but a prompt already admitted advances by a block's worth
     off = LLMEngine(tiny, EngineConfig(num_blocks=20))
     assert off.stats().prefill_budget_tokens == 0  # not chunked: it offers no local prefill budget
 
@@ -145,5 +162,5 @@ def test_a_planner_profile_predicts_the_budget(tmp_path):
     assert predict(8, 800, 64) == pytest.approx(step.step_s([(0, 64)], 8, 800))
     assert predict(8, 800, 0) == pytest.approx(step.decode_s(8, 800))
     assert profile_predictor(str(tmp_path / "p.json"), 2, "int8")(1, 10, 10) == predict(1, 10, 10)  # its only engine serves
-    b = chunk_budget(predict, 0.030, 8, 800, 2048, 16)
+    b = chunk_budget(predict, 0.030, 8, 800, 2048)
     assert predict(8, 800, b) <= 0.030 < predict(8, 800, b + 1)
