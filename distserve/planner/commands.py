@@ -340,7 +340,7 @@ def measured_table(trace, results, slo_ttft: float, slo_tpot: float) -> str:
     sim.attainment = sum(r.ok and r.ttft <= slo_ttft and r.tpot <= slo_tpot for r in results) / max(1, len(results))
     rows = [("TTFT p50", real.ttft_p50, sim.ttft_p50), ("TTFT p90", real.ttft_p90, sim.ttft_p90),
             ("TPOT p50", real.tpot_p50, sim.tpot_p50), ("TPOT p90", real.tpot_p90, sim.tpot_p90)]
-    lines = [f"the trace's own measurements against the simulation:", f"{'':10}{'real ms':>10}{'sim ms':>10}"]
+    lines = ["the trace's own measurements against the simulation:", f"{'':10}{'real ms':>10}{'sim ms':>10}"]
     lines += [f"{k:10}{a * 1e3:>10.1f}{b * 1e3:>10.1f}" for k, a, b in rows]
     lines.append(f"attainment (TTFT <= {slo_ttft:g}s, TPOT <= {slo_tpot * 1e3:g}ms): real {real.attainment:.1%}, simulated {sim.attainment:.1%} "
                  f"({100 * (sim.attainment - real.attainment):+.1f} points)")

@@ -7,8 +7,7 @@ import pytest
 
 from distserve.planner.latency import DecodePoint, PrefillPoint, StepModel, fit_decode, fit_prefill, nonneg_lstsq_rel
 from distserve.planner.placement import EngineLimits, Placement, suite_spec
-from distserve.planner.profile import (EngineProfile, ModelInfo, Profile, ServingCosts, TransferModel, from_reference, load_profile,
-                                       machine_info)
+from distserve.planner.profile import EngineProfile, ModelInfo, Profile, ServingCosts, TransferModel, load_profile, machine_info
 from distserve.planner.search import Objective, cpu_candidates, goodput, plan_cpu
 
 
