@@ -48,18 +48,23 @@ until grep -q "distserve is up" "$run/up.out"; do
   kill -0 $up_pid 2>/dev/null || { cat "$run/up.out"; tail -n 30 "$run"/logs/*.log; exit 1; }
   sleep 0.5
 done
-redis=$(grep -o "redis://[^;]*" "$run/up.out")
+# the suite serves TLS with its own CA (docs/security.md): the bench's SDK finds it here
+ca=$(grep -o "DISTSERVE_TLS_CA=[^ ]*" "$run/up.out" | head -1 | cut -d= -f2)
+[ -n "$ca" ] && export DISTSERVE_TLS_CA="$ca"
 echo "commit $(git rev-parse --short HEAD), $config: $label"
-for pid in $(pgrep -f -- "--redis-url $redis"); do
+children() { local p; for p in $(pgrep -P "$1"); do echo "$p"; children "$p"; done; }
+for pid in $(children $up_pid); do  # workers (forked: ds-<name>) and routers (spawned: distserve serve router)
+  name=$(cat /proc/$pid/comm 2>/dev/null) || continue
   cmd=$(tr '\0' ' ' < /proc/$pid/cmdline)
-  echo "  $(grep -o -- '--worker-id [^ ]*\|serve router' <<< "$cmd" | head -1): $(grep -o -- '--threads [0-9]*' <<< "$cmd" || echo 'threads: default'), $(grep Cpus_allowed_list /proc/$pid/status | tr -s '\t' ' ')"
+  case $name in ds-*) ;; *) grep -q "serve router" <<< "$cmd" || continue; name=router ;; esac
+  echo "  $name: threads $(grep -o -- '--threads [0-9]*' <<< "$cmd" | head -1 | cut -d' ' -f2), $(grep Cpus_allowed_list /proc/$pid/status | tr -s '\t' ' ')"
 done
 
 others() {  # processes busy right now that are not this run's, so a disturbed figure can be told apart
   local busy="" pid
   for pid in $(top -bn2 -d 0.5 | awk '/^top/ {n++} n == 2 && $1 ~ /^[0-9]+$/ && $9 > 20 {print $1}'); do
     cmd=$(tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null | cut -c1-70) || continue
-    case $cmd in *"$redis"*|*"bench goodput"*|*"bench serve"*|*"distserve.cli --log-level warning up"*) ;; *) busy="$busy [$pid] $cmd;" ;; esac
+    case $cmd in *"redis-server"*|*"bench goodput"*|*"bench serve"*|*"distserve.cli --log-level warning up"*) ;; *) busy="$busy [$pid] $cmd;" ;; esac
   done
   echo "  other busy processes at $(date -u +%H:%M:%S):${busy:- none}"
 }
