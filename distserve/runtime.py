@@ -211,13 +211,17 @@ class WorkerRuntime:
 
     async def warm_up(self) -> None:
         """One tiny request through the engine, so the first real one pays no lazy start-up; then
-        prompts of a few sizes, so the step-time fit starts with points of several sizes."""
-        await self._run_once("warm-up", 4, 2)
+        prompts of a few sizes, so the step-time fit starts with points of several sizes. The sizes run
+        twice and the first pass is forgotten: the first step of each shape pays one-time costs (kernel
+        and GEMM set-up, first touches of mapped weights) that would skew the fit."""
         e = self.engine
-        for n in CALIBRATION_TOKENS:
-            n = min(n, e.config.max_num_batched_tokens, e.max_model_len - 1)
-            if n > 4:
-                await self._run_once(f"calibrate-{n}", n, 1)
+        sizes = [4] + [min(n, e.config.max_num_batched_tokens, e.max_model_len - 2) for n in CALIBRATION_TOKENS]
+        for rep in range(2):
+            if rep:
+                await self.worker.call(lambda eng: eng.step_times.reset())  # on the engine thread, which reads the fit
+            for n in sizes:
+                if n >= 4:
+                    await self._run_once(f"warm-up-{rep}-{n}", n, 2 if n == 4 else 1)
         fit = e.step_times.fit
         if fit is not None:
             log.info("step times: %.2f ms + %.3f ms per prompt token + %.3f ms per decode", 1e3 * fit.fixed_s, 1e3 * fit.token_s, 1e3 * fit.decode_s)

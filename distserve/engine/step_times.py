@@ -81,6 +81,12 @@ class StepTimes:
         if self._fit is None or self._stale >= REFIT_STEPS:
             self.refit()
 
+    def reset(self) -> None:
+        """Forgets every step (after a first pass of calibration, whose steps pay one-time costs)."""
+        self._buckets.clear()
+        self._fit = None
+        self._stale = 0
+
     def refit(self) -> None:
         self._stale = 0
         self._fit = fit_plane([(d, p, s, min(n, MAX_WEIGHT)) for d, p, s, n in self._buckets.values()])

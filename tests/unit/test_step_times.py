@@ -164,3 +164,14 @@ def test_a_planner_profile_predicts_the_budget(tmp_path):
     assert profile_predictor(str(tmp_path / "p.json"), 2, "int8")(1, 10, 10) == predict(1, 10, 10)  # its only engine serves
     b = chunk_budget(predict, 0.030, 8, 800, 2048)
     assert predict(8, 800, b) <= 0.030 < predict(8, 800, b + 1)
+
+
+def test_reset_forgets_every_step():
+    st = StepTimes()
+    for p in (4, 32, 256):
+        st.observe(0, p, plane(0, p))
+    assert st.fit is not None
+    st.reset()
+    assert st.fit is None and st.predict(1, 1, 1) is None
+    st.observe(1, 0, plane(1, 0))
+    assert st.fit.seconds(1, 0) == pytest.approx(plane(1, 0))
