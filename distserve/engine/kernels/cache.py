@@ -47,7 +47,7 @@ from distserve.engine.kernels.variants import Variant
 COMMON_CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
 # what torch.utils.cpp_extension passes for an extension of this torch (2.13): C++20, position independent
 RECIPE = ("-fPIC", "-std=c++20", "-DTORCH_API_INCLUDE_EXTENSION_H")
-LOCK_S = 600.0  # longest wait for another process's build (a build takes 1-2 min on 2 cores)
+LOCK_S = 600.0  # longest wait for another process's build (one takes ~40 s on an idle core, minutes under load)
 
 
 class BuildError(RuntimeError):

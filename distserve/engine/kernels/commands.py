@@ -38,7 +38,7 @@ def build_main(args) -> int:
     out = Path(args.out) if args.out else kernels.roots()[0]
     chosen = [by_name(n) for n in args.variant] or (list(variants()) if args.all else [kernels.candidates()[0]])
     jobs = [Spec(k, kernels.source(k), v) for v in chosen for k in (args.kernel or kernels.KERNELS)]
-    print(f"building {len(jobs)} kernel builds into {out} ({max(1, args.jobs)} at a time; 1-2 minutes each on 2 cores)", flush=True)
+    print(f"building {len(jobs)} kernel builds into {out} ({max(1, args.jobs)} at a time; about a minute each)", flush=True)
 
     def one(spec: Spec) -> bool:
         name = f"{spec.kernel:16} {spec.variant.name:11}"
@@ -79,7 +79,7 @@ def status_main() -> None:
         if disabled:
             print("  runs the torch path: DISTSERVE_KERNELS=0")
         elif choice.built is None:
-            print(f"  the first start compiles {choice.spec.variant.name} into the lazy cache (1-2 minutes), "
+            print(f"  the first start compiles {choice.spec.variant.name} into the lazy cache (about a minute), "
                   f"or run `distserve kernels build` now")
 
 
