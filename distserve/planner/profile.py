@@ -82,6 +82,7 @@ class ServingCosts:
     token_s: float = 0.0  # a token's trip from an engine step to the client
     step_s: float = 0.0  # engine overhead per step outside the fitted model (0 where the profile timed whole steps)
     seq_s: float = 0.0  # engine overhead per decoding sequence per step (streaming, detokenizing), likewise
+    ctx_s: float = 0.0  # overhead per context token of each decoding sequence per step (a server that resends a request's whole text with every token)
 
 
 @dataclass(frozen=True, slots=True)

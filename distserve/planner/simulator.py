@@ -22,6 +22,15 @@ One request's life, as the suite serves it (DESIGN.md section 3; services/router
   a step is all prefill or all decode; or chunked: decodes plus prompt chunks up to the budget) and
   decodes it there.
 
+vLLM of the DistServe paper's time (v0.2, `EngineSpec.kv_on_demand` and `max_paddings`), colocated: a
+prompt is admitted with blocks for the prompt alone (while `watermark` of the cache stays free), a
+decoding request takes one more block each time its context crosses a block boundary, and when none is
+free the most recently arrived running request is preempted: its blocks are freed and it goes back to
+the front of the waiting queue, to be prefilled again over its prompt and the tokens it has produced
+(recompute; that prefill produces its next token). Prompts in one prefill step are padded to the
+longest: the step's budget counts prompts x longest, at most `max_paddings` pad tokens, and the step
+costs the padded batch. The running batch decodes oldest arrival first.
+
 Commands reach an engine between its steps (engine/worker.py), so an arrival, a reservation or a KV
 import during a step waits for that step to end. An instance with pipeline stages (pp > 1) starts its
 next step when its first stage is free; a request rides one step at a time.
@@ -62,6 +71,9 @@ class EngineSpec:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     chunked_prefill: bool = False  # colocated: decodes plus prompt chunks in every step
+    kv_on_demand: bool = False  # colocated: blocks for the prompt, then one per block of context; preempt + recompute when out
+    watermark: float = 0.0  # kv_on_demand: share of the blocks a prompt's admission must leave free
+    max_paddings: int = 0  # > 0: prompts of a prefill step padded to the longest, at most this many pad tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +127,7 @@ class _Engine:
         self.assigned = 0  # requests sent here and not finished (the router's running count)
         self.queued_tokens = 0  # prompt tokens sent here and not yet scheduled (the router's queued count)
         self.steps = 0
+        self.preemptions = 0  # kv_on_demand: running requests sent back to be recomputed
 
     # -- commands and the step loop ------------------------------------------------------------
     def command(self, fn: Callable[[], None]) -> None:
@@ -139,7 +152,10 @@ class _Engine:
         sim = self.sim
         ctx = sum(r.spec.prompt_len + r.generated for r in decode)
         costs = sim.costs
-        per_stage = self.spec.step.step_s([(s, e) for _, s, e in chunks], len(decode), ctx) + costs.step_s + costs.seq_s * len(decode)
+        pieces = [(s, e) for _, s, e in chunks]
+        if self.spec.max_paddings and pieces:  # the padded batch: every prompt as long as the longest
+            pieces = [(0, max(e for _, e in pieces))] * len(pieces)
+        per_stage = self.spec.step.step_s(pieces, len(decode), ctx) + costs.step_s + costs.seq_s * len(decode) + costs.ctx_s * ctx
         now = sim.now
         start = max(now, self.stage_free[0])
         t = start
@@ -168,11 +184,19 @@ class _Engine:
         bs = self.spec.block_size
         if self.mode == "prefill":
             return -(-r.spec.prompt_len // bs)
+        if self.spec.kv_on_demand:
+            return -(-self._prefill_len(r) // bs)
         return -(-(r.spec.prompt_len + r.spec.output_len - 1) // bs)
+
+    def _prefill_len(self, r: _Req) -> int:
+        """Tokens a prefill of `r` computes: its prompt, and after a preemption also what it produced."""
+        return r.spec.prompt_len + r.generated
 
     def _admit(self, r: _Req) -> bool:
         n = self._blocks_for(r)
         if n > self.free:
+            return False
+        if self.spec.kv_on_demand and self.free - n < self.spec.watermark * self.spec.num_blocks:
             return False
         self.free -= n
         if self.mode == "prefill":
@@ -188,22 +212,60 @@ class _Engine:
         chunks: list[tuple[_Req, int, int]] = []
         budget = spec.max_num_batched_tokens
         active = len(self.running)
+        longest = total = 0
         while self.waiting and active + len(chunks) < spec.max_num_seqs:
             r = self.waiting[0]
-            n = r.spec.prompt_len
-            if n > budget and chunks:
+            n = self._prefill_len(r)
+            if spec.max_paddings:  # vLLM v0.2: the batch is padded to its longest prompt
+                width = max(longest, n)
+                padded = width * (len(chunks) + 1)
+                if chunks and (padded > spec.max_num_batched_tokens or padded - total - n > spec.max_paddings):
+                    break
+            elif n > budget and chunks:
                 break
             if not self._admit(r):
                 break
             self.waiting.popleft()
-            self.queued_tokens -= n
+            self.queued_tokens -= r.spec.prompt_len if r.generated == 0 else 0
             chunks.append((r, 0, n))
             budget -= n
+            longest, total = max(longest, n), total + n
             if budget <= 0:
                 break
         if chunks:
             return chunks, []
+        if spec.kv_on_demand:
+            return [], self._grow_or_preempt()
         return [], [r for r in self.running[: spec.max_num_seqs] if not r.in_flight]
+
+    def _grow_or_preempt(self) -> list[_Req]:
+        """vLLM v0.2's decode step: oldest arrival first, each request takes a block when its context
+        crosses one; with none free the newest running request is preempted (blocks freed, back to the
+        front of the waiting queue for a recompute), and if none is left, the request itself."""
+        bs = self.spec.block_size
+        queue = sorted(self.running, key=lambda r: (r.spec.arrival_s, r.spec.index))
+        batch: list[_Req] = []
+        while queue and len(batch) < self.spec.max_num_seqs:
+            r = queue.pop(0)
+            need = -(-(r.spec.prompt_len + r.generated) // bs) - r.blocks
+            while need > self.free and queue:
+                self._preempt(queue.pop())
+            if need > self.free:
+                self._preempt(r)
+                break
+            self.free -= need
+            r.blocks += need
+            batch.append(r)
+        self.running = batch + queue
+        return batch
+
+    def _preempt(self, r: _Req) -> None:
+        self.free += r.blocks
+        r.blocks = 0
+        if r in self.running:
+            self.running.remove(r)
+        self.waiting.appendleft(r)
+        self.preemptions += 1
 
     def _schedule_chunked(self) -> tuple[list[tuple[_Req, int, int]], list[_Req]]:
         spec = self.spec
@@ -251,6 +313,14 @@ class _Engine:
                 continue
             if r in self.prefilling:
                 self.prefilling.remove(r)
+            if r.generated:  # a recompute after a preemption: its prefill produced its next token
+                r.generated += 1
+                self.sim.emit(r, now)
+                if r.generated >= r.spec.output_len:
+                    self.finish(r)
+                else:
+                    self.running.append(r)
+                continue
             r.generated = 1
             r.t_first = now
             if self.mode == "prefill":
