@@ -103,8 +103,28 @@ def with_overheads(profile: Profile, step_s: float, seq_s: float) -> Profile:
     return profile.with_costs(replace(profile.costs, step_s=step_s, seq_s=seq_s))
 
 
-def replay(profile: Profile, placement: str, trace: Trace) -> list[RequestResult]:
-    return simulate(suite_spec(profile, parse_placement(placement), LIMITS), trace.requests, keep_token_times=False)
+# vLLM as the authors served it (DistServe's evaluation/2-benchmark-serving/2-start-api-server.py):
+# `--max-num-batched-tokens 16384 --max-num-seqs 1024 --gpu-memory-utilization 0.95 --block-size 16`,
+# and vLLM v0.2's scheduler: KV blocks on demand with a 1% watermark, preemption by recompute,
+# prefill batches padded to their longest prompt with at most 256 pad tokens.
+VLLM_LIMITS = EngineLimits(max_num_batched_tokens=16384, max_num_seqs=1024)
+VLLM_MEMORY_UTILIZATION = 0.95
+VLLM_SCHEDULER = {"kv_on_demand": True, "watermark": 0.01, "max_paddings": 256}
+
+
+def replay(profile: Profile, placement: str, trace: Trace, engine: str = "distserve", vllm_v02: bool = False) -> list[RequestResult]:
+    """One reference run replayed. `vllm_v02`: vLLM runs with the authors' flags and v0.2's scheduler
+    (else, the default: 2048 tokens and 256 sequences a step, KV reserved for prompt + output at
+    admission, 90% of the GPU). Off by default: out of sample it fits the real runs worse (docs/planner.md)."""
+    return simulate(reference_suite(profile, placement, engine, vllm_v02), trace.requests, keep_token_times=False)
+
+
+def reference_suite(profile: Profile, placement: str, engine: str, vllm_v02: bool = False):
+    if engine != "vllm" or not vllm_v02:
+        return suite_spec(profile, parse_placement(placement), LIMITS)
+    profile = replace(profile, memory=dict(profile.memory, utilization=VLLM_MEMORY_UTILIZATION))
+    suite = suite_spec(profile, parse_placement(placement), VLLM_LIMITS)
+    return replace(suite, colocated=tuple(replace(e, **VLLM_SCHEDULER) for e in suite.colocated))
 
 
 def _sides(trace: Trace, res: list[RequestResult], slo_ttft: float, slo_tpot: float) -> tuple[Side, Side]:
@@ -122,7 +142,7 @@ def loss(real: Side, sim: Side) -> float:
 
 
 def compare(folder: Path = DEFAULT_DIR, mode: str = "raw", slo_ttft: float = SLO_TTFT, slo_tpot: float = SLO_TPOT,
-            only: str = "") -> tuple[list[Comparison], dict]:
+            only: str = "", vllm_v02: bool = False) -> tuple[list[Comparison], dict]:
     """Every run (whose name contains `only`) replayed; `notes` holds the overheads used per engine."""
     if mode not in ("raw", "fitted", "loo"):
         raise ValueError(f"mode must be raw, fitted or loo, got {mode!r}")
@@ -133,7 +153,8 @@ def compare(folder: Path = DEFAULT_DIR, mode: str = "raw", slo_ttft: float = SLO
     cache: dict[tuple, tuple[Side, Side]] = {}
     for a, b in grid:
         for r in chosen:
-            real, sim = _sides(traces[r.name], replay(with_overheads(profs[r.engine], a, b), r.placement, traces[r.name]), slo_ttft, slo_tpot)
+            res = replay(with_overheads(profs[r.engine], a, b), r.placement, traces[r.name], r.engine, vllm_v02)
+            real, sim = _sides(traces[r.name], res, slo_ttft, slo_tpot)
             cache[(a, b, r.name)] = (real, sim)
 
     def best(engine: str, exclude: str = "") -> tuple[float, float]:

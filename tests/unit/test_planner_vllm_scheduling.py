@@ -68,3 +68,18 @@ def test_context_token_overhead_grows_with_each_decoding_context():
     (r,) = simulate(SuiteSpec(colocated=(EngineSpec(STEP, 10_000),), costs=costs), [TraceRequest(0, 100, 3, 0.0)])
     assert r.token_times[1] - r.token_times[0] == pytest.approx(STEP.decode_s(1, 101) + 101 * 1e-5)
     assert r.token_times[2] - r.token_times[1] == pytest.approx(STEP.decode_s(1, 102) + 102 * 1e-5)
+
+
+def test_reference_suite_runs_vllm_with_the_authors_flags_when_asked():
+    from distserve.planner import reference as ref
+
+    if not (ref.DEFAULT_DIR / "latency-coefficients-vllm.json").exists():
+        pytest.skip("no reference data")
+    prof = ref.profiles()["vllm"]
+    old = ref.reference_suite(prof, "1c", "vllm").colocated[0]
+    v02 = ref.reference_suite(prof, "1c", "vllm", vllm_v02=True).colocated[0]
+    assert not old.kv_on_demand and old.max_num_batched_tokens == 2048
+    assert v02.kv_on_demand and v02.max_paddings == 256 and v02.watermark == 0.01
+    assert (v02.max_num_batched_tokens, v02.max_num_seqs) == (16384, 1024)
+    assert v02.num_blocks > old.num_blocks  # 95% of the GPU, not 90%
+    assert ref.reference_suite(prof, "c21d11", "distserve", vllm_v02=True).prefill  # DistServe untouched
