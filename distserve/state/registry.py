@@ -230,6 +230,7 @@ class Heartbeat:
         self._interval_s = interval_s
         self._ttl_s = ttl_s
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False  # set by stop(): the loop ends even if a cancel got lost
         self._registered = False
         self.failures = 0  # consecutive failed ticks
         self.last_ok: float = 0.0  # unix time of the last successful publish
@@ -245,12 +246,15 @@ class Heartbeat:
     async def stop(self, deregister: bool = True) -> None:
         """Stop the loop; remove the worker from Redis unless deregister is False."""
         task, self._task = self._task, None
+        self._stopping = True
         if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            # A cancel that lands while a Redis call's own timeout fires can come back as that timeout,
+            # which _tick logs and survives: ask until the task is over (the flag ends it at its next tick).
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning("heartbeat of %s ended with %r", self._info.worker_id, task.exception())
         if deregister:
             try:
                 await self._registry.deregister(self._info.worker_id)
@@ -258,9 +262,10 @@ class Heartbeat:
                 logger.warning("could not deregister %s: %s", self._info.worker_id, exc)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._interval_s)
-            await self._tick()
+            if not self._stopping:
+                await self._tick()
 
     async def _tick(self) -> bool:
         try:
