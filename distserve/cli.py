@@ -1,4 +1,4 @@
-"""The `distserve` command: up, serve, generate, bench, profile, plan, kernels, model pull, health, certs, settings."""
+"""The `distserve` command: up, serve, generate, bench, profile, plan, kernels, model pull, health, certs, role, settings."""
 
 from __future__ import annotations
 
@@ -33,11 +33,35 @@ def cmd_serve(args) -> None:
     from distserve.runtime import WorkerSettings
 
     settings = config.from_args(WorkerSettings, args, role=args.service)
-    if args.service == "prefill":
+    if settings.elastic:
+        from services.elastic.main import run
+    elif args.service == "prefill":
         from services.prefill.main import run
     else:
         from services.decode.main import run
     _run_async(run(settings))
+
+
+def cmd_role(args) -> None:
+    """Asks a worker to serve another role (an elastic worker drains and changes within a heartbeat)."""
+    from distserve.engine.errors import DistserveError
+    from distserve.state.connect import connect
+    from distserve.state.registry import Registry
+
+    async def ask() -> bool:
+        r = connect(args.redis_url, role="router")
+        try:
+            return await Registry(r).request_role(args.worker_id, args.role)
+        finally:
+            await r.aclose()
+
+    try:
+        ok = asyncio.run(ask())
+    except DistserveError as exc:
+        raise SystemExit(str(exc))
+    if not ok:
+        raise SystemExit(f"no worker {args.worker_id!r} is registered")
+    print(f"asked {args.worker_id} to serve {args.role}")
 
 
 def cmd_up(args) -> None:
@@ -326,6 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave --out alone when it already holds a whole set, signed by its CA, naming every --host and "
                         "not within a day of its end (for a container that runs it at every start); else make a new one")
     c.set_defaults(fn=cmd_certs)
+
+    ro = sub.add_parser("role", help="change a worker's role: `role set WORKER_ID prefill|decode` (elastic workers)")
+    rosub = ro.add_subparsers(dest="action", required=True)
+    rs = rosub.add_parser("set", help="ask a worker started with --elastic to drain and serve another role")
+    rs.add_argument("worker_id")
+    rs.add_argument("role", choices=("prefill", "decode"))
+    rs.add_argument("--redis-url", default=os.environ.get("DISTSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                    help="Redis of the registry, with a user that may write worker entries (router or admin) [env DISTSERVE_REDIS_URL]")
+    ro.set_defaults(fn=cmd_role)
 
     st = sub.add_parser("settings", help="print the table of every service setting (docs/configuration.md)")
     st.set_defaults(fn=cmd_settings)

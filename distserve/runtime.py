@@ -10,11 +10,17 @@ for in-flight requests and for held KV to be pulled -> stop the server -> releas
 stop the engine -> close Redis.
 Redis down at start or later stops nothing: the heartbeat retries every `heartbeat_s`, the worker serves
 routers that still know it, and the first heartbeat after Redis returns registers it again.
+Role change (an elastic worker, `change_role`): health NOT_SERVING -> leave the registry -> drain as on
+shutdown (in-flight requests finish, held KV is pulled) -> serve no role while the idle engine takes the
+new mode -> register again under the new role -> SERVING. A request that reaches the worker for a
+role it no longer serves gets UNAVAILABLE, which routers replay elsewhere; one that cannot drain in
+`drain_s` keeps the worker in its old role.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -29,6 +35,7 @@ import torch
 
 from distserve.config import setting
 from distserve.engine.engine import EngineConfig, LLMEngine
+from distserve.engine.errors import ResourceExhausted, Unavailable
 from distserve.engine.models import load_model
 from distserve.engine.sampling import SamplingParams
 from distserve.engine.step_times import StepPredictor
@@ -82,6 +89,7 @@ class WorkerSettings(TlsSettings):
     kv_buffer_bytes: int = setting(1 << 30, "warm KV receive buffers kept for reuse (decode), bytes")
     weights: str = setting("auto", "linear-layer weights: fp32 (the --dtype), int8, or auto (int8 on CPU for checkpoints, fp32 on CUDA and for tiny-llama; docs/quantization.md)", ("auto", "fp32", "int8"))
     kv_dtype: str = setting("auto", "KV cache dtype: auto (the --dtype) or int8 with per-block scales (prefill and decode workers must agree)", ("auto", "int8"))
+    elastic: bool = setting(False, "prefill or decode worker: serve both roles' services and change role when asked (distserve role set, or the want_role field of its registry entry); it then needs the decode role's certificate and Redis user (docs/conditional-disaggregation.md)")
     share_weights: str = setting("auto", "map the weights read-only from a file every worker on the host shares: on, off, or auto (on for int8, off for fp32, whose private packed copy is faster)", ("auto", "on", "off"))
 
     def __post_init__(self):
@@ -178,6 +186,7 @@ class WorkerRuntime:
         self.tls = settings.tls()  # None: plaintext
         self.worker_id = settings.worker_id or f"{settings.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.metrics = Metrics(settings.role)
+        self.role: str | None = settings.role  # the role it serves now (None while an elastic worker changes role)
         self.engine: LLMEngine | None = None
         self.worker: EngineWorker | None = None
         self.built: BuiltServer | None = None
@@ -257,7 +266,7 @@ class WorkerRuntime:
         e = self.engine
         return WorkerInfo(
             worker_id=self.worker_id,
-            role=self.settings.role,
+            role=self.role,
             address=self.advertise(),
             kv_address=self.advertise(),
             model=self.settings.model,
@@ -303,6 +312,51 @@ class WorkerRuntime:
         await self.stop_event.wait()
         await self.shutdown()
 
+    def serving(self, *roles: str) -> None:
+        """Raises Unavailable unless the worker serves one of `roles` now (an elastic worker changed role,
+        or is changing it): the router replays the request on another worker."""
+        if self.role not in roles:
+            raise Unavailable(f"{self.worker_id} serves {self.role or 'no role while it changes role'}, not {' or '.join(roles)}")
+
+    async def change_role(self, role: str, transports: tuple[str, ...]) -> bool:
+        """Drains this role's work and registers again as `role`, advertising `transports`. Returns
+        False (and serves its old role on) when the work did not drain within `drain_s`."""
+        old, s = self.role, self.settings
+        log.info("%s: changing role from %s to %s: draining", self.worker_id, old, role)
+        self.draining = True
+        await self.built.health.set_not_serving()
+        if self.heartbeat is not None:
+            await self.heartbeat.stop(deregister=True)
+        changed = False
+        deadline = time.monotonic() + s.drain_s
+        if await self.drain(deadline):
+            self.role = None  # what still arrives is refused (and replayed elsewhere) from here on
+            cfg = dataclasses.replace(s, role=role).engine_config("prefill" if role == "prefill" else "decode")
+            while not changed:
+                try:
+                    await self.worker.call(lambda e: e.reconfigure(cfg))
+                    changed = True
+                except ResourceExhausted:  # a request taken in the last moment of the old role: let it finish
+                    if not await self.drain(deadline):
+                        break
+        self.role = role if changed else old
+        if not changed:
+            log.warning("%s: work did not drain in %.0fs; staying %s", self.worker_id, s.drain_s, old)
+        self.draining = False
+        self.heartbeat = Heartbeat(self.registry, self.info(transports), self.load_now, interval_s=s.heartbeat_s, ttl_s=s.ttl_s)
+        await self.heartbeat.start()
+        await self.built.health.set_serving()
+        log.info("%s serving as %s", self.worker_id, self.role)
+        return changed
+
+    async def drain(self, deadline: float) -> bool:
+        """Waits `leave_s` (routers with an older view may still send) and until nothing is in flight or
+        held, at most until `deadline`; True when idle."""
+        settle = time.monotonic() + self.settings.leave_s
+        while (self.busy() or time.monotonic() < settle) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self.busy()
+
     async def shutdown(self) -> None:
         log.info("%s draining", self.worker_id)
         self.draining = True
@@ -310,11 +364,7 @@ class WorkerRuntime:
         if self.heartbeat is not None:
             await self.heartbeat.stop(deregister=True)
         self.metrics.draining.labels(self.settings.role).set(1)
-        now = time.monotonic()
-        settle, deadline = now + self.settings.leave_s, now + self.settings.drain_s
-        while (self.busy() or time.monotonic() < settle) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.busy():
+        if not await self.drain(time.monotonic() + self.settings.drain_s):
             log.warning("%s: drain period over with %d requests in flight and %d KV held; ending them",
                         self.worker_id, self.inflight, self.worker.stats.held_requests)
         await self.built.server.stop(grace=1.0)

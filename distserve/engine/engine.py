@@ -131,15 +131,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, tuple(loaded.eos_token_ids))
         self.step_times = StepTimes()
         self.step_predictor = step_predictor or self.step_times.predict
-        chunked = config.chunked_prefill and config.mode != "prefill"
-        self.scheduler = Scheduler(
-            self.blocks,
-            config.max_num_batched_tokens,
-            config.max_num_seqs,
-            chunked,
-            hold_after_prefill=config.mode == "prefill",
-            chunk_cap=self.chunk_cap if chunked and config.tpot_target_s > 0 else None,
-        )
+        self.scheduler = self._scheduler(config)
         self.eos = frozenset(loaded.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}  # every request that holds or awaits blocks
         self.last_forward_s = 0.0  # duration of the latest forward pass (for overhead accounting)
@@ -147,6 +139,31 @@ class LLMEngine:
     @property
     def layout(self):
         return self.cache.layout
+
+    def _scheduler(self, config: EngineConfig) -> Scheduler:
+        chunked = config.chunked_prefill and config.mode != "prefill"
+        return Scheduler(
+            self.blocks,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            chunked,
+            hold_after_prefill=config.mode == "prefill",
+            chunk_cap=self.chunk_cap if chunked and config.tpot_target_s > 0 else None,
+        )
+
+    # what an idle engine may change (a worker changing role); the cache, weights and sampling stay
+    RECONFIGURABLE = frozenset({"mode", "max_num_batched_tokens", "max_num_seqs", "chunked_prefill", "tpot_target_s"})
+
+    def reconfigure(self, config: EngineConfig) -> None:
+        """Takes a new mode (prefill or decode) and scheduling settings. Only while it holds no request,
+        so no sequence changes hands between two policies. The step-time fit is kept."""
+        changed = {f for f in EngineConfig.__dataclass_fields__ if getattr(config, f) != getattr(self.config, f)}
+        if changed - self.RECONFIGURABLE:
+            raise InvalidRequest("config", f"{', '.join(sorted(changed - self.RECONFIGURABLE))} cannot change while the engine lives")
+        if self._seqs:
+            raise ResourceExhausted(f"{len(self._seqs)} requests still hold or await blocks here")
+        self.config = config
+        self.scheduler = self._scheduler(config)
 
     # -- admission ---------------------------------------------------------------------------
     def _new_seq(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:

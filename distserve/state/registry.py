@@ -9,7 +9,8 @@ timeouts, see `distserve.state.connect`); the heartbeat logs and retries, the wo
 and the first heartbeat after Redis returns writes the entry back.
 
 Keys (prefix `distserve` by default):
-  {prefix}:worker:{id}  hash {info: JSON WorkerInfo, load: JSON WorkerLoad}, with a TTL
+  {prefix}:worker:{id}  hash {info: JSON WorkerInfo, load: JSON WorkerLoad, want_role: a role change asked
+                        of an elastic worker (`request_role`; gone with the entry when it re-registers)}, with a TTL
   {prefix}:workers      set of worker ids; ids whose hash has expired are dropped lazily by
                         `live_workers` (a Lua script: one round trip, single Redis instance)
 
@@ -39,6 +40,7 @@ from distserve.state.connect import unavailable_on_outage
 logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "colocated")
+WANT_ROLE = "want_role"  # the registry entry's field that asks an elastic worker to change role
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +185,26 @@ class Registry:
                 pipe.srem(self._index, worker_id)
                 await pipe.execute()
         logger.info("deregistered worker %s", worker_id)
+
+    async def request_role(self, worker_id: str, role: str) -> bool:
+        """Asks a registered worker to serve `role` (an elastic worker acts on it at its next
+        heartbeat; others ignore it). False when no such worker is registered."""
+        if role not in ROLES:
+            raise InvalidRequest("role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        key = self._key(worker_id)
+        with unavailable_on_outage(f"asking worker {worker_id} to serve {role}"):
+            if not await self._redis.exists(key):
+                return False
+            await self._redis.hset(key, WANT_ROLE, role)
+        return True
+
+    async def requested_role(self, worker_id: str) -> str | None:
+        """The role asked of this worker, if any (HMGET: what a decode worker's Redis user may read)."""
+        with unavailable_on_outage(f"reading the role asked of {worker_id}"):
+            (raw,) = await self._redis.hmget(self._key(worker_id), [WANT_ROLE])
+        if raw is None:
+            return None
+        return (raw.decode() if isinstance(raw, bytes) else raw) or None
 
     async def live_workers(self, role: str | None = None, model: str | None = None) -> list[WorkerView]:
         """Workers whose key has not expired, optionally of one role and model, sorted by id."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from distserve.kv import factory
 from distserve.kv.puller import KvPuller
+from distserve.kv.transport import KvTransports
 from distserve.rpc.channels import ChannelPool
 from distserve.runtime import WorkerRuntime, WorkerSettings, host_id
 from distserve.v1 import decode_pb2_grpc
@@ -13,9 +16,21 @@ from services.decode.servicer import DecodeServicer
 SERVICES = ("distserve.v1.Decode",)
 
 
-async def run(settings: WorkerSettings) -> None:
-    rt = WorkerRuntime(settings, SERVICES)
-    await rt.start()
+@dataclass(slots=True)
+class DecodeRole:
+    """The Decode service on a runtime's server, and the KV pullers and channels it uses."""
+
+    transports: tuple[str, ...]  # KV transports it can pull over, best first
+    pullers: KvTransports
+    pool: ChannelPool
+
+    async def close(self) -> None:
+        await self.pullers.close()
+        await self.pool.close_all()
+
+
+def attach(rt: WorkerRuntime, settings: WorkerSettings) -> DecodeRole:
+    """Adds the Decode servicer to the runtime's (not yet started) server."""
     pool = ChannelPool(tls=rt.tls)
     device = rt.engine.cache.data.device
     offers = factory.available(device, settings.kv_transport)
@@ -24,8 +39,14 @@ async def run(settings: WorkerSettings) -> None:
                                        advertise_host=rt.advertise().rpartition(":")[0], bind_host=settings.host)
     puller = KvPuller(transports, rt.metrics, host_id(), forced=settings.kv_transport)
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(rt, transports.get("grpc"), puller, KnownHolders(rt.registry, settings.model)), rt.built.server)
+    return DecodeRole(transports.names(), transports, pool)
+
+
+async def run(settings: WorkerSettings) -> None:
+    rt = WorkerRuntime(settings, SERVICES)
+    await rt.start()
+    role = attach(rt, settings)
     try:
-        await rt.serve(transports.names())
+        await rt.serve(role.transports)
     finally:
-        await transports.close()
-        await pool.close_all()
+        await role.close()

@@ -82,6 +82,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     @grpc_errors
     async def Decode(self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         rt = self.rt
+        rt.serving("decode", "colocated")
         rid = request.request_id
         params = params_from_pb(request.params)
         prompt = list(request.prompt_token_ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from distserve.kv import factory
 from distserve.kv.grpc_transport import add_to_server as add_kv_transfer
@@ -15,9 +16,22 @@ from services.prefill.servicer import PrefillServicer
 SERVICES = ("distserve.v1.Prefill", "distserve.v1.KvTransfer")
 
 
-async def run(settings: WorkerSettings) -> None:
-    rt = WorkerRuntime(settings, SERVICES)
-    await rt.start()
+@dataclass(slots=True)
+class PrefillRole:
+    """The prefill services on a runtime's server, and what they run beside it."""
+
+    transports: tuple[str, ...]  # KV transports it offers, best first
+    kv: KvTransferServer
+    tasks: tuple[asyncio.Task, ...]  # lease and KV-channel reapers
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await self.kv.close()
+
+
+def attach(rt: WorkerRuntime, settings: WorkerSettings) -> PrefillRole:
+    """Adds the Prefill and KvTransfer servicers to the runtime's (not yet started) server."""
     leases = LeaseTable(default_ttl_s=settings.lease_s)
     device = rt.engine.cache.data.device
     offers = factory.available(device, settings.kv_transport)
@@ -27,8 +41,7 @@ async def run(settings: WorkerSettings) -> None:
     transports = tuple(n for n in offers if n in transports)
     prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(rt, leases, transports, kv.transport_params()), rt.built.server)
     add_kv_transfer(kv, rt.built.server)
-    reaper = asyncio.create_task(leases.run_reaper(0.5))
-    kv_reaper = asyncio.create_task(kv.run_reaper(min(5.0, settings.kv_idle_s / 2)))
+    tasks = (asyncio.create_task(leases.run_reaper(0.5)), asyncio.create_task(kv.run_reaper(min(5.0, settings.kv_idle_s / 2))))
     rt.on_stop = leases.release_all
     orig = rt.load_now
 
@@ -37,9 +50,14 @@ async def run(settings: WorkerSettings) -> None:
         return orig()
 
     rt.load_now = load_with_leases
+    return PrefillRole(transports, kv, tasks)
+
+
+async def run(settings: WorkerSettings) -> None:
+    rt = WorkerRuntime(settings, SERVICES)
+    await rt.start()
+    role = attach(rt, settings)
     try:
-        await rt.serve(transports)
+        await rt.serve(role.transports)
     finally:
-        reaper.cancel()
-        kv_reaper.cancel()
-        await kv.close()
+        await role.close()

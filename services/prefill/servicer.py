@@ -45,6 +45,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if request.transfer_token and not 16 <= len(request.transfer_token) <= 64:
             raise InvalidRequest("transfer_token", f"must be 16 to 64 bytes, got {len(request.transfer_token)}")
         rt = self.rt
+        rt.serving("prefill")
         rt.inflight += 1
         t0 = time.monotonic()
         try:
