@@ -53,7 +53,7 @@ def reference(lm, prompt, n):
 
 async def generate(router, prompts, max_tokens=MAX_TOKENS):
     async with AsyncClient(router.address) as c:
-        return await asyncio.gather(*(c.generate(p, max_tokens=max_tokens, temperature=0.0, ignore_eos=True) for p in prompts))
+        return await asyncio.gather(*(c.generate(p, max_tokens=max_tokens, temperature=0.0) for p in prompts))
 
 
 def prefill_requests(suite) -> float:
@@ -131,7 +131,7 @@ def test_conditional_goes_local_for_short_prompts_only_while_the_prefill_pool_is
                 assert time.monotonic() < deadline, "the prefill worker never showed a queue"
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.15)  # ... and the router has read it
-            short = await asyncio.gather(*(c.generate(p, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True) for p in PROMPTS))
+            short = await asyncio.gather(*(c.generate(p, max_tokens=MAX_TOKENS, temperature=0.0) for p in PROMPTS))
             still_busy = await prefill_queue(suite.redis_url)
             long_out = await burst
         after = await generate(router, PROMPTS[:1])
