@@ -109,6 +109,7 @@ class EngineLimits:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     kv_dtype: str = "auto"
+    tpot_target_s: float = 0.06  # --tpot-slo-ms: chunked steps with running decodes keep within it (0 = no cap)
 
 
 def engine_spec(profile: Profile, placement: Placement, role: str, limits: EngineLimits = EngineLimits()) -> EngineSpec:
@@ -122,7 +123,7 @@ def engine_spec(profile: Profile, placement: Placement, role: str, limits: Engin
     if blocks <= 0:
         raise ValueError(f"{profile.model.name} does not fit on tp={tp} x pp={pp} (no memory left for KV)")
     return EngineSpec(eng.step.with_pp(pp), blocks, profile.block_size, limits.max_num_batched_tokens, limits.max_num_seqs,
-                      chunked_prefill=placement.chunked and role == "colocated")
+                      chunked_prefill=placement.chunked and role == "colocated", tpot_target_s=limits.tpot_target_s)
 
 
 def suite_spec(profile: Profile, placement: Placement, limits: EngineLimits = EngineLimits(), transport: str | None = None) -> SuiteSpec:

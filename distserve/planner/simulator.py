@@ -71,6 +71,7 @@ class EngineSpec:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     chunked_prefill: bool = False  # colocated: decodes plus prompt chunks in every step
+    tpot_target_s: float = 0.0  # chunked: a step with running decodes carries only the prompt tokens that keep it within this (0 = no cap)
     kv_on_demand: bool = False  # colocated: blocks for the prompt, then one per block of context; preempt + recompute when out
     watermark: float = 0.0  # kv_on_demand: share of the blocks a prompt's admission must leave free
     max_paddings: int = 0  # > 0: prompts of a prefill step padded to the longest, at most this many pad tokens
@@ -85,6 +86,7 @@ class SuiteSpec:
     colocated: tuple[EngineSpec, ...] = ()
     transfer_s: Callable[[int], float] = lambda tokens: 0.0  # KV transfer of a prompt of this many tokens
     costs: ServingCosts = ServingCosts()
+    slowdown: float = 1.0  # every engine step takes this many times its modelled time: cores shared with other work (2 / (2 - others' cores) on 2)
 
 
 @dataclass(slots=True, eq=False)
@@ -151,11 +153,10 @@ class _Engine:
             return
         sim = self.sim
         ctx = sum(r.spec.prompt_len + r.generated for r in decode)
-        costs = sim.costs
         pieces = [(s, e) for _, s, e in chunks]
         if self.spec.max_paddings and pieces:  # the padded batch: every prompt as long as the longest
             pieces = [(0, max(e for _, e in pieces))] * len(pieces)
-        per_stage = self.spec.step.step_s(pieces, len(decode), ctx) + costs.step_s + costs.seq_s * len(decode) + costs.ctx_s * ctx
+        per_stage = self._step_s(pieces, len(decode), ctx)
         now = sim.now
         start = max(now, self.stage_free[0])
         t = start
@@ -174,6 +175,12 @@ class _Engine:
         self.steps += 1
         sim.at(t, self._step_done, chunks, decode)
         sim.at(first_free, self._stage_free)
+
+    def _step_s(self, pieces: list[tuple[int, int]], decodes: int, ctx: int) -> float:
+        """One step (per pipeline stage): the latency model, the overheads outside it, the machine's share."""
+        c = self.sim.costs
+        t = self.spec.step.step_s(pieces, decodes, ctx) + c.step_s + c.seq_s * decodes + c.ctx_s * ctx
+        return t * self.sim.suite.slowdown
 
     def _stage_free(self) -> None:
         self.stepping = False
@@ -267,10 +274,34 @@ class _Engine:
         self.waiting.appendleft(r)
         self.preemptions += 1
 
+    def _chunk_cap(self, decode: list[_Req], room: int) -> int:
+        """The engine's cap under a TPOT target (engine.py: chunk_cap, step_times.chunk_budget): the most
+        prompt tokens a step of these decodes may carry with its time within the target, but at least a
+        block's worth. The engine predicts from its own measured step times; here the step model, with
+        the overheads and the slowdown, stands in for them (the engine measures what its steps take)."""
+        spec = self.spec
+        ctx = sum(r.spec.prompt_len + r.generated for r in decode)
+
+        def predict(n: int) -> float:
+            return self._step_s([(0, n)] if n else [], len(decode), ctx)
+
+        if room <= 0 or predict(room) <= spec.tpot_target_s:
+            return room
+        lo, hi = 0, room
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if predict(mid) <= spec.tpot_target_s:
+                lo = mid
+            else:
+                hi = mid
+        return max(lo, min(room, spec.block_size))
+
     def _schedule_chunked(self) -> tuple[list[tuple[_Req, int, int]], list[_Req]]:
         spec = self.spec
         decode = [r for r in self.running[: spec.max_num_seqs] if not r.in_flight]
         budget = spec.max_num_batched_tokens - len(decode)
+        if spec.tpot_target_s > 0 and decode and (self.prefilling or self.waiting):
+            budget = self._chunk_cap(decode, budget)
         seats = spec.max_num_seqs - len(decode)
         chunks: list[tuple[_Req, int, int]] = []
         for r in self.prefilling:

@@ -190,3 +190,32 @@ def test_no_request_waits_forever_when_nothing_is_served():
     res = simulate(disagg(), [])
     assert res == []
     assert math.isfinite(STEP.decode_s(1, 1))
+
+
+def test_chunked_steps_with_decodes_keep_within_the_tpot_target():
+    """The engine's chunk cap (engine.chunk_cap): a step that carries running decodes takes only the prompt
+    tokens that keep its predicted time within the target, and at least a block's worth when the decodes
+    alone pass it. The prediction, like the engine's planar fit, knows a chunk's tokens, not where in its
+    prompt it starts: a step model without the squared term makes it exact here."""
+    flat = StepModel(prefill=(0.010, 0.001, 0.0, 0.0), decode=STEP.decode)
+    spec = lambda **kw: SuiteSpec(colocated=(EngineSpec(flat, 10_000, chunked_prefill=True, **kw),), costs=COSTS)  # noqa: E731
+    reqs = [TraceRequest(0, 32, 80, 0.0), TraceRequest(1, 1500, 2, 0.1)]
+    target = 0.075  # a decode step of the short request takes ~21 ms: room for ~44 prompt tokens beside it
+    capped, free = simulate(spec(tpot_target_s=target), reqs), simulate(spec(), reqs)
+    gaps = lambda r: [b - a for a, b in zip(r.token_times, r.token_times[1:])]  # noqa: E731
+    assert max(gaps(capped[0])) <= target + 1e-9 < max(gaps(free[0]))
+    assert capped[1].ttft > free[1].ttft  # the long prompt advances in small chunks while the short one decodes
+    floor = simulate(spec(tpot_target_s=0.015), reqs)  # the decode alone passes it: a block (16 tokens) a step
+    assert floor[1].ok and floor[1].ttft > capped[1].ttft
+
+
+def test_a_slowdown_stretches_every_engine_step_and_nothing_else():
+    """SuiteSpec.slowdown: cores shared with other work make every step take longer, not the costs between them."""
+    from dataclasses import replace
+
+    (r,) = simulate(coloc(), [TraceRequest(0, 100, 3, 0.0)])
+    (s,) = simulate(replace(coloc(), slowdown=2.0), [TraceRequest(0, 100, 3, 0.0)])
+    c = COSTS
+    assert r.token_times[0] == pytest.approx(c.router_s + c.decode_call_s + STEP.prefill_s([(0, 100)]) + c.token_s)
+    assert s.token_times[0] == pytest.approx(c.router_s + c.decode_call_s + 2 * STEP.prefill_s([(0, 100)]) + c.token_s)
+    assert s.token_times[1] - s.token_times[0] == pytest.approx(2 * (r.token_times[1] - r.token_times[0]))
