@@ -141,7 +141,21 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="plan_cmd")
     add_simulate_arguments(sub.add_parser("simulate", help="replay a trace or workload on one placement; per-request TTFT/TPOT and attainment"))
     add_reference_arguments(sub.add_parser("reference", help="replay the DistServe authors' A100 runs; simulated vs real, and the goodput ratio"))
+    add_measured_arguments(sub.add_parser("measured", help="measured runs of this machine (benchmarks/planner_validation.py) beside the simulation; serving costs fitted to some"))
     return p
+
+
+def add_measured_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="point JSON files written by benchmarks/planner_validation.py")
+    p.add_argument("--profile", default=str(DEFAULT_PROFILE))
+    p.add_argument("--model", default="")
+    p.add_argument("--fit", default="none", choices=("none", "cal", "all", "other-workload"),
+                   help="serving costs: the profile's (none), fitted to the `cal` runs and judged on the `val` runs, fitted to all runs "
+                        "(in sample), or per workload fitted to the other workload's runs (out of sample)")
+    p.add_argument("--shared", action="store_true",
+                   help="simulate each point with its engines slowed by the CPU others used during it (cores / (cores - others' cores))")
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--out", default="", help="write every point, measured and simulated, and the fitted costs as JSON")
 
 
 def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
@@ -205,6 +219,8 @@ def plan_main(args) -> None:
         return simulate_main(args)
     if args.plan_cmd == "reference":
         return reference_main(args)
+    if args.plan_cmd == "measured":
+        return measured_main(args)
     if args.watch:
         from distserve.planner.watch import watch_main
 
@@ -384,3 +400,42 @@ def reference_main(args) -> None:
             ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
             print(f"{row['slo_ttft'] * 1e3:>9.0f}/{row['slo_tpot'] * 1e3:.0f}ms{d['goodput_rps']:>22.2f} ({d['per_gpu']:.2f}){v['goodput_rps']:>16.2f} ({v['per_gpu']:.2f}){ratio:>15}")
         print(f"(the paper: about {g['paper_ratio']:g}x for OPT-13B on the chatbot workload; '-': vLLM meets the target at no rate)")
+
+
+# -- distserve plan measured ----------------------------------------------------------------------
+
+
+def measured_main(args) -> None:
+    from distserve.planner import measured as ms
+
+    prof = _load(args)
+    points = ms.load_points(args.runs)
+    fitted: dict[str, dict] = {}
+    if args.fit == "none":
+        rows = ms.compare(prof, [p for p in points if p.kind != "cal"] or points, args.shared)
+    elif args.fit in ("cal", "all"):
+        fit_on = [p for p in points if args.fit == "all" or p.kind == "cal"]
+        costs, total = ms.fit_costs(prof, fit_on, shared=args.shared)
+        fitted["all" if args.fit == "all" else "cal"] = asdict(costs) | {"loss": total, "runs": len(fit_on)}
+        rows = ms.compare(prof.with_costs(costs), points if args.fit == "all" else [p for p in points if p.kind != "cal"], args.shared)
+    else:
+        rows = []
+        for w in sorted({p.workload for p in points}):
+            costs, total = ms.fit_costs(prof, [p for p in points if p.workload != w], shared=args.shared)
+            fitted[w] = asdict(costs) | {"loss": total, "fitted_on": "the other workloads"}
+            rows += ms.compare(prof.with_costs(costs), [p for p in points if p.workload == w], args.shared)
+    print(ms.table(rows, markdown=args.markdown))
+    for name, c in fitted.items():
+        print(f"costs for {name}: {c['step_s'] * 1e3:g} ms per step, {c['seq_s'] * 1e3:g} ms per decoding sequence per step, "
+              f"{c['token_s'] * 1e3:g} ms per token to the client")
+    gp = ms.goodputs(rows)
+    print(f"\n{'placement':24}{'workload':>9}{'goodput meas/sim (highest passing)':>36}{'(crossing of 90%)':>20}")
+    for g in gp:
+        print(f"{g['placement']:24}{g['workload']:>9}{g['measured_highest_passing']:>18g} / {g['simulated_highest_passing']:<15g}"
+              f"{g['measured_crossing']:>9.2f} / {g['simulated_crossing']:.2f}")
+    if args.out:
+        doc = {"profile": args.profile, "fit": args.fit, "shared": args.shared, "costs": fitted, "mean_abs_error_points": ms.mean_abs_error(rows), "goodput": gp,
+               "points": [{"name": c.point.name, "placement": c.point.placement.label(), "workload": c.point.workload, "seed": c.point.seed,
+                           "rate": c.point.rate, "num_requests": c.point.num_requests, "load1_before": c.point.load1_before, "foreign_cores": c.point.foreign_cores,
+                           "measured": asdict(c.measured), "simulated": asdict(c.simulated), "error_points": c.error_points} for c in rows]}
+        Path(args.out).write_text(json.dumps(doc, indent=1))
