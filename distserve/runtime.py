@@ -224,7 +224,10 @@ class WorkerRuntime:
         twice and the first pass is forgotten: the first step of each shape pays one-time costs (kernel
         and GEMM set-up, first touches of mapped weights) that would skew the fit."""
         e = self.engine
-        sizes = [4] + [min(n, e.config.max_num_batched_tokens, e.max_model_len - 2) for n in CALIBRATION_TOKENS]
+        # every size must fit this worker: its step budget, its model length, and its KV cache (a small
+        # cache, e.g. --num-blocks 12 in tests, holds fewer tokens than the largest calibration prompt)
+        room = e.blocks.num_blocks * e.config.block_size - e.config.block_size
+        sizes = [4] + sorted({min(n, e.config.max_num_batched_tokens, e.max_model_len - 2, room) for n in CALIBRATION_TOKENS})
         for rep in range(2):
             if rep:
                 await self.worker.call(lambda eng: eng.step_times.reset())  # on the engine thread, which reads the fit
