@@ -152,6 +152,7 @@ async def run(settings: RouterSettings) -> None:
     await presence.start()
     reaper = Reaper(r, interval_s=settings.reap_s, state_ttl_s=settings.state_ttl_s, on_reaped=lambda orphans: metrics.expired.inc(len(orphans)))
     reaper.start()
+    picker.start_refresher(max(1.0, settings.refresh_s))  # pool gauges stay live while no request comes
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -25,7 +25,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from distserve.engine.errors import ResourceExhausted, Unavailable
+from distserve.engine.errors import DistserveError, ResourceExhausted, Unavailable
 from distserve.metrics import Metrics
 from distserve.rpc.channels import ChannelPool
 from distserve.state.registry import Registry, WorkerView
@@ -61,6 +61,7 @@ class WorkerPicker:
         self._down: set[str] = set()  # registered, but its health is not SERVING
         self._outage_since: float | None = None  # monotonic time the registry became unreadable
         self._reread: asyncio.Task | None = None  # background re-read of the registry during an outage
+        self._refresher: asyncio.Task | None = None  # periodic re-read while idle (start_refresher)
         self.ejector = ejector or OutlierEjector()  # workers that keep failing sit out a cool-down
 
     async def workers(self, force: bool = False) -> list[WorkerView]:
@@ -138,8 +139,25 @@ class WorkerPicker:
             self._down.add(worker_id)
             await asyncio.sleep(WATCH_RETRY_S)
 
+    def start_refresher(self, interval_s: float = 1.0) -> None:
+        """Reads the registry every `interval_s` even without traffic, so the pool gauges (and the view
+        the next request meets) stay current while the router is idle; otherwise they keep whatever
+        the last request saw (a request long finished still "running")."""
+        async def refresh() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                try:
+                    await self.workers()
+                except DistserveError:  # Redis away with no view yet: logged where it is read
+                    pass
+
+        self._refresher = asyncio.create_task(refresh(), name="registry-refresher")
+
     async def close(self) -> None:
         watches, self._watches = [task for _, task in self._watches.values()], {}
+        if self._refresher is not None:
+            watches.append(self._refresher)
+            self._refresher = None
         if self._reread is not None:
             watches.append(self._reread)
             self._reread = None
