@@ -299,10 +299,14 @@ class Suite:
             if getattr(a, flag, ""):
                 engine_flags += ["--" + flag.replace("_", "-"), getattr(a, flag)]
         workers = []
+        taken: set[int] = set()  # ports given to workers so far (none is bound yet)
         counts: dict[str, int] = {}
         for role, (threads, cpus) in zip(roles, plan):
             counts[role] = counts.get(role, 0) + 1
             port = free_port(a.host)
+            while port in taken:  # a port handed out a moment ago is free until its worker binds it
+                port = free_port(a.host)
+            taken.add(port)
             name = f"{role}-{counts[role]}"
             argv = ["serve", role, *common, *engine_flags, "--port", str(port), "--threads", str(threads), "--worker-id", name, *a.worker_arg]
             if cpus:
