@@ -42,6 +42,7 @@ can inherit locks held by a thread that does not exist in the child. Only the fi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -352,9 +353,10 @@ class Suite:
                 logger.info("made a CA and role certificates in %s", d)
         return d
 
-    @property
+    @functools.cached_property
     def tls(self) -> Tls | None:
-        """What up itself presents to health-check its children (a router's certificate)."""
+        """What up itself presents to health-check its children (a router's certificate); read once,
+        after start() chose the folder."""
         if self.tls_dir is None:
             return None
         f = role_files(self.tls_dir, "router")
