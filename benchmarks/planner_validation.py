@@ -69,19 +69,35 @@ def _tree(root: int) -> set[int]:
     return out
 
 
-def cpu_ticks(root: int) -> tuple[int, int]:
-    """(busy ticks of the whole machine, ticks of `root`'s process tree): their difference over a run is
-    the CPU that others used meanwhile (children that exited count neither way)."""
+def _part(pid: int, root: int) -> str:
+    """Which part of the suite a process is: `client` (this script), a worker or the router by the log
+    file its stdout goes to (forked children share up's command line), else its command name."""
+    if pid == root:
+        return "client"
+    try:
+        out = os.readlink(f"/proc/{pid}/fd/1")
+        if out.endswith(".log"):
+            return Path(out).stem
+        return (Path("/proc") / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def cpu_ticks(root: int) -> tuple[int, int, dict[str, int]]:
+    """(busy ticks of the whole machine, ticks of `root`'s process tree, those ticks per part of the
+    suite): their difference over a run is the CPU that others used meanwhile, and what each part of
+    the suite used (children that exited count neither way)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     busy = sum(fields) - fields[3] - fields[4]  # less idle and iowait
-    mine = 0
+    parts: dict[str, int] = {}
     for pid in _tree(root):
         try:
             f = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-            mine += int(f[11]) + int(f[12])  # utime, stime
+            name = _part(pid, root)
+            parts[name] = parts.get(name, 0) + int(f[11]) + int(f[12])  # utime, stime
         except (OSError, IndexError, ValueError):
             pass
-    return busy, mine
+    return busy, sum(parts.values()), parts
 
 
 def cpu_model() -> str:
@@ -118,25 +134,27 @@ async def session(args, points: list[tuple[str, str, int, float, int]]) -> None:
             with open(LOCK, "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 load_locked = load1()
-                busy0, mine0 = cpu_ticks(os.getpid())
+                busy0, mine0, parts0 = cpu_ticks(os.getpid())
                 t0 = time.time()
                 run = await measure(target, base, cfg)
                 t1 = time.time()
-                busy1, mine1 = cpu_ticks(os.getpid())
+                busy1, mine1, parts1 = cpu_ticks(os.getpid())
             hz = os.sysconf("SC_CLK_TCK")
             foreign = max(0.0, ((busy1 - busy0) - (mine1 - mine0)) / hz / (t1 - t0))  # cores others used, on average
             suite_cores = (mine1 - mine0) / hz / (t1 - t0)
+            part_cores = {k: round((v - parts0.get(k, 0)) / hz / (t1 - t0), 3) for k, v in sorted(parts1.items())}
             s = run["summary"]
             name = f"{kind}_{placement.label().replace(' ', '').replace('+', '')}_{workload}_s{seed}_r{rate:g}_n{n}.json"
             doc = {"kind": kind, "placement": placement.label(), "placement_spec": asdict(placement), "model": args.model,
                    "workload": workload, "seed": seed, "rate": rate, "num_requests": n, "slo_ttft": slo_ttft, "slo_tpot": slo_tpot,
                    "load1_before": round(load_before, 2), "load1_locked": round(load_locked, 2), "load1_after": round(load1(), 2),
-                   "waited_s": round(waited), "foreign_cores": round(foreign, 3), "suite_cores": round(suite_cores, 3), "unix_start": t0, "seconds": round(t1 - t0, 1), "commit": git_commit(),
+                   "waited_s": round(waited), "foreign_cores": round(foreign, 3), "suite_cores": round(suite_cores, 3),
+                   "part_cores": part_cores, "unix_start": t0, "seconds": round(t1 - t0, 1), "commit": git_commit(),
                    "cpu": cpu_model(), "config": asdict(cfg), **run}
             (out_dir / name).write_text(json.dumps(doc))
             print(f"  {kind} {workload} seed {seed} @ {rate:g} req/s x{n}: attainment {s['attainment']:.0%} "
                   f"(TTFT p90 {s['ttft']['p90']:.2f}s, TPOT p90 {s['tpot']['p90'] * 1e3:.0f}ms), load {load_before:.2f}->{load1():.2f}, "
-                  f"others {foreign:.2f} cores, "
+                  f"others {foreign:.2f} cores, suite {part_cores}, "
                   f"{t1 - t0:.0f} s -> {name}", flush=True)
     finally:
         await target.close()
