@@ -94,7 +94,7 @@ def admission_settings(args) -> tuple[int, int, dict]:
 
 async def run_point(address: str, tokenizer, args, rate: float, seed: int, tls: dict[str, str]) -> dict:
     from distserve.client import AsyncClient
-    from distserve.engine.errors import ResourceExhausted
+    from distserve.errors import ResourceExhausted
 
     n = max(1, int(round(rate * args.duration)))
     reqs = with_arrivals(build_requests(args.workload, n, tokenizer, seed), rate, "poisson", 1.0, seed)

@@ -44,7 +44,7 @@ def cmd_serve(args) -> None:
 
 def cmd_role(args) -> None:
     """Asks a worker to serve another role (an elastic worker drains and changes within a heartbeat)."""
-    from distserve.engine.errors import DistserveError
+    from distserve.errors import DistserveError
     from distserve.state.connect import connect
     from distserve.state.registry import Registry
 

@@ -35,7 +35,7 @@ import torch
 
 from distserve.config import setting
 from distserve.engine.engine import EngineConfig, LLMEngine
-from distserve.engine.errors import ResourceExhausted, Unavailable
+from distserve.errors import ResourceExhausted, Unavailable
 from distserve.engine.models import load_model
 from distserve.engine.sampling import SamplingParams
 from distserve.engine.step_times import StepPredictor

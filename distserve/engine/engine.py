@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distserve.engine.block_manager import BlockManager
-from distserve.engine.errors import InvalidRequest, NotFound, ResourceExhausted
+from distserve.errors import InvalidRequest, NotFound, ResourceExhausted
 from distserve.engine.kv_cache import PagedKVCache
 from distserve.engine.model_runner import ModelRunner
 from distserve.engine.models import LoadedModel

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 

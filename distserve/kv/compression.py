@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.kv.handle import KvLayout, torch_dtype
 
 WIRE_DTYPES: tuple[str, ...] = ("auto", "float16", "int8")  # what a puller may ask for

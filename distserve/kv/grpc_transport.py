@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import torch
 
-from distserve.engine.errors import Unavailable
+from distserve.errors import Unavailable
 from distserve.kv.buffers import BufferPool, cpu_buffer
 from distserve.kv.compression import decode, normalize, wire_nbytes
 from distserve.kv.handle import KvHandle, dtype_name

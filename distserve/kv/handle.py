@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.engine.kv_cache import KV_SCALE_BYTES
 from distserve.v1 import common_pb2
 

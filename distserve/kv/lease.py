@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distserve.engine.errors import InvalidRequest, NotFound
+from distserve.errors import InvalidRequest, NotFound
 from distserve.kv.handle import new_transfer_token
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import threading
 
 import torch
 
-from distserve.engine.errors import Unavailable
+from distserve.errors import Unavailable
 from distserve.kv.buffers import BufferPool, cpu_buffer
 from distserve.kv.handle import KvHandle
 from distserve.kv.push import Channel, KvSender, PushKvTransport

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter
 
-from distserve.engine.errors import DistserveError, NotFound, Unavailable
+from distserve.errors import DistserveError, NotFound, Unavailable
 from distserve.kv.handle import KvHandle
 from distserve.kv.transport import PREFERENCE, KvTransports, Pulled, choose_transport
 

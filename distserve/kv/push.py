@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from distserve.engine.errors import NotFound, Unavailable
+from distserve.errors import NotFound, Unavailable
 from distserve.kv.compression import decode, normalize, wire_nbytes
 from distserve.kv.handle import KvHandle
 from distserve.kv.transport import KvTransport, Pulled

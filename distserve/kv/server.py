@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 import grpc
 import torch
 
-from distserve.engine.errors import InvalidRequest, PermissionDenied, Unavailable
+from distserve.errors import InvalidRequest, PermissionDenied, Unavailable
 from distserve.kv.compression import encode, normalize
 from distserve.kv.grpc_transport import KvTransferServicer
 from distserve.kv.handle import dtype_name

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distserve.engine.errors import Unavailable
+from distserve.errors import Unavailable
 from distserve.kv.buffers import BufferPool
 from distserve.kv.handle import KvHandle
 from distserve.kv.push import Channel, KvSender, PushKvTransport

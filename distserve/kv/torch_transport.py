@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from distserve.engine.errors import InvalidRequest, Unavailable
+from distserve.errors import InvalidRequest, Unavailable
 from distserve.kv.buffers import BufferPool, cpu_buffer
 from distserve.kv.handle import KvHandle
 from distserve.kv.push import Channel, KvSender, PushKvTransport

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distserve.engine.errors import InvalidRequest, Unavailable
+from distserve.errors import InvalidRequest, Unavailable
 from distserve.kv.handle import KvHandle
 
 logger = logging.getLogger(__name__)

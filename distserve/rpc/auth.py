@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.rpc.server import before_handler
 
 AUTH_HEADER = "authorization"

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from distserve.engine.errors import (
+from distserve.errors import (
     Cancelled,
     DeadlineExceeded,
     DistserveError,

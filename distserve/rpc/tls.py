@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 
 from distserve.config import setting
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.rpc.server import before_handler
 
 ROLE_URI = "spiffe://distserve/role/"

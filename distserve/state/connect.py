@@ -40,7 +40,7 @@ from redis.exceptions import (
 )
 from redis.maint_notifications import MaintNotificationsConfig
 
-from distserve.engine.errors import Unavailable
+from distserve.errors import Unavailable
 
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_TIMEOUT_S = 0.5

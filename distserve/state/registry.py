@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from distserve.engine.errors import InvalidRequest, NotFound, Unavailable
+from distserve.errors import InvalidRequest, NotFound, Unavailable
 from distserve.state.connect import unavailable_on_outage
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.state.connect import unavailable_on_outage
 
 logger = logging.getLogger(__name__)

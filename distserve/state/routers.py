@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from distserve.engine.errors import InvalidRequest, Unavailable
+from distserve.errors import InvalidRequest, Unavailable
 from distserve.state.connect import unavailable_on_outage
 from distserve.state.requests import TERMINAL_PHASES, RequestPhase
 

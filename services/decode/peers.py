@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 
-from distserve.engine.errors import DistserveError, PermissionDenied
+from distserve.errors import DistserveError, PermissionDenied
 from distserve.kv.handle import KvHandle
 from distserve.state.registry import Registry, WorkerInfo
 

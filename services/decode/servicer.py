@@ -17,7 +17,7 @@ import time
 
 import grpc
 
-from distserve.engine.errors import DistserveError, InvalidRequest, PermissionDenied, ResourceExhausted, Unavailable
+from distserve.errors import DistserveError, InvalidRequest, PermissionDenied, ResourceExhausted, Unavailable
 from distserve.kv.grpc_transport import GrpcKvTransport
 from distserve.kv.handle import KvHandle, dtype_name
 from distserve.kv.puller import KvPuller, PullResult

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from distserve.engine.errors import Unavailable
+from distserve.errors import Unavailable
 from distserve.runtime import WorkerRuntime, WorkerSettings
 from services.decode import main as decode_main
 from services.prefill import main as prefill_main

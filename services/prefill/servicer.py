@@ -16,7 +16,7 @@ import time
 import grpc
 
 from distserve.engine.engine import LLMEngine
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.kv.handle import KvHandle, KvLayout, dtype_name
 from distserve.kv.lease import LeaseTable
 from distserve.rpc.convert import finish_to_pb, params_from_pb, top_logprobs_to_pb

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distserve.engine.errors import ResourceExhausted
+from distserve.errors import ResourceExhausted
 from distserve.rpc.errors import RETRY_AFTER_KEY  # noqa: F401  (re-exported: the refusal's trailing metadata)
 
 RATE_ALPHA = 0.2  # weight of the newest observation in the prefill rate's average

@@ -45,7 +45,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from distserve.engine.errors import ResourceExhausted, Unavailable
+from distserve.errors import ResourceExhausted, Unavailable
 from distserve.kv.estimate import PullEstimate
 from distserve.state.registry import WorkerLoad, WorkerView
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from distserve.engine.errors import DeadlineExceeded, DistserveError, InvalidRequest, Unavailable
+from distserve.errors import DeadlineExceeded, DistserveError, InvalidRequest, Unavailable
 from distserve.engine.sampling import find_stop, validate_request
 from distserve.kv.grpc_transport import GrpcKvTransport
 from distserve.metrics import Metrics

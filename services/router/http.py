@@ -36,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from distserve.engine.errors import DistserveError, InvalidRequest, NotFound, Unauthenticated
+from distserve.errors import DistserveError, InvalidRequest, NotFound, Unauthenticated
 from distserve.metrics import Metrics
 from distserve.rpc.auth import AUTH_HEADER, ApiKeys
 from distserve.rpc.convert import FINISH_NAMES

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 
 from distserve.config import setting
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.engine.models import load_tokenizer
 from distserve.metrics import Metrics
 from distserve.rpc.channels import ChannelPool

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 
 
 class StreamOptions(BaseModel):

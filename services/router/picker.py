@@ -25,7 +25,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from distserve.engine.errors import DistserveError, ResourceExhausted, Unavailable
+from distserve.errors import DistserveError, ResourceExhausted, Unavailable
 from distserve.metrics import Metrics
 from distserve.rpc.channels import ChannelPool
 from distserve.state.registry import Registry, WorkerView

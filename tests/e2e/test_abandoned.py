@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from distserve.client import AsyncClient
-from distserve.engine.errors import DistserveError
+from distserve.errors import DistserveError
 from distserve.state.redis_server import RedisServer
 from tests.integration.service_procs import Cluster, scrape, total
 

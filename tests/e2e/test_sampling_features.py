@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distserve.client import Client
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.up import UpProcess
 
 pytestmark = pytest.mark.timeout(600)

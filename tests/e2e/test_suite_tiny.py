@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 import torch
 
 from distserve.client import AsyncClient, Client
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.rpc.certs import role_files
 from distserve.state.redis_server import free_port
 from distserve.state.registry import Registry
@@ -191,7 +191,7 @@ def test_worker_joining_gets_traffic_and_a_dead_one_stops_getting_it(suite, tmp_
 
 
 def test_deadline_exceeded_is_typed_and_frees_the_request(suite):
-    from distserve.engine.errors import DeadlineExceeded
+    from distserve.errors import DeadlineExceeded
 
     with Client(suite.target, **suite.client_tls) as c:
         with pytest.raises(DeadlineExceeded) as e:

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from distserve.client import Client
-from distserve.engine.errors import Unauthenticated
+from distserve.errors import Unauthenticated
 from distserve.rpc.auth import ApiKeys
 from distserve.state.redis_server import RedisServer
 from tests.integration.service_procs import Cluster

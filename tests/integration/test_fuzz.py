@@ -218,7 +218,7 @@ def test_a_router_at_max_inflight_refuses_at_once_with_a_retry_hint_and_counts_i
     code, details, meta, _ = suite.call("narrow", GENERATE, greedy(4))
     refused_in = time.monotonic() - t0
     from distserve.client import Client
-    from distserve.engine.errors import ResourceExhausted
+    from distserve.errors import ResourceExhausted
 
     with Client(suite.narrow.address, timeout_s=10) as c, pytest.raises(ResourceExhausted) as refused:
         c.generate([5, 6], max_tokens=2)  # the SDK hands the hint on

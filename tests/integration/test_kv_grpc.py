@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from distserve.engine.errors import InvalidRequest, NotFound, Unavailable
+from distserve.errors import InvalidRequest, NotFound, Unavailable
 from distserve.kv.grpc_transport import GrpcKvTransport, KvTransferServicer, add_to_server, encode_chunks, split_chunk
 from distserve.kv.handle import KvHandle, KvLayout
 from distserve.kv.lease import LeaseTable

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from distserve.bench.kv_peer import Peer, random_kv
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.kv import rendezvous
 from distserve.kv.rendezvous import PairStore, split_address
 from distserve.kv.torch_transport import TorchKvSender, TorchKvTransport, make_group

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from distserve.bench.kv_peer import Peer, random_kv
-from distserve.engine.errors import NotFound, Unavailable
+from distserve.errors import NotFound, Unavailable
 from distserve.kv import compression
 from distserve.kv.factory import build_pullers
 from distserve.kv.handle import KvHandle, KvLayout

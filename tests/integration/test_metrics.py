@@ -9,7 +9,7 @@ import time
 import pytest
 
 from distserve.client import AsyncClient
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.state.redis_server import RedisServer
 from tests.integration.service_procs import Cluster, names, scrape, total
 

@@ -73,7 +73,7 @@ def test_a_client_without_the_password_or_with_a_wrong_one_is_refused(server: Re
     with pytest.raises(AuthenticationError, match="invalid username-password pair"):  # one role's password is not another's
         redis.Redis.from_url(user_url(server.url, "router", password(server.role_url("prefill"))), socket_timeout=2).ping()
     # through the services' own client, a refused login is a Redis the caller cannot use: Unavailable
-    from distserve.engine.errors import Unavailable
+    from distserve.errors import Unavailable
 
     async def register_without_password() -> None:
         r = connect(server.url, role="prefill")

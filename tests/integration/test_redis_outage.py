@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from distserve import Client
-from distserve.engine.errors import DistserveError
+from distserve.errors import DistserveError
 from distserve.state.connect import connect
 from distserve.state.redis_server import RedisServer
 from distserve.state.registry import Registry

@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from distserve.engine.errors import InvalidRequest, NotFound, ResourceExhausted
+from distserve.errors import InvalidRequest, NotFound, ResourceExhausted
 from distserve.rpc.channels import ChannelPool
 from distserve.rpc.errors import error_from_rpc, grpc_errors
 from distserve.rpc.server import build_server
@@ -110,7 +110,7 @@ def test_health_reflection_and_error_boundary() -> None:
 
 def test_trailing_metadata_set_before_an_error_reaches_the_caller() -> None:
     """The decode servicer marks a failed KV pull this way; the router tells it from a decode failure."""
-    from distserve.engine.errors import Unavailable
+    from distserve.errors import Unavailable
     from distserve.rpc.errors import KV_FAULT
     from services.router.run import kv_fault
 

@@ -126,7 +126,7 @@ def test_expired_worker_disappears_and_index_is_cleaned(redis_url: str) -> None:
 
 
 def test_invalid_role_is_refused() -> None:
-    from distserve.engine.errors import InvalidRequest
+    from distserve.errors import InvalidRequest
 
     with pytest.raises(InvalidRequest, match="role"):
         worker("x", role="router")

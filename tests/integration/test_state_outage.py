@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from distserve.engine.errors import Unavailable
+from distserve.errors import Unavailable
 from distserve.metrics import Metrics
 from distserve.rpc.errors import status_for
 from distserve.state.connect import connect

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from distserve.client import Client
-from distserve.engine.errors import Unavailable
+from distserve.errors import Unavailable
 from distserve.kv.handle import KvHandle
 from distserve.rpc.certs import make_certs, role_files
 from distserve.rpc.channels import internal_options, sync_channel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distserve.engine.errors import ResourceExhausted
+from distserve.errors import ResourceExhausted
 from services.router.admission import Admission, Shed, decide, expected_wait_s
 
 LIMITS = dict(max_inflight=2, max_queued_tokens=100, retry_after_ms=250)

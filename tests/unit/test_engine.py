@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distserve.engine.engine import EngineConfig, LLMEngine
-from distserve.engine.errors import InvalidRequest, NotFound, ResourceExhausted
+from distserve.errors import InvalidRequest, NotFound, ResourceExhausted
 from distserve.engine.sampling import SamplingParams
 from distserve.engine.sequence import FinishReason
 from tests.engine_helpers import prompts, run_to_end

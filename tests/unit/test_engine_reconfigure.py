@@ -3,7 +3,7 @@
 import pytest
 
 from distserve.engine.engine import EngineConfig, LLMEngine
-from distserve.engine.errors import InvalidRequest, ResourceExhausted
+from distserve.errors import InvalidRequest, ResourceExhausted
 from distserve.engine.sampling import SamplingParams
 from tests.engine_helpers import prompts, run_prompts
 

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from distserve.engine.engine import EngineConfig, LLMEngine
-from distserve.engine.errors import InvalidRequest, ResourceExhausted
+from distserve.errors import InvalidRequest, ResourceExhausted
 from distserve.engine.sampling import SamplingParams
 from distserve.engine.worker import EngineWorker
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distserve.engine.errors import DeadlineExceeded, DistserveError, InvalidRequest, ResourceExhausted, Unavailable
+from distserve.errors import DeadlineExceeded, DistserveError, InvalidRequest, ResourceExhausted, Unavailable
 from services.router.admission import Shed
 from services.router.http import UnknownModel, error_response
 

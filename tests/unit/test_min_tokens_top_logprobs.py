@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distserve.engine.engine import EngineConfig, LLMEngine
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.engine.sampling import SamplingParams, validate_request
 from distserve.engine.sequence import FinishReason
 from tests.engine_helpers import prompts

@@ -7,7 +7,7 @@ import logging
 import grpc
 import pytest
 
-from distserve.engine.errors import (
+from distserve.errors import (
     Cancelled,
     DeadlineExceeded,
     DistserveError,

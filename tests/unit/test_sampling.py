@@ -1,6 +1,6 @@
 import pytest
 
-from distserve.engine.errors import InvalidRequest
+from distserve.errors import InvalidRequest
 from distserve.engine.sampling import SamplingParams, find_stop, validate_request
 
 
