@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distserve.bench.engine_bench import PROMPTS, agreement, chat_ids, hf_decode_tok_s  # noqa: E402
-from distserve.engine.models import load_model, load_tokenizer  # noqa: E402
+from distserve.engine.models import load_model  # noqa: E402
+from distserve.tokenization import load_tokenizer  # noqa: E402
 
 
 @torch.inference_mode()

@@ -131,7 +131,7 @@ def cmd_kernels(args) -> None:
 
 
 def cmd_model(args) -> None:
-    from distserve.engine.models import resolve_model_dir
+    from distserve.models import resolve_model_dir
 
     print(resolve_model_dir(args.name) or "(built in-process)")
 

@@ -61,7 +61,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from filelock import FileLock
 
-from distserve.engine.models import home
+from distserve.models import home
 from distserve.rpc.certs import make_certs, role_files
 from distserve.rpc.certs import valid_for as certs_valid_for
 from distserve.rpc.channels import internal_options, sync_channel

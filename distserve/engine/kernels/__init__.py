@@ -57,7 +57,7 @@ def status() -> dict[str, Status]:
 
 def cache_root() -> Path:
     """Where lazy builds go (and `distserve kernels build` without --out or DISTSERVE_KERNELS_DIR)."""
-    from distserve.engine.models import home
+    from distserve.models import home
 
     return home() / "kernels"
 
