@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distserve.client import AsyncClient
-from distserve.kv.grpc_transport import GrpcKvTransport
-from distserve.kv.handle import KvHandle
+from distserve.kv.release import LeaseClient
 from distserve.rpc.channels import ChannelPool
 from distserve.rpc.tls import Tls
 from distserve.state.connect import connect
@@ -91,7 +90,7 @@ async def router_overhead(target: str, redis_url: str, n: int, prompt_len: int =
     if not views:
         raise SystemExit("no prefill worker registered")
     pool = ChannelPool(tls=tls.channel())
-    kv = GrpcKvTransport(pool)
+    leases = LeaseClient(pool)
     prompt = list(range(200, 200 + prompt_len))
     params = common_pb2.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     direct, routed = [], []
@@ -103,7 +102,7 @@ async def router_overhead(target: str, redis_url: str, n: int, prompt_len: int =
             resp = await stub.Prefill(prefill_pb2.PrefillRequest(request_id=f"direct-{i}-{time.time_ns()}", token_ids=prompt, params=params), timeout=30)
             d = time.perf_counter() - t
             if resp.HasField("kv_handle"):
-                await kv.release(KvHandle.from_proto(resp.kv_handle))
+                await leases.release_handle(resp.kv_handle)
             t = time.perf_counter()
             async for chunk in c.stream(prompt, max_tokens=1, temperature=0.0):
                 break  # the first token is the prefill leg's answer

@@ -5,8 +5,8 @@ Lifecycle: a prefill worker registers `KvTransferServicer(lease_table)` (or a su
 lease, runs the export function in a thread, and streams the tensor's bytes in chunks of at most
 chunk_bytes (the first chunk also carries shape, dtype and total size); the puller writes each chunk
 straight into a warm receive buffer from its pool, checking offsets, size, shape and dtype, and the
-buffer goes back to the pool when the KV is loaded (`Pulled.release()`). `release(handle)` (Release
-RPC) then frees the holder's KV; pulling after that is NOT_FOUND.
+buffer goes back to the pool when the KV is loaded (`Pulled.release()`). The Release RPC
+(`kv.release.LeaseClient`) then frees the holder's KV; pulling after that is NOT_FOUND.
 
 Why the chunks bypass protobuf objects: a 4 MiB `bytes` field costs a copy into the message, another
 on serialising and two more on parsing and reading it back. The holder therefore writes each KvChunk
@@ -183,9 +183,6 @@ class GrpcKvTransport(KvTransport):
         self.wire_dtype = wire_dtype  # "" = as held; "float16"/"int8" ask the holder to compress
         self.buffers: BufferPool[torch.Tensor] = BufferPool(cpu_buffer, max_idle_bytes=max_idle_bytes, idle_s=idle_s)
 
-    def _stub(self, address: str) -> kv_pb2_grpc.KvTransferStub:
-        return kv_pb2_grpc.KvTransferStub(self._pool.get(address))
-
     async def borrow(self, handle: KvHandle, timeout_s: float | None = None) -> Pulled:
         """The KV as a `Pulled` whose tensor lives in a pooled buffer until `release()`."""
         wire = normalize(self.wire_dtype, handle.layout.dtype)
@@ -232,19 +229,6 @@ class GrpcKvTransport(KvTransport):
             call.cancel()  # no-op when the stream ended; stops the holder when we bail out
         if received != expected:
             raise Unavailable(f"KV of {handle.request_id}: stream ended after {received} of {expected} bytes")
-
-    async def release(self, handle: KvHandle, timeout_s: float = 5.0) -> bool:
-        """Tell the holder to free the KV; False if it was already gone."""
-        return await self.release_at(handle.kv_address, handle.request_id, handle.transfer_token, timeout_s)
-
-    async def release_at(self, kv_address: str, request_id: str, transfer_token: bytes, timeout_s: float = 5.0) -> bool:
-        """Release by what a handle's holder needs (a caller that never got the handle knows these)."""
-        request = kv_pb2.ReleaseKvRequest(request_id=request_id, transfer_token=transfer_token)
-        try:
-            response = await self._stub(kv_address).Release(request, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
-        return response.released
 
     async def close(self) -> None:
         self.buffers.clear()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from distserve.kv import factory
 from distserve.kv.puller import KvPuller
+from distserve.kv.release import LeaseClient
 from distserve.kv.transport import KvTransports
 from distserve.rpc.channels import ChannelPool
 from distserve.runtime import WorkerRuntime, WorkerSettings, host_id
@@ -38,7 +39,7 @@ def attach(rt: WorkerRuntime, settings: WorkerSettings) -> DecodeRole:
                                        idle_s=settings.kv_idle_s, buffer_bytes=settings.kv_buffer_bytes,
                                        advertise_host=rt.advertise().rpartition(":")[0], bind_host=settings.host)
     puller = KvPuller(transports, rt.metrics, host_id(), forced=settings.kv_transport)
-    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(rt, transports.get("grpc"), puller, KnownHolders(rt.registry, settings.model)), rt.built.server)
+    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(rt, LeaseClient(pool), puller, KnownHolders(rt.registry, settings.model)), rt.built.server)
     return DecodeRole(transports.names(), transports, pool)
 
 

@@ -18,9 +18,9 @@ import time
 import grpc
 
 from distserve.errors import DistserveError, InvalidRequest, PermissionDenied, ResourceExhausted, Unavailable
-from distserve.kv.grpc_transport import GrpcKvTransport
 from distserve.kv.handle import KvHandle, dtype_name
 from distserve.kv.puller import KvPuller, PullResult
+from distserve.kv.release import LeaseClient
 from distserve.rpc.convert import finish_to_pb, params_from_pb, top_logprobs_to_pb
 from distserve.rpc.errors import KV_FAULT, grpc_errors
 from distserve.runtime import WorkerRuntime
@@ -33,10 +33,10 @@ KEEPALIVE_S = 1.0  # while a request waits for blocks, an empty message this oft
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, runtime: WorkerRuntime, grpc_transport: GrpcKvTransport, puller: KvPuller, holders: KnownHolders):
+    def __init__(self, runtime: WorkerRuntime, leases: LeaseClient, puller: KvPuller, holders: KnownHolders):
         self.rt = runtime
         self.holders = holders  # only registered prefill workers are dialed for KV
-        self.grpc = grpc_transport  # releases leases
+        self.leases = leases  # releases the holder's lease once the KV is pulled
         self.puller = puller  # negotiates the transport per handle, falls back to grpc
         self._background: set[asyncio.Task] = set()
 
@@ -74,7 +74,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             if isinstance(exc, TimeoutError):
                 raise Unavailable(f"KV pull of {rid} did not finish within the call's deadline") from None
             raise
-        task = asyncio.create_task(self.grpc.release(handle))
+        task = asyncio.create_task(self.leases.release_handle(handle))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return result

@@ -43,7 +43,7 @@ import grpc
 
 from distserve.errors import DeadlineExceeded, DistserveError, InvalidRequest, Unavailable
 from distserve.engine.sampling import find_stop, validate_request
-from distserve.kv.grpc_transport import GrpcKvTransport
+from distserve.kv.release import LeaseClient
 from distserve.metrics import Metrics
 from distserve.rpc.channels import ChannelPool
 from distserve.rpc.convert import FINISH_NAMES, params_from_pb
@@ -81,7 +81,7 @@ class Generation:
         self.picker = picker
         self.states = states
         self.pool = pool
-        self.kv = GrpcKvTransport(pool)
+        self.leases = LeaseClient(pool)  # releases KV that no decode worker took
         self.metrics = metrics
         self.policy = policy
         self.admission = admission or Admission(max_inflight=1 << 30, max_queued_tokens=1 << 62)
@@ -382,7 +382,7 @@ class Generation:
 
     async def _release(self, kv_address: str, request_id: str, token: bytes) -> None:
         try:
-            await self.kv.release_at(kv_address, request_id, token)
+            await self.leases.release(kv_address, request_id, token)
         except Exception as exc:
             log.warning("releasing the KV of %r failed (the lease will expire): %s", request_id, exc)
 

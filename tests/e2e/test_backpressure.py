@@ -11,8 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from distserve.client import AsyncClient
-from distserve.kv.grpc_transport import GrpcKvTransport
-from distserve.kv.handle import KvHandle
+from distserve.kv.release import LeaseClient
 from distserve.rpc.channels import ChannelPool
 from distserve.state.redis_server import RedisServer, free_port
 from distserve.state.registry import Registry
@@ -99,7 +98,7 @@ def test_full_prefill_queues_prompts_until_leases_end(stack):
         await asyncio.sleep(0.6)
         mid = (await loads(redis.url))["p1"]
         # release one lease by hand; the queued prompt then runs at once, and the rest expire on their own
-        released = await GrpcKvTransport(pool).release(KvHandle.from_proto(first3[0].kv_handle))
+        released = await LeaseClient(pool).release_handle(first3[0].kv_handle)
         fourth = await pending.pop()
         await asyncio.sleep(2.6)  # the other leases (2 s) lapse and their blocks are freed
         end = (await loads(redis.url))["p1"]

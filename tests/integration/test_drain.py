@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from distserve.engine.sampling import SamplingParams
 from distserve.kv.grpc_transport import GrpcKvTransport
+from distserve.kv.release import LeaseClient
 from distserve.kv.handle import KvHandle
 from distserve.rpc.channels import ChannelPool
 from distserve.rpc.convert import params_to_pb
@@ -112,7 +113,7 @@ def test_a_stopping_prefill_worker_serves_its_held_kv_until_it_is_pulled(tmp_pat
                 assert w.popen.poll() is None, "the worker exited with KV still held"
                 kv = await GrpcKvTransport(pool).pull(handle)  # a decode worker pulls it, then releases the lease
                 assert kv.shape[2] == 40
-                assert await GrpcKvTransport(pool).release(handle)
+                assert await LeaseClient(pool).release_handle(handle)
             finally:
                 await pool.close_all()
                 await r.aclose()

@@ -15,6 +15,7 @@ from distserve.client import Client
 from distserve.engine.engine import EngineConfig, LLMEngine
 from distserve.engine.sampling import SamplingParams
 from distserve.kv.grpc_transport import GrpcKvTransport, KvTransferServicer, add_to_server
+from distserve.kv.release import LeaseClient
 from distserve.kv.handle import KvHandle, KvLayout, dtype_name
 from distserve.kv.lease import LeaseTable
 from distserve.rpc.channels import ChannelPool
@@ -63,7 +64,7 @@ def test_int8_kv_crosses_grpc_bit_exact_and_decodes_to_the_colocated_tokens(tiny
                 assert handle.nbytes == exported.nbytes
                 got = await transport.pull(handle)
                 assert got.dtype == torch.int8 and torch.equal(got, exported)
-                assert await transport.release(handle)
+                assert await LeaseClient(pool).release_handle(handle)
                 pulled[rid] = got
         finally:
             await pool.close_all()

@@ -14,6 +14,7 @@ import torch
 
 from distserve.errors import InvalidRequest, NotFound, Unavailable
 from distserve.kv.grpc_transport import GrpcKvTransport, KvTransferServicer, add_to_server, encode_chunks, split_chunk
+from distserve.kv.release import LeaseClient
 from distserve.kv.handle import KvHandle, KvLayout
 from distserve.kv.lease import LeaseTable
 from distserve.kv.transport import KvTransports, choose_transport
@@ -112,7 +113,7 @@ def test_pull_is_bit_exact_in_bounded_chunks(dtype: torch.dtype, shape: tuple[in
         assert len(await raw_chunks(pool, handle, chunk_bytes=chunk // 2)) == -(-total // (chunk // 2))
         assert len(await raw_chunks(pool, handle, chunk_bytes=chunk * 4)) == len(chunks)
         assert holder.frees == {}
-        assert await transport.release(handle)
+        assert await LeaseClient(pool).release_handle(handle)
         assert holder.frees == {"r1": 1}
 
     run_kv(body, chunk_bytes=chunk)
@@ -168,7 +169,7 @@ def test_wrong_token_is_not_found_and_looks_like_unknown_id() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as raw:
             await raw_chunks(pool, forged)
         assert raw.value.code() == grpc.StatusCode.NOT_FOUND
-        assert not await transport.release(forged)  # a wrong token cannot free it either
+        assert not await LeaseClient(pool).release_handle(forged)  # a wrong token cannot free it either
         assert holder.frees == {}
         assert bits_equal(await transport.pull(handle), handle_tensor(holder, handle))
 
@@ -183,7 +184,7 @@ def test_release_frees_once_and_pull_after_release_is_not_found() -> None:
     async def body(holder: Holder, transport: GrpcKvTransport, pool: ChannelPool) -> None:
         handle = holder.hold("r1", random_kv((2, 2, 8, 2, 8), torch.float32))
         await transport.pull(handle)
-        results = await asyncio.gather(*(transport.release(handle) for _ in range(5)))
+        results = await asyncio.gather(*(LeaseClient(pool).release_handle(handle) for _ in range(5)))
         assert sorted(results) == [False, False, False, False, True]
         assert holder.frees == {"r1": 1}
         with pytest.raises(NotFound):
@@ -204,7 +205,7 @@ def test_lease_expiry_frees_and_then_pull_is_not_found() -> None:
             assert holder.frees == {"short": 1}
             with pytest.raises(NotFound):
                 await transport.pull(short)
-            assert not await transport.release(short)
+            assert not await LeaseClient(pool).release_handle(short)
             assert holder.frees == {"short": 1}
             stats = holder.table.stats()
             assert stats.held == 1 and stats.expired_total == 1 and stats.bytes_held == 2 * 2 * 8 * 2 * 8 * 4
