@@ -1,45 +1,27 @@
-"""The `distserve` command: up, serve, generate, bench, profile, plan, kernels, model pull, health, certs, role, settings."""
+"""The `distserve` command: up, serve, generate, bench, profile, plan, kernels, model pull, health, certs, role, settings.
+
+The composition root: the one library module that names the services (`serve`, `up` and the settings
+tables reach them through `services.roles`, `services.up` and their settings modules). Building the
+parser imports only light modules (no torch, no engine, no gRPC server code), and each command
+imports what it runs when it runs, so a client command (`generate`, `health`, `certs`, `bench serve`)
+and a router never load torch (tests/unit/test_light_imports.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 
 from distserve import config
 
 
-def _run_async(coro) -> None:
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 def cmd_serve(args) -> None:
-    if args.service == "router":
-        from services.router.main import RouterSettings, run
+    from services import roles
 
-        _run_async(run(config.from_args(RouterSettings, args)))
-        return
-    from distserve.runtime import WorkerSettings
-
-    settings = config.from_args(WorkerSettings, args, role=args.service)
-    if settings.elastic:
-        from services.elastic.main import run
-    elif args.service == "prefill":
-        from services.prefill.main import run
-    else:
-        from services.decode.main import run
-    _run_async(run(settings))
+    roles.serve(args.service, roles.settings_from(args.service, args))
 
 
 def cmd_role(args) -> None:
@@ -65,7 +47,7 @@ def cmd_role(args) -> None:
 
 
 def cmd_up(args) -> None:
-    from distserve.up import Suite
+    from services.up import Suite
 
     raise SystemExit(Suite(args).run())
 
@@ -197,7 +179,7 @@ models are cached (default `~/.cache/distserve`).
 
 def settings_doc() -> str:
     from distserve.runtime import WorkerSettings
-    from services.router.main import RouterSettings
+    from services.router.settings import RouterSettings
 
     return "\n".join([
         SETTINGS_DOC_HEAD,
@@ -217,7 +199,7 @@ def cmd_settings(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from distserve.runtime import WorkerSettings
-    from services.router.main import RouterSettings
+    from services.router.settings import RouterSettings
 
     p = argparse.ArgumentParser(prog="distserve", description="Disaggregated prefill/decode LLM serving")
     p.add_argument("--log-level", default=os.environ.get("DISTSERVE_LOG_LEVEL", "info"), help="[env DISTSERVE_LOG_LEVEL; default 'info']")
@@ -367,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _logging(args.log_level)
+    config.setup_logging(args.log_level)
     args.fn(args)
 
 

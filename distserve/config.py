@@ -87,3 +87,11 @@ def settings_table(cls) -> str:
         meaning = f.metadata.get("help", "") + (f" (one of: {', '.join(map(str, choices))})" if choices else "")
         rows.append(f"| `--{f.name.replace('_', '-')}` | `{env_name(f.name)}` | `{f.default!r}` | {meaning} |")
     return "\n".join(rows)
+
+
+def setup_logging(level: str) -> None:
+    """The log format of every command and service process; `level` is a name (info, debug, ...)."""
+    import logging
+
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)

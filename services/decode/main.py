@@ -9,7 +9,8 @@ from distserve.kv.puller import KvPuller
 from distserve.kv.release import LeaseClient
 from distserve.kv.transport import KvTransports
 from distserve.rpc.channels import ChannelPool
-from distserve.runtime import WorkerRuntime, WorkerSettings, host_id
+from distserve.runtime import WorkerSettings, host_id
+from services.worker.runtime import WorkerRuntime
 from distserve.v1 import decode_pb2_grpc
 from services.decode.peers import KnownHolders
 from services.decode.servicer import DecodeServicer

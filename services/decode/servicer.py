@@ -23,7 +23,7 @@ from distserve.kv.puller import KvPuller, PullResult
 from distserve.kv.release import LeaseClient
 from distserve.rpc.convert import finish_to_pb, params_from_pb, top_logprobs_to_pb
 from distserve.rpc.errors import KV_FAULT, grpc_errors
-from distserve.runtime import WorkerRuntime
+from services.worker.runtime import WorkerRuntime
 from distserve.v1 import decode_pb2, decode_pb2_grpc
 from services.decode.peers import KnownHolders
 

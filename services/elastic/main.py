@@ -21,7 +21,8 @@ import asyncio
 import logging
 
 from distserve.errors import Unavailable
-from distserve.runtime import WorkerRuntime, WorkerSettings
+from distserve.runtime import WorkerSettings
+from services.worker.runtime import WorkerRuntime
 from services.decode import main as decode_main
 from services.prefill import main as prefill_main
 

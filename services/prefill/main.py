@@ -9,7 +9,8 @@ from distserve.kv import factory
 from distserve.kv.grpc_transport import add_to_server as add_kv_transfer
 from distserve.kv.lease import LeaseTable
 from distserve.kv.server import KvTransferServer
-from distserve.runtime import WorkerRuntime, WorkerSettings
+from distserve.runtime import WorkerSettings
+from services.worker.runtime import WorkerRuntime
 from distserve.v1 import prefill_pb2_grpc
 from services.prefill.servicer import PrefillServicer
 

@@ -21,7 +21,8 @@ from distserve.kv.handle import KvHandle, KvLayout, dtype_name
 from distserve.kv.lease import LeaseTable
 from distserve.rpc.convert import finish_to_pb, params_from_pb, top_logprobs_to_pb
 from distserve.rpc.errors import grpc_errors
-from distserve.runtime import WorkerRuntime, host_id
+from distserve.runtime import host_id
+from services.worker.runtime import WorkerRuntime
 from distserve.v1 import prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)

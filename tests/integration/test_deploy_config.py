@@ -17,7 +17,7 @@ import pytest
 from distserve import config
 from distserve.cli import build_parser, settings_doc
 from distserve.runtime import WorkerSettings
-from services.router.main import RouterSettings
+from services.router.settings import RouterSettings
 
 pytestmark = pytest.mark.timeout(120)
 

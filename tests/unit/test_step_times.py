@@ -152,7 +152,7 @@ def test_chunk_cap_of_the_engine_follows_the_running_batch(tiny):
 def test_a_planner_profile_predicts_the_budget(tmp_path):
     from distserve.planner.latency import StepModel
     from distserve.planner.profile import EngineProfile, ModelInfo, Profile, ServingCosts
-    from distserve.runtime import profile_predictor
+    from services.worker.runtime import profile_predictor
 
     step = StepModel(prefill=(0.004, 1e-4, 1e-8, 0.0), decode=(0.003, 1e-6, 2e-4))
     info = ModelInfo("m", 2, 64, 4, 2, 16, 128, 259, 1024, 10_000, 4)

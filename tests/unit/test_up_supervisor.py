@@ -148,7 +148,7 @@ def test_a_process_that_stayed_up_gets_a_fresh_streak(tmp_path):
 def test_further_routers_take_the_next_ports_up_or_any_free_one():
     import socket
 
-    from distserve.up import router_ports
+    from services.up import router_ports
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -158,7 +158,7 @@ def test_further_routers_take_the_next_ports_up_or_any_free_one():
 
 
 def test_waiting_for_a_process_to_serve_gives_way_to_a_stop_signal():
-    from distserve.up import wait_serving
+    from services.up import wait_serving
 
     class Running:
         returncode = None
