@@ -31,7 +31,7 @@ from distserve.kv.handle import KvHandle, dtype_name
 from distserve.kv.lease import LeaseTable
 from distserve.kv.transport import KvTransport, Pulled
 from distserve.rpc.channels import ChannelPool
-from distserve.rpc.errors import error_from_rpc, grpc_errors
+from distserve.rpc.errors import error_from_rpc
 from distserve.v1 import kv_pb2, kv_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,6 @@ class KvTransferServicer(kv_pb2_grpc.KvTransferServicer):
         tensor = export_fn()
         return tensor, tensor, ""
 
-    @grpc_errors
     async def Pull(self, request: kv_pb2.PullKvRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         chunk = min(request.chunk_bytes or self._chunk_bytes, self._chunk_bytes)
         with self._leases.pinned(request.request_id, request.transfer_token) as export_fn:
@@ -164,7 +163,6 @@ class KvTransferServicer(kv_pb2_grpc.KvTransferServicer):
                 yield message
         logger.debug("streamed KV of %r: %d bytes in chunks of %d", request.request_id, len(data), chunk)
 
-    @grpc_errors
     async def Release(self, request: kv_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext) -> kv_pb2.ReleaseKvResponse:
         released = self._leases.release(request.request_id, request.transfer_token)
         return kv_pb2.ReleaseKvResponse(released=released)

@@ -25,7 +25,6 @@ from distserve.kv.grpc_transport import KvTransferServicer
 from distserve.kv.handle import dtype_name
 from distserve.kv.lease import LeaseTable
 from distserve.kv.push import KvSender
-from distserve.rpc.errors import grpc_errors
 from distserve.v1 import kv_pb2
 
 logger = logging.getLogger(__name__)
@@ -49,7 +48,6 @@ class KvTransferServer(KvTransferServicer):
         wire = normalize(wire_dtype, dtype_name(kv.dtype))
         return kv, (encode(kv, wire, self.block_size) if wire else kv), wire
 
-    @grpc_errors
     async def Push(self, request: kv_pb2.PushKvRequest, context: grpc.aio.ServicerContext) -> kv_pb2.PushKvResponse:
         sender = self._sender(request.transport)
         with self._leases.pinned(request.request_id, request.transfer_token) as export_fn:
@@ -62,13 +60,11 @@ class KvTransferServer(KvTransferServicer):
                 return kv_pb2.PushKvResponse(channel_gone=True)
         return kv_pb2.PushKvResponse(wire_bytes=payload.numel(), shape=list(kv.shape), dtype=dtype_name(kv.dtype), wire_dtype=wire)
 
-    @grpc_errors
     async def Connect(self, request: kv_pb2.ConnectKvRequest, context: grpc.aio.ServicerContext) -> kv_pb2.ConnectKvResponse:
         await _endpoints_on_caller(request.params, context.peer())
         await self._sender(request.transport).connect(request)
         return kv_pb2.ConnectKvResponse()
 
-    @grpc_errors
     async def Disconnect(self, request: kv_pb2.DisconnectKvRequest, context: grpc.aio.ServicerContext) -> kv_pb2.DisconnectKvResponse:
         return kv_pb2.DisconnectKvResponse(dropped=await self._sender(request.transport).disconnect(request))
 

@@ -1,21 +1,18 @@
 """The one table between domain errors and gRPC status codes, used at every service boundary.
 
-Servers: decorate servicer methods with `@grpc_errors` (unary coroutines and server-streaming async
-generators); a raised `DistserveError` becomes an abort with its code and message, a failed call to
-a peer (`grpc.RpcError`) is passed on with its code, anything else becomes INTERNAL with the
-traceback logged under a short reference that the client sees instead of the traceback.
+Servers: every server `rpc.server.build_server` makes runs the `ErrorTable` interceptor, which
+aborts a call whose handler raised with `status_for(exc)`: a `DistserveError` gives its code and
+message, a failed call to a peer (`grpc.RpcError`) is passed on with its code, anything else becomes
+INTERNAL with the traceback logged under a short reference that the client sees instead of it.
 Clients: `error_from_rpc(exc)` turns a failed call back into the domain error, keeping the message,
 so a router can re-raise what a worker said.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 
@@ -124,43 +121,3 @@ def _code_of(exc: Any) -> grpc.StatusCode:
 
 def _details_of(exc: Any) -> str:
     return exc.details() or ""
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def grpc_errors(method: F) -> F:
-    """Decorator for grpc.aio servicer methods `(self, request, context)`: errors become aborts.
-
-    Works for coroutines (unary responses) and async generators (server streaming). An abort the
-    method makes itself and task cancellation (client went away) pass through untouched.
-    """
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream_wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            context = args[-1]
-            try:
-                async for item in method(*args, **kwargs):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await abort(context, exc)
-
-        return stream_wrapper  # type: ignore[return-value]
-
-    if not inspect.iscoroutinefunction(method):
-        raise TypeError(f"{method.__qualname__} is neither a coroutine nor an async generator function")
-
-    @functools.wraps(method)
-    async def unary_wrapper(*args: Any, **kwargs: Any) -> Any:
-        context = args[-1]
-        try:
-            return await method(*args, **kwargs)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await abort(context, exc)
-
-    return unary_wrapper  # type: ignore[return-value]

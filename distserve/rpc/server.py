@@ -8,7 +8,9 @@ On shutdown: `await health.enter_graceful_shutdown()` (NOT_SERVING for good), th
 
 Every server also runs `MalformedRequests`: a request whose bytes do not parse as its message
 (truncated or garbage protobuf, invalid UTF-8 in a string field) gets INVALID_ARGUMENT naming the
-request, where gRPC itself would answer UNKNOWN before any handler runs.
+request, where gRPC itself would answer UNKNOWN before any handler runs; and `ErrorTable`: whatever a
+handler raises becomes the status of the error table (`rpc.errors.status_for`) at this one place, for
+every method of every servicer on the server (unary or streaming), so no method can miss it.
 
 With `tls` (rpc.tls) the port is TLS, and callers must present a certificate from the CA unless
 `require_client_auth` is off (the router's public port, whose callers hold API keys instead).
@@ -28,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from distserve.rpc.channels import KEEPALIVE_TIME_MS, MAX_MESSAGE_BYTES
+from distserve.rpc.errors import abort
 
 if TYPE_CHECKING:
     from distserve.rpc.tls import Tls
@@ -88,7 +91,7 @@ async def _abort_malformed(context: grpc.aio.ServicerContext, request: _Malforme
 def before_handler(handler: grpc.RpcMethodHandler, check) -> grpc.RpcMethodHandler:
     """`handler` with `await check(request, context)` run first; check refuses a call by aborting it.
     Request-streaming methods get request=None (their messages arrive later)."""
-    field = next(f for f in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, f) is not None)
+    field = _behaviour(handler)
     inner = getattr(handler, field)
     seen = (lambda request: None) if handler.request_streaming else (lambda request: request)
 
@@ -104,6 +107,47 @@ def before_handler(handler: grpc.RpcMethodHandler, check) -> grpc.RpcMethodHandl
             return await result if inspect.isawaitable(result) else result
 
     return handler._replace(**{field: wrapped})
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> str:
+    return next(f for f in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, f) is not None)
+
+
+def with_error_table(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` whose raised errors abort the call with the error table's status. An abort the
+    handler (or a check before it) made itself and task cancellation (the client went away) pass
+    through untouched."""
+    field = _behaviour(handler)
+    inner = getattr(handler, field)
+
+    if field.endswith("_stream") and inspect.isasyncgenfunction(inner):
+        async def wrapped(request, context):
+            try:
+                async for item in inner(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort(context, exc)
+    else:  # one answer, or a stream written with context.write (health Watch)
+        async def wrapped(request, context):
+            try:
+                result = inner(request, context)
+                return await result if inspect.isawaitable(result) else result
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort(context, exc)
+
+    return handler._replace(**{field: wrapped})
+
+
+class ErrorTable(grpc.aio.ServerInterceptor):
+    """The error table (distserve.rpc.errors) at the boundary of every method the server serves."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        return None if handler is None else with_error_table(handler)
 
 
 class MalformedRequests(grpc.aio.ServerInterceptor):
@@ -153,7 +197,7 @@ async def build_server(
 ) -> BuiltServer:
     """A bound, not yet started grpc.aio server with health (all NOT_SERVING) and reflection."""
     server = grpc.aio.server(
-        interceptors=[MalformedRequests(), *interceptors], options=[*server_options(max_message_bytes), *extra_options]
+        interceptors=[MalformedRequests(), ErrorTable(), *interceptors], options=[*server_options(max_message_bytes), *extra_options]
     )
     servicer = grpc_health.aio.HealthServicer()
     health = Health(servicer, service_names)

@@ -22,7 +22,7 @@ from distserve.kv.handle import KvHandle, dtype_name
 from distserve.kv.puller import KvPuller, PullResult
 from distserve.kv.release import LeaseClient
 from distserve.rpc.convert import finish_to_pb, params_from_pb, top_logprobs_to_pb
-from distserve.rpc.errors import KV_FAULT, grpc_errors
+from distserve.rpc.errors import KV_FAULT
 from services.worker.runtime import WorkerRuntime
 from distserve.v1 import decode_pb2, decode_pb2_grpc
 from services.decode.peers import KnownHolders
@@ -79,7 +79,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         task.add_done_callback(self._background.discard)
         return result
 
-    @grpc_errors
     async def Decode(self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         rt = self.rt
         rt.serving("decode", "colocated")

@@ -20,7 +20,6 @@ from distserve.errors import InvalidRequest
 from distserve.kv.handle import KvHandle, KvLayout, dtype_name
 from distserve.kv.lease import LeaseTable
 from distserve.rpc.convert import finish_to_pb, params_from_pb, top_logprobs_to_pb
-from distserve.rpc.errors import grpc_errors
 from distserve.runtime import host_id
 from services.worker.runtime import WorkerRuntime
 from distserve.v1 import prefill_pb2, prefill_pb2_grpc
@@ -38,7 +37,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         lay = e.layout
         self.layout = KvLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, dtype_name(lay.dtype))
 
-    @grpc_errors
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext) -> prefill_pb2.PrefillResponse:
         rid = request.request_id
         params = params_from_pb(request.params)

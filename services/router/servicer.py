@@ -1,15 +1,15 @@
 """The gRPC face of the router: `distserve.v1.Generation` over the shared request path.
 
 Thin by design: protobuf in, `Generation.generate` (services/router/generation.py), protobuf out.
-Domain errors become statuses through `@grpc_errors` (distserve/rpc/errors.py); an admission refusal
-is RESOURCE_EXHAUSTED with its `retry-after-ms` in the trailing metadata.
+Domain errors become statuses through the server's `ErrorTable` interceptor (distserve/rpc/server.py,
+the table in distserve/rpc/errors.py), for ListModels as for Generate; an admission refusal is
+RESOURCE_EXHAUSTED with its `retry-after-ms` in the trailing metadata.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from distserve.rpc.errors import grpc_errors
 from distserve.v1 import generation_pb2, generation_pb2_grpc
 from services.router.admission import RETRY_AFTER_KEY, Shed
 from services.router.generation import Generation
@@ -19,7 +19,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, generation: Generation):
         self.generation = generation
 
-    @grpc_errors
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
             async for msg in self.generation.generate(request, context.time_remaining()):

@@ -1,4 +1,4 @@
-"""build_server (health, reflection), ChannelPool and @grpc_errors on real grpc.aio servers."""
+"""build_server (health, reflection, the error table on every method), ChannelPool, on real grpc.aio servers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from distserve.errors import InvalidRequest, NotFound, ResourceExhausted
 from distserve.rpc.channels import ChannelPool
-from distserve.rpc.errors import error_from_rpc, grpc_errors
+from distserve.rpc.errors import error_from_rpc
 from distserve.rpc.server import build_server
 from distserve.v1 import kv_pb2, kv_pb2_grpc
 
@@ -26,14 +26,12 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class Failing(kv_pb2_grpc.KvTransferServicer):
     """Raises what the request id names, to exercise the error boundary."""
 
-    @grpc_errors
     async def Pull(self, request: kv_pb2.PullKvRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[kv_pb2.KvChunk]:
         yield kv_pb2.KvChunk(offset=0, data=b"x", total_bytes=2)
         if request.request_id == "full":
             raise ResourceExhausted("KV cache full")
         raise ZeroDivisionError("secret detail")
 
-    @grpc_errors
     async def Release(self, request: kv_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext) -> kv_pb2.ReleaseKvResponse:
         if request.request_id == "bad":
             raise InvalidRequest("request_id", "must not be 'bad'")
@@ -115,7 +113,6 @@ def test_trailing_metadata_set_before_an_error_reaches_the_caller() -> None:
     from services.router.run import kv_fault
 
     class Marking(kv_pb2_grpc.KvTransferServicer):
-        @grpc_errors
         async def Pull(self, request, context):
             yield kv_pb2.KvChunk(offset=0, data=b"", total_bytes=0)  # a stream already under way
             if request.request_id == "mark":
@@ -138,5 +135,46 @@ def test_trailing_metadata_set_before_an_error_reaches_the_caller() -> None:
         finally:
             await pool.close_all()
             await built.server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_every_method_of_every_servicer_gets_the_error_table() -> None:
+    """No method can miss the table (ListModels once did): a plain servicer method that raises gets
+    the table's status from build_server's interceptor; on a bare grpc.aio server it is UNKNOWN."""
+    from distserve.errors import Unavailable
+    from distserve.v1 import generation_pb2, generation_pb2_grpc
+
+    class Plain(generation_pb2_grpc.GenerationServicer):
+        async def ListModels(self, request, context):
+            if context.invocation_metadata() and dict(context.invocation_metadata()).get("fail") == "internal":
+                raise ZeroDivisionError("secret detail")
+            raise Unavailable("no worker serves it yet")
+
+    async def main() -> None:
+        built = await build_server(["distserve.v1.Generation"])
+        generation_pb2_grpc.add_GenerationServicer_to_server(Plain(), built.server)
+        await built.server.start()
+        bare = grpc.aio.server()
+        generation_pb2_grpc.add_GenerationServicer_to_server(Plain(), bare)
+        bare_port = bare.add_insecure_port("127.0.0.1:0")
+        await bare.start()
+        pool = ChannelPool()
+        try:
+            stub = generation_pb2_grpc.GenerationStub(pool.get(built.address))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ListModels(generation_pb2.ListModelsRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and info.value.details() == "no worker serves it yet"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ListModels(generation_pb2.ListModelsRequest(), metadata=(("fail", "internal"),), timeout=5)
+            assert info.value.code() == grpc.StatusCode.INTERNAL and "secret" not in info.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await generation_pb2_grpc.GenerationStub(pool.get(f"127.0.0.1:{bare_port}")).ListModels(
+                    generation_pb2.ListModelsRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNKNOWN  # what the interceptor saves callers from
+        finally:
+            await pool.close_all()
+            await built.server.stop(None)
+            await bare.stop(None)
 
     asyncio.run(main())

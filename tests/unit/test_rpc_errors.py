@@ -16,7 +16,7 @@ from distserve.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from distserve.rpc.errors import error_from_rpc, grpc_errors, status_for
+from distserve.rpc.errors import error_from_rpc, status_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,11 +94,3 @@ def test_raw_rpc_error_in_a_servicer_keeps_its_code() -> None:
         grpc.StatusCode.UNAVAILABLE,
         "connect failed",
     )
-
-
-def test_decorator_rejects_sync_functions() -> None:
-    with pytest.raises(TypeError):
-
-        @grpc_errors
-        def not_async(self, request, context):  # noqa: ANN001, ANN202
-            return None
