@@ -14,7 +14,7 @@ from pathlib import Path
 
 from distserve.state.redis_server import free_port
 
-READY_TIMEOUT_S = 900.0  # as `distserve up` waits for its processes
+READY_TIMEOUT_S = 900.0  # how long `distserve up` waits for each process to serve (services.up), and UpProcess for up
 
 
 class UpProcess:

@@ -72,11 +72,11 @@ from distserve.rpc.tls import Tls
 from distserve.state.acl import write_private
 from distserve.state.redis_server import RedisServer, free_port
 from distserve.supervisor import ProcChild, RedisChild, RestartPolicy, Supervisor, describe_exit
+from distserve.up import READY_TIMEOUT_S  # how long up waits for its processes, and its driver for up
 from services import roles
 
 logger = logging.getLogger(__name__)
 
-READY_TIMEOUT_S = 900.0
 TICK_S = 0.25  # the supervisor's poll period
 
 
