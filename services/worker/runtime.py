@@ -49,6 +49,7 @@ from distserve.state.registry import Heartbeat, Registry, WorkerInfo, WorkerLoad
 log = logging.getLogger(__name__)
 
 CALIBRATION_TOKENS = (32, 256)  # prompt sizes run at start, besides the warm-up's 4 tokens (capped by the step budget)
+CALIBRATION_DECODES = (2, 4, 8)  # decode batch sizes run at start on workers that decode (8-token prompts, 4 tokens each)
 
 
 def profile_predictor(path: str, threads: int, weights: str) -> StepPredictor:
@@ -122,12 +123,19 @@ class WorkerRuntime:
         # cache, e.g. --num-blocks 12 in tests, holds fewer tokens than the largest calibration prompt)
         room = e.blocks.num_blocks * e.config.block_size - e.config.block_size
         sizes = [4] + sorted({min(n, e.config.max_num_batched_tokens, e.max_model_len - 2, room) for n in CALIBRATION_TOKENS})
+        # decode batches of a few sizes (decode and colocated workers): with one decode step of one
+        # sequence the fit cannot tell a step's fixed cost from a decode's, and the start-up fit of
+        # 2026-12-03 put 9.6 ms on each decode (the profile: ~3), so a chunked worker's TPOT cap left
+        # its prompts a block per step and their TTFT doubled
+        batches = [] if self.role == "prefill" else sorted({min(b, e.config.max_num_seqs, room // 16) for b in CALIBRATION_DECODES} - {0, 1})
         for rep in range(2):
             if rep:
                 await self.worker.call(lambda eng: eng.step_times.reset())  # on the engine thread, which reads the fit
             for n in sizes:
                 if n >= 4:
                     await self._run_once(f"warm-up-{rep}-{n}", n, 2 if n == 4 else 1)
+            for b in batches:
+                await asyncio.gather(*(self._run_once(f"warm-up-{rep}-d{b}-{i}", 8, 4) for i in range(b)))
         fit = e.step_times.fit
         if fit is not None:
             log.info("step times: %.2f ms + %.3f ms per prompt token + %.3f ms per decode", 1e3 * fit.fixed_s, 1e3 * fit.token_s, 1e3 * fit.decode_s)

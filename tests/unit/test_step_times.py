@@ -1,6 +1,8 @@
 """The step-time model and the prompt-chunk budget a TPOT target leaves: synthetic steps, and the
 engine on tiny-llama with a predictor that makes the budget exact."""
 
+import asyncio
+
 import pytest
 
 from distserve.engine.block_manager import BlockManager
@@ -175,3 +177,24 @@ def test_reset_forgets_every_step():
     assert st.fit is None and st.predict(1, 1, 1) is None
     st.observe(1, 0, plane(1, 0))
     assert st.fit.seconds(1, 0) == pytest.approx(plane(1, 0))
+
+
+@pytest.mark.parametrize("role, decodes_seen", [("colocated", True), ("prefill", False)])
+def test_warm_up_runs_decode_batches_of_several_sizes_where_the_worker_decodes(role, decodes_seen):
+    """The start-up calibration gives a worker that decodes steps of several decode batch sizes, so the
+    fit can tell a step's fixed cost from each decode's (with one decode of one sequence it could not,
+    and overcharged decodes ~3x, which shrank a chunked worker's prompt chunks to a block a step)."""
+    from distserve.runtime import WorkerSettings
+    from services.worker.runtime import CALIBRATION_DECODES, WorkerRuntime
+
+    settings = WorkerSettings(role=role, model="tiny-llama", threads=1, redis_url="redis://127.0.0.1:1/0")
+    rt = WorkerRuntime(settings, ())
+    rt.load()
+    rt.worker.start()
+    try:
+        asyncio.run(rt.warm_up())
+        sizes = {d for d, _ in rt.engine.step_times._buckets}  # bit lengths of the decode counts seen
+    finally:
+        rt.worker.stop()
+    want = {b.bit_length() for b in CALIBRATION_DECODES}
+    assert want <= sizes if decodes_seen else not sizes - {0, 1}
