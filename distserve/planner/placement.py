@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, replace
 
 from distserve.planner.profile import Profile
-from distserve.planner.simulator import EngineSpec, SuiteSpec
+from distserve.planner.sim_engine import EngineSpec
+from distserve.planner.simulator import SuiteSpec
 
 
 @dataclass(frozen=True, slots=True)
