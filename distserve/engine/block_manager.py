@@ -10,6 +10,19 @@ from __future__ import annotations
 from collections import deque
 
 
+def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` tokens' KV."""
+    return -(-num_tokens // block_size)
+
+
+def blocks_needed(prompt_tokens: int, max_tokens: int, block_size: int) -> int:
+    """Blocks for a request's whole life: its prompt plus every token whose KV it may still write,
+    reserved up front so a running sequence never waits for memory (the last sampled token's KV is
+    never written). The one count the engine's admission and reservation and the router's choice of
+    a decode worker with room all use."""
+    return blocks_for_tokens(prompt_tokens + max_tokens - 1, block_size)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1:
@@ -24,7 +37,7 @@ class BlockManager:
         return len(self._free)
 
     def blocks_for(self, num_tokens: int) -> int:
-        return (num_tokens + self.block_size - 1) // self.block_size
+        return blocks_for_tokens(num_tokens, self.block_size)
 
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)

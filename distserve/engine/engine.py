@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distserve.engine.block_manager import BlockManager
+from distserve.engine.block_manager import BlockManager, blocks_needed
 from distserve.errors import InvalidRequest, NotFound, ResourceExhausted
 from distserve.engine.kv_cache import PagedKVCache
 from distserve.engine.model_runner import ModelRunner
@@ -181,7 +181,7 @@ class LLMEngine:
         self.scheduler.waiting.append(seq)
 
     def can_reserve(self, num_prompt_tokens: int, params: SamplingParams) -> bool:
-        need = (num_prompt_tokens + params.max_tokens - 1 + self.config.block_size - 1) // self.config.block_size
+        need = blocks_needed(num_prompt_tokens, params.max_tokens, self.config.block_size)
         return self.blocks.can_allocate(need) and len(self.scheduler.running) < self.config.max_num_seqs
 
     def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

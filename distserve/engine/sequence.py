@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from distserve.engine.block_manager import blocks_needed
 from distserve.engine.sampling import SamplingParams
 
 
@@ -63,7 +64,5 @@ class Sequence:
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
 
     def blocks_needed(self, block_size: int) -> int:
-        """Blocks for the prompt plus every token whose KV it may still write (reserved up front, so
-        a running sequence never waits for memory). The last sampled token's KV is never written."""
-        total = len(self.prompt_token_ids) + self.params.max_tokens - 1
-        return (total + block_size - 1) // block_size
+        """Blocks for its whole life (block_manager.blocks_needed)."""
+        return blocks_needed(len(self.prompt_token_ids), self.params.max_tokens, block_size)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import grpc
 
 from distserve.errors import DeadlineExceeded, DistserveError, InvalidRequest, Unavailable
+from distserve.engine.block_manager import blocks_needed
 from distserve.engine.sampling import find_stop, validate_request
 from distserve.kv.release import LeaseClient
 from distserve.metrics import Metrics
@@ -227,7 +228,7 @@ class Generation:
     async def _choose(self, run: Run) -> Choice:
         """Where this attempt prefills (disagg.py), recorded in the request's metrics."""
         prompt = run.leg_prompt()
-        blocks = lambda bs: -(-(len(prompt) + run.tokens_left - 1) // bs)  # noqa: E731
+        blocks = lambda bs: blocks_needed(len(prompt), run.tokens_left, bs)  # noqa: E731
         choice = await self.disagg.choose(len(prompt), blocks, run.avoid, kv_lost=run.local_prefill,
                                           observed_rate=self.admission.prefill_rate, pick=lambda fn: self._pick(run, fn))
         m = run.metrics
@@ -271,7 +272,7 @@ class Generation:
         p = run.prefilled
         prompt = p.prompt if p is not None else run.leg_prompt()
         params = p.params if p is not None else run.leg_params()
-        blocks = lambda bs: -(-(len(prompt) + params.max_tokens - 1) // bs)  # noqa: E731
+        blocks = lambda bs: blocks_needed(len(prompt), params.max_tokens, bs)  # noqa: E731
         if worker is not None:
             self.picker.claim_decode(worker, len(prompt))
         else:

@@ -26,3 +26,11 @@ def test_double_free_is_caught():
 def test_blocks_for_rounds_up():
     bm = BlockManager(4, 16)
     assert [bm.blocks_for(n) for n in (1, 16, 17, 32, 33)] == [1, 1, 2, 2, 3]
+
+
+def test_blocks_needed_counts_the_prompt_and_every_token_whose_kv_is_written():
+    from distserve.engine.block_manager import blocks_needed
+
+    # the last sampled token's KV is never written: 16 prompt tokens + 1 output fit one block of 16
+    assert [blocks_needed(16, m, 16) for m in (1, 2, 17, 18)] == [1, 2, 2, 3]
+    assert blocks_needed(1, 1, 16) == 1 and blocks_needed(33, 1, 16) == 3
