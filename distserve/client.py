@@ -67,17 +67,19 @@ class Completion:
         }
 
 
-def build_request(prompt: str | list[int], *, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
-                  top_k: int = 0, seed: int | None = None, stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
-                  ignore_eos: bool = False, logprobs: bool = False, chat: bool = False, request_id: str = "",
-                  top_logprobs: int = 0, min_tokens: int = 0) -> generation_pb2.GenerateRequest:
-    """top_logprobs > 0 (up to 20) asks for that many most likely tokens per position and implies logprobs;
+def build_request(prompt: str | list[int], *, max_tokens: int | None = None, temperature: float | None = None,
+                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None, stop: list[str] | None = None,
+                  stop_token_ids: list[int] | None = None, ignore_eos: bool = False, logprobs: bool = False, chat: bool = False,
+                  request_id: str = "", top_logprobs: int = 0, min_tokens: int = 0) -> generation_pb2.GenerateRequest:
+    """max_tokens, temperature, top_p, top_k, seed: None leaves the field unset, and the server applies its
+    defaults (16 tokens, temperature 1, no top-p or top-k cut: distserve.engine.sampling.SamplingParams).
+    top_logprobs > 0 (up to 20) asks for that many most likely tokens per position and implies logprobs;
     min_tokens: no EOS, stop token or stop string ends the output before that many tokens."""
-    params = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos,
+    params = common_pb2.SamplingParams(stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos,
                                        logprobs=logprobs or top_logprobs > 0, top_logprobs=top_logprobs, min_tokens=min_tokens)
-    if seed is not None:
-        params.seed = seed
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+        if value is not None:
+            setattr(params, name, value)
     req = generation_pb2.GenerateRequest(request_id=request_id, params=params, apply_chat_template=chat)
     if isinstance(prompt, str):
         req.text = prompt

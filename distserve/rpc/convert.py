@@ -23,12 +23,15 @@ def finish_to_pb(reason: FinishReason | None) -> int:
     return _FINISH_TO_PB.get(reason, common_pb2.FINISH_REASON_UNSPECIFIED)
 
 
+_DEFAULT = SamplingParams()  # what a field the caller left unset means: SamplingParams' own defaults
+
+
 def params_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(
-        max_tokens=p.max_tokens if p.HasField("max_tokens") else 16,
-        temperature=p.temperature if p.HasField("temperature") else 1.0,
-        top_p=p.top_p if p.HasField("top_p") else 1.0,
-        top_k=p.top_k if p.HasField("top_k") else 0,
+        max_tokens=p.max_tokens if p.HasField("max_tokens") else _DEFAULT.max_tokens,
+        temperature=p.temperature if p.HasField("temperature") else _DEFAULT.temperature,
+        top_p=p.top_p if p.HasField("top_p") else _DEFAULT.top_p,
+        top_k=p.top_k if p.HasField("top_k") else _DEFAULT.top_k,
         seed=p.seed if p.HasField("seed") else None,
         stop=tuple(p.stop),
         stop_token_ids=tuple(p.stop_token_ids),

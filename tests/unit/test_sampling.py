@@ -35,3 +35,15 @@ def test_find_stop_only_looks_at_new_text():
     assert find_stop("hello world", ("hel",), 6) is None  # ended before the new text
     assert find_stop("hello world", ("lo w",), 5) == 3  # straddles old and new text
     assert find_stop("abcabc", ("c", "b"), 0) == 1  # earliest match wins
+
+
+def test_sampling_defaults_have_one_owner_the_client_leaves_unset_fields_to_the_server():
+    from distserve.client import build_request
+    from distserve.rpc.convert import params_from_pb
+
+    req = build_request("hello")
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        assert not req.params.HasField(name), name
+    assert params_from_pb(req.params) == SamplingParams()
+    chosen = params_from_pb(build_request("hello", max_tokens=3, temperature=0.0, top_p=0.5, top_k=7, seed=1).params)
+    assert (chosen.max_tokens, chosen.temperature, chosen.top_p, chosen.top_k, chosen.seed) == (3, 0.0, 0.5, 7, 1)
