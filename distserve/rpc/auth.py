@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from distserve.errors import InvalidRequest
-from distserve.rpc.server import before_handler
+from distserve.rpc.handlers import before_handler
 
 AUTH_HEADER = "authorization"
 

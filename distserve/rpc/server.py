@@ -18,7 +18,6 @@ With `tls` (rpc.tls) the port is TLS, and callers must present a certificate fro
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from distserve.rpc.channels import KEEPALIVE_TIME_MS, MAX_MESSAGE_BYTES
-from distserve.rpc.errors import abort
+from distserve.rpc.handlers import before_handler, with_error_table
 
 if TYPE_CHECKING:
     from distserve.rpc.tls import Tls
@@ -86,60 +85,6 @@ class _Malformed:
 async def _abort_malformed(context: grpc.aio.ServicerContext, request: _Malformed) -> None:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                         f"request: not a valid protobuf message ({type(request.error).__name__}: {request.error})")
-
-
-def before_handler(handler: grpc.RpcMethodHandler, check) -> grpc.RpcMethodHandler:
-    """`handler` with `await check(request, context)` run first; check refuses a call by aborting it.
-    Request-streaming methods get request=None (their messages arrive later)."""
-    field = _behaviour(handler)
-    inner = getattr(handler, field)
-    seen = (lambda request: None) if handler.request_streaming else (lambda request: request)
-
-    if field.endswith("_stream") and inspect.isasyncgenfunction(inner):
-        async def wrapped(request, context):
-            await check(seen(request), context)
-            async for item in inner(request, context):
-                yield item
-    else:  # one answer, or a stream written with context.write (health Watch)
-        async def wrapped(request, context):
-            await check(seen(request), context)
-            result = inner(request, context)
-            return await result if inspect.isawaitable(result) else result
-
-    return handler._replace(**{field: wrapped})
-
-
-def _behaviour(handler: grpc.RpcMethodHandler) -> str:
-    return next(f for f in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, f) is not None)
-
-
-def with_error_table(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """`handler` whose raised errors abort the call with the error table's status. An abort the
-    handler (or a check before it) made itself and task cancellation (the client went away) pass
-    through untouched."""
-    field = _behaviour(handler)
-    inner = getattr(handler, field)
-
-    if field.endswith("_stream") and inspect.isasyncgenfunction(inner):
-        async def wrapped(request, context):
-            try:
-                async for item in inner(request, context):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await abort(context, exc)
-    else:  # one answer, or a stream written with context.write (health Watch)
-        async def wrapped(request, context):
-            try:
-                result = inner(request, context)
-                return await result if inspect.isawaitable(result) else result
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await abort(context, exc)
-
-    return handler._replace(**{field: wrapped})
 
 
 class ErrorTable(grpc.aio.ServerInterceptor):

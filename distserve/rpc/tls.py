@@ -23,7 +23,7 @@ import grpc
 
 from distserve.config import setting
 from distserve.errors import InvalidRequest
-from distserve.rpc.server import before_handler
+from distserve.rpc.handlers import before_handler
 
 ROLE_URI = "spiffe://distserve/role/"
 
