@@ -29,8 +29,8 @@ from distserve.bench.metrics import RequestResult, attainment, percentile
 from distserve.planner.latency import StepModel
 from distserve.planner.placement import EngineLimits, Placement, suite_spec
 from distserve.planner.profile import Profile
-from distserve.planner.sim_engine import EngineSpec
-from distserve.planner.simulator import SuiteSpec, TraceRequest, simulate
+from distserve.planner.sim_engine import EngineSpec, TraceRequest
+from distserve.planner.simulator import SuiteSpec, simulate
 from distserve.planner.trace import Trace, with_rate, workload_trace
 
 FULL_SEARCH_UNITS = 8

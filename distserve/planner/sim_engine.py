@@ -21,12 +21,32 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from distserve.planner.latency import StepModel
+from distserve.planner.profile import ServingCosts
 
-if TYPE_CHECKING:
-    from distserve.planner.simulator import Simulation, TraceRequest
+
+class Simulation(Protocol):
+    """What an engine asks of the simulation that drives it (simulator.Simulation)."""
+
+    now: float  # simulated seconds
+    costs: ServingCosts
+    slowdown: float  # every step takes this many times its modelled time
+
+    def at(self, t: float, fn, *args) -> None: ...  # run fn(*args) at time t
+    def emit(self, r: SimRequest, t: float) -> None: ...  # a token produced at t
+    def prefilled(self, r: SimRequest, t: float) -> None: ...  # a prefill worker produced the first token
+    def pull(self, r: SimRequest) -> None: ...  # blocks reserved on a decode worker: move the KV
+    def finished(self, r: SimRequest) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    index: int  # position in the trace
+    prompt_len: int  # prompt tokens
+    output_len: int  # tokens it generates (max_tokens, ignore_eos)
+    arrival_s: float  # send time from the trace's start
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +156,7 @@ class SimEngine:
         """One step (per pipeline stage): the latency model, the overheads outside it, the machine's share."""
         c = self.sim.costs
         t = self.spec.step.step_s(pieces, decodes, ctx) + c.step_s + c.seq_s * decodes + c.ctx_s * ctx
-        return t * self.sim.suite.slowdown
+        return t * self.sim.slowdown
 
     def _stage_free(self) -> None:
         self.stepping = False

@@ -38,17 +38,7 @@ from dataclasses import dataclass
 
 from distserve.bench.metrics import RequestResult
 from distserve.planner.profile import ServingCosts
-from distserve.planner.sim_engine import EngineSpec, SimEngine, SimRequest
-
-
-@dataclass(frozen=True, slots=True)
-class TraceRequest:
-    index: int  # position in the trace
-    prompt_len: int  # prompt tokens
-    output_len: int  # tokens it generates (max_tokens, ignore_eos)
-    arrival_s: float  # send time from the trace's start
-
-
+from distserve.planner.sim_engine import EngineSpec, SimEngine, SimRequest, TraceRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +62,7 @@ class Simulation:
             raise ValueError("prefill workers need at least one decode worker")
         self.suite = suite
         self.costs = suite.costs
+        self.slowdown = suite.slowdown
         self.rng = random.Random(f"planner-sim:{seed}")
         self.keep = keep_token_times
         self.now = 0.0

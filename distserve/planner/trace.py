@@ -21,7 +21,7 @@ from pathlib import Path
 
 from distserve.bench.metrics import RequestResult
 from distserve.bench.workloads import arrival_times, lengths
-from distserve.planner.simulator import TraceRequest
+from distserve.planner.sim_engine import TraceRequest
 
 
 @dataclass(frozen=True, slots=True)

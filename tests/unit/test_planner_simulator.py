@@ -9,8 +9,8 @@ from distserve.bench.metrics import percentile, summarize
 from distserve.planner.latency import StepModel
 from distserve.planner.placement import Placement, parse_placement
 from distserve.planner.profile import ServingCosts
-from distserve.planner.sim_engine import EngineSpec
-from distserve.planner.simulator import SuiteSpec, TraceRequest, simulate
+from distserve.planner.sim_engine import EngineSpec, TraceRequest
+from distserve.planner.simulator import SuiteSpec, simulate
 from distserve.planner.trace import workload_trace
 
 STEP = StepModel(prefill=(0.010, 0.001, 1e-6, 0.002), decode=(0.020, 1e-5, 0.001))

@@ -6,8 +6,8 @@ import pytest
 
 from distserve.planner.latency import StepModel
 from distserve.planner.profile import ServingCosts
-from distserve.planner.sim_engine import EngineSpec
-from distserve.planner.simulator import Simulation, SuiteSpec, TraceRequest, simulate
+from distserve.planner.sim_engine import EngineSpec, TraceRequest
+from distserve.planner.simulator import Simulation, SuiteSpec, simulate
 
 STEP = StepModel(prefill=(0.010, 0.001, 1e-6), decode=(0.020, 1e-5, 0.001))
 
