@@ -7,7 +7,7 @@ pass and returns a `RequestOutput` per sequence that got a token or finished. Ea
 step that carries running decodes takes only the prompt tokens that keep it within the target.
 Finished sequences free their blocks in that step; on a prefill-only engine a prefilled sequence is HELD instead, and its
 blocks are freed by `free` (lease released or expired). `abort` frees whatever a request holds.
-With `prefix_caching` (the default) a prompt starts after the longest prefix of its full blocks this
+With `prefix_caching` (workers turn it on) a prompt starts after the longest prefix of its full blocks this
 engine has cached, and every block a step completes (or an import brings in) is cached for later
 prompts until its space is needed (scheduler.py, block_manager.py, docs/prefix-caching.md).
 
@@ -58,7 +58,7 @@ class EngineConfig:
     kv_dtype: str = "auto"  # KV cache: "auto" (the model's dtype) or "int8" (per-block scales)
     share_weights: bool | str = False  # weights from a read-only map of a file the host's workers share; "auto": int8 only
     free_model_weights: bool = False  # drop the LoadedModel's own weights once the runner has its own (workers)
-    prefix_caching: bool = True  # keep computed full blocks by prefix hash and reuse them for later prompts
+    prefix_caching: bool = False  # keep computed full blocks by prefix hash and reuse them for later prompts (workers: on by default, --prefix-cache; off here so engine benchmarks time every token)
 
     def __post_init__(self):
         if self.mode not in MODES:
