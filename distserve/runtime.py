@@ -37,6 +37,7 @@ from distserve.config import setting
 from distserve.engine.engine import EngineConfig, LLMEngine
 from distserve.engine.errors import ResourceExhausted, Unavailable
 from distserve.engine.models import load_model
+from distserve.engine.prefix import BlockBloom
 from distserve.engine.sampling import SamplingParams
 from distserve.engine.step_times import StepPredictor
 from distserve.engine.weights import resolve_format
@@ -90,6 +91,7 @@ class WorkerSettings(TlsSettings):
     weights: str = setting("auto", "linear-layer weights: fp32 (the --dtype), int8, or auto (int8 on CPU for checkpoints, fp32 on CUDA and for tiny-llama; docs/quantization.md)", ("auto", "fp32", "int8"))
     kv_dtype: str = setting("auto", "KV cache dtype: auto (the --dtype) or int8 with per-block scales (prefill and decode workers must agree)", ("auto", "int8"))
     elastic: bool = setting(False, "prefill or decode worker: serve both roles' services and change role when asked (distserve role set, or the want_role field of its registry entry); it then needs the decode role's certificate and Redis user (docs/conditional-disaggregation.md)")
+    prefix_cache: str = setting("on", "automatic prefix caching: keep computed KV blocks by the hash of their prefix and prefill only the uncached end of a prompt; the worker publishes what it holds so routers send prompts where their prefix is (docs/prefix-caching.md)", ("on", "off"))
     share_weights: str = setting("auto", "map the weights read-only from a file every worker on the host shares: on, off, or auto (on for int8, off for fp32, whose private packed copy is faster)", ("auto", "on", "off"))
 
     def __post_init__(self):
@@ -136,6 +138,7 @@ class WorkerSettings(TlsSettings):
             kv_dtype=self.kv_dtype,
             share_weights={"on": True, "off": False}.get(self.share_weights, "auto"),
             free_model_weights=True,  # the worker's LoadedModel serves nothing else
+            prefix_caching=self.prefix_cache == "on",
         )
 
 
@@ -197,6 +200,7 @@ class WorkerRuntime:
         self.metrics_port: int | None = None  # bound Prometheus port, None when off
         self.kv_pulls = PullEstimate()  # a decode worker's recent KV pulls (published for routers' transfer estimates)
         self.stop_event = asyncio.Event()
+        self.prefix_version = 0  # version of the prefix filter last handed to the heartbeat
 
     # -- start -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -231,16 +235,18 @@ class WorkerRuntime:
         for rep in range(2):
             if rep:
                 await self.worker.call(lambda eng: eng.step_times.reset())  # on the engine thread, which reads the fit
-            for n in sizes:
+            for i, n in enumerate(sizes):
                 if n >= 4:
-                    await self._run_once(f"warm-up-{rep}-{n}", n, 2 if n == 4 else 1)
+                    # each prompt its own first token: none finds another's blocks in the prefix cache,
+                    # so every calibration step computes the tokens it is timed for
+                    await self._run_once(f"warm-up-{rep}-{n}", n, 2 if n == 4 else 1, salt=len(sizes) * rep + i)
         fit = e.step_times.fit
         if fit is not None:
             log.info("step times: %.2f ms + %.3f ms per prompt token + %.3f ms per decode", 1e3 * fit.fixed_s, 1e3 * fit.token_s, 1e3 * fit.decode_s)
 
-    async def _run_once(self, rid: str, tokens: int, max_tokens: int) -> None:
+    async def _run_once(self, rid: str, tokens: int, max_tokens: int, salt: int = 0) -> None:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        prompt = [1 + i % 100 for i in range(tokens)]
+        prompt = [1 + (i + 13 * salt) % 100 for i in range(tokens)]
         stream = await self.worker.generate(rid, prompt, params)
         async for out in stream:
             if out.held:
@@ -279,6 +285,7 @@ class WorkerRuntime:
             block_size=e.config.block_size,
             max_model_len=e.max_model_len,
             started_at=time.time(),
+            prefix_root=f"{e.prefix_root:016x}" if e.config.prefix_caching else "",
         )
 
     def load_now(self) -> WorkerLoad:
@@ -299,12 +306,26 @@ class WorkerRuntime:
             prefill_budget_tokens=st.prefill_budget_tokens,
             kv_bytes_per_s=self.kv_pulls.bytes_per_s,
             kv_bytes_per_token=self.kv_pulls.bytes_per_token,
+            prefix_version=self.prefix_version,
+            prefix_blocks=st.prefix_cached_blocks,
         )
+
+    async def prefix_fields(self, force: bool) -> dict[str, bytes]:
+        """The heartbeat's extra entry field: the Bloom filter of the cached block hashes, rebuilt only
+        when the cache changed since the last one (or `force`: the entry was lost); {} otherwise."""
+        e = self.engine
+        if not e.config.prefix_caching or (not force and self.worker.stats.prefix_version + 1 == self.prefix_version):
+            return {}
+        version, hashes = await self.worker.call(lambda eng: eng.prefix_hashes())
+        bloom = BlockBloom.build(hashes, capacity=e.blocks.num_blocks)
+        self.prefix_version = version + 1  # 0 means "none published"
+        return {"prefix": bloom.bits}
 
     async def serve(self, transports: tuple[str, ...] = ("grpc",)) -> None:
         """Starts serving and registers; returns when a stop signal arrives and shutdown is done."""
         await self.built.server.start()
-        self.heartbeat = Heartbeat(self.registry, self.info(transports), self.load_now, interval_s=self.settings.heartbeat_s, ttl_s=self.settings.ttl_s)
+        self.heartbeat = Heartbeat(self.registry, self.info(transports), self.load_now, interval_s=self.settings.heartbeat_s, ttl_s=self.settings.ttl_s,
+                                   extra_fn=self.prefix_fields)
         await self.heartbeat.start()
         await self.built.health.set_serving()
         loop = asyncio.get_running_loop()
@@ -346,7 +367,8 @@ class WorkerRuntime:
         if not changed:
             log.warning("%s: work did not drain in %.0fs; staying %s", self.worker_id, s.drain_s, old)
         self.draining = False
-        self.heartbeat = Heartbeat(self.registry, self.info(transports), self.load_now, interval_s=s.heartbeat_s, ttl_s=s.ttl_s)
+        self.heartbeat = Heartbeat(self.registry, self.info(transports), self.load_now, interval_s=s.heartbeat_s, ttl_s=s.ttl_s,
+                                   extra_fn=self.prefix_fields)
         await self.heartbeat.start()
         await self.built.health.set_serving()
         log.info("%s serving as %s", self.worker_id, self.role)
