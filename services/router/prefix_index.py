@@ -14,8 +14,8 @@ compute before this prompt's first token,
 
 with P the prompt's tokens, queued_tokens(w) the prompt tokens waiting on w (its last publish plus
 what this router sent it since, themselves counted without their cached part) and cached(w) the
-tokens of the longest prefix of the prompt's full blocks that w holds (at most P - 1: the last token
-is always computed). The cheapest worker wins; ties go at random. So a worker holding a prompt's
+tokens of the longest prefix of the prompt's full blocks that w holds (less the last block when
+that covers the whole prompt: the last token is always computed, as the engine does). The cheapest worker wins; ties go at random. So a worker holding a prompt's
 prefix gets it unless its queue is longer than the prefix it would save: e.g. for a 900-token prompt
 of which worker A holds 800, A wins while it has fewer than 800 more tokens queued than B. Least-loaded
 routing (`--routing load`) is the same with cached(w) = 0.
@@ -34,15 +34,15 @@ RECENT_S = 10.0  # how long a prompt routed to a worker counts as (soon) cached 
 class PrefixIndex:
     def __init__(self, recent_s: float = RECENT_S):
         self.recent_s = recent_s
-        self._filters: dict[str, tuple[int, BlockBloom]] = {}  # worker id -> (published version, its filter)
+        self._filters: dict[str, tuple[tuple[float, int], BlockBloom]] = {}  # worker id -> ((its start, published version), its filter)
         self._recent: dict[str, dict[int, float]] = {}  # worker id -> block hash -> monotonic time routed
 
     def stale(self, views: list[WorkerView]) -> list[str]:
         """Workers with a prefix cache whose published filter is newer than the one held here."""
         out = []
         for v in views:
-            ver = v.load.prefix_version
-            if v.info.prefix_root and ver and self._filters.get(v.worker_id, (0, None))[0] != ver:
+            ver = (v.info.started_at, v.load.prefix_version)  # a restarted worker counts its versions afresh
+            if v.info.prefix_root and v.load.prefix_version and self._filters.get(v.worker_id, (None, None))[0] != ver:
                 out.append(v.worker_id)
         return out
 
@@ -52,7 +52,7 @@ class PrefixIndex:
         for wid, bits in filters.items():
             if wid in live:
                 try:
-                    self._filters[wid] = (live[wid].load.prefix_version, BlockBloom(bits))
+                    self._filters[wid] = ((live[wid].info.started_at, live[wid].load.prefix_version), BlockBloom(bits))
                 except ValueError:
                     self._filters.pop(wid, None)
         for wid in list(self._filters):
@@ -87,7 +87,9 @@ class PrefixIndex:
                 n += 1
             else:
                 break
-        return min(n * view.info.block_size, max(0, len(prompt) - 1))
+        if n * view.info.block_size >= len(prompt):  # as the engine: the last token is computed, with its block
+            n -= 1
+        return n * view.info.block_size
 
     def routed(self, view: WorkerView, prompt: list[int], memo: dict | None = None) -> None:
         """Remembers that this prompt goes to this worker (its blocks will be cached there)."""
