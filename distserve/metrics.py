@@ -26,6 +26,11 @@ pool gauges by each read of the registry. The series, by who exports them:
 | `distserve_registry_up` | | x | | |
 | `distserve_requests_expired_total` | | x | | |
 | `distserve_native_kernels` | kernel | | x | x |
+| `distserve_prefix_cache_queried_tokens_total`, `distserve_prefix_cache_hit_tokens_total` | role | x (as workers reported per request) | x | x |
+| `distserve_prefix_cache_evictions_total`, `distserve_prefix_cache_blocks` | role | | x | x |
+
+Prefix-cache hit rate: `rate(distserve_prefix_cache_hit_tokens_total[5m]) / rate(distserve_prefix_cache_queried_tokens_total[5m])`
+(per worker, or the router's for the whole pool).
 """
 
 from __future__ import annotations
@@ -98,6 +103,12 @@ class Metrics:
         self.pool_running = Gauge("distserve_pool_running_requests", "Requests running on the pool's workers", ["role"], registry=r)
         self.pool_blocks_free = Gauge("distserve_pool_kv_blocks_free", "Free KV blocks on the pool's workers", ["role"], registry=r)
         self.pool_blocks_total = Gauge("distserve_pool_kv_blocks_total", "KV blocks on the pool's workers", ["role"], registry=r)
+        # automatic prefix caching (prompt tokens looked up / found at admission; cached blocks reused for other data)
+        self.prefix_queried = Counter("distserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache", ["role"], registry=r)
+        self.prefix_hits = Counter("distserve_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache", ["role"], registry=r)
+        self.prefix_evictions = Counter("distserve_prefix_cache_evictions", "Cached KV blocks evicted to make room", ["role"], registry=r)
+        self.prefix_blocks = Gauge("distserve_prefix_cache_blocks", "KV blocks holding a cached prefix (in use or evictable)", ["role"], registry=r)
+        self._prefix_seen = (0, 0, 0)  # the engine's cumulative (queried, hits, evictions) at the last observe_engine
         self.info = Gauge("distserve_info", "Always 1; labels name the process", ["role", "model", "instance_id"], registry=r)
         # Redis outages and dead routers, as this router sees them
         self.registry_up = Gauge("distserve_registry_up", "1 while the worker registry in Redis is readable, 0 while the router routes from its last read", registry=r)
@@ -112,6 +123,8 @@ class Metrics:
             self.decisions.labels(decision)
         for leg in ("prefill", "decode", "kv_pull"):
             self.retries.labels(leg)
+        for counter in (self.prefix_queried, self.prefix_hits):
+            counter.labels(role)
         self.registry_up.set(1)  # until a read of the registry fails
         if role == "router":
             for reason in MIGRATION_REASONS:
@@ -136,6 +149,12 @@ class Metrics:
         self.kv_blocks_total.labels(role).set(stats.total_blocks)
         self.inflight.labels(role).set(inflight)
         self.draining.labels(role).set(int(draining))
+        now = (getattr(stats, "prefix_query_tokens", 0), getattr(stats, "prefix_hit_tokens", 0), getattr(stats, "prefix_evictions", 0))
+        for counter, new, old in zip((self.prefix_queried, self.prefix_hits, self.prefix_evictions), now, self._prefix_seen):
+            if new > old:
+                counter.labels(role).inc(new - old)
+        self._prefix_seen = now
+        self.prefix_blocks.labels(role).set(getattr(stats, "prefix_cached_blocks", 0))
 
     def observe_pool(self, views: Iterable) -> None:
         """Pool gauges from registry views (`WorkerView`: .info.role and .load)."""

@@ -57,6 +57,7 @@ class WorkerSettings(TlsSettings):
     weights: str = setting("auto", "linear-layer weights: fp32 (the --dtype), int8, or auto (int8 on CPU for checkpoints, fp32 on CUDA and for tiny-llama; docs/quantization.md)", ("auto", "fp32", "int8"))
     kv_dtype: str = setting("auto", "KV cache dtype: auto (the --dtype) or int8 with per-block scales (prefill and decode workers must agree)", ("auto", "int8"))
     elastic: bool = setting(False, "prefill or decode worker: serve both roles' services and change role when asked (distserve role set, or the want_role field of its registry entry); it then needs the decode role's certificate and Redis user (docs/conditional-disaggregation.md)")
+    prefix_cache: str = setting("on", "automatic prefix caching: keep computed KV blocks by the hash of their prefix and prefill only the uncached end of a prompt; the worker publishes what it holds so routers send prompts where their prefix is (docs/prefix-caching.md)", ("on", "off"))
     share_weights: str = setting("auto", "map the weights read-only from a file every worker on the host shares: on, off, or auto (on for int8, off for fp32, whose private packed copy is faster)", ("auto", "on", "off"))
 
     def __post_init__(self):
@@ -105,6 +106,7 @@ class WorkerSettings(TlsSettings):
             kv_dtype=self.kv_dtype,
             share_weights={"on": True, "off": False}.get(self.share_weights, "auto"),
             free_model_weights=True,  # the worker's LoadedModel serves nothing else
+            prefix_caching=self.prefix_cache == "on",
         )
 
 

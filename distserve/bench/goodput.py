@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from distserve.bench.metrics import RequestResult, attainment, slo_scale
-from distserve.bench.serve import RunConfig, build_requests, git_commit, measure, parse_target, resolve_model, tokenizer_for, warm_up
+from distserve.bench.serve import RunConfig, build_requests, git_commit, measure, parse_target, resolve_model, tokenizer_for, warm_up, warm_up_list
 
 TARGET_ATTAINMENT = 0.9
 SCALES = [round(0.1 * i, 2) for i in range(1, 31)]  # the attainment-vs-scale curve, 0.1x .. 3.0x
@@ -83,8 +83,9 @@ async def measure_system(target_spec: str, label: str, args, progress_factory) -
     target = parse_target(target_spec, args.model, args.timeout, args.token_ids)
     try:
         model = await resolve_model(target, args.model)
-        base = build_requests(args.workload, args.num_requests, tokenizer_for(model), args.seed)
-        await warm_up(target, base, args.warmup)
+        tok = tokenizer_for(model)
+        base = build_requests(args.workload, args.num_requests, tok, args.seed)
+        await warm_up(target, warm_up_list(args.workload, base, args.warmup, tok, args.seed), args.warmup)
         cfg = RunConfig(workload=args.workload, num_requests=args.num_requests, arrival=args.arrival, cv=args.cv,
                         seed=args.seed, slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot)
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
@@ -92,8 +93,10 @@ async def measure_system(target_spec: str, label: str, args, progress_factory) -
         runs: dict[float, dict] = {}
 
         async def run_at(rate: float) -> dict:
+            # each point its own words (same lengths and arrivals): no point finds another's prompts cached
+            reqs = build_requests(args.workload, args.num_requests, tok, args.seed, variant=len(runs)) if runs else base
             with progress_factory(len(base), f"{label} @ {rate:g} req/s") as bar:
-                run = await measure(target, base, replace(cfg, rate=rate), bar.update)
+                run = await measure(target, reqs, replace(cfg, rate=rate), bar.update, tok.decode)
                 bar.suffix = f"attainment {run['summary']['attainment']:.0%}"
             return run
 

@@ -17,11 +17,11 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from distserve.bench.metrics import PHASES, RequestResult, summarize
-from distserve.bench.workloads import RequestSpec, build_requests, with_arrivals
+from distserve.bench.workloads import RequestSpec, build_requests, conversations, with_arrivals
 
 
 class DistserveTarget:
@@ -51,9 +51,12 @@ class DistserveTarget:
         # the SDK's times count from its own start of the call, a few microseconds after send_s
         res.token_times = [res.send_s + t for t in c.token_times]
         res.completion_tokens = len(c.token_ids)
+        res.output_ids = list(c.token_ids)
         res.finish_reason = c.finish_reason
         if c.metrics is not None and c.metrics.HasField("phases"):
             res.phases = {p: getattr(c.metrics.phases, p) for p in PHASES}
+        if c.metrics is not None:
+            res.cached_tokens = c.metrics.cached_tokens
         return res
 
     async def close(self) -> None:
@@ -94,8 +97,10 @@ class RunConfig:
 
 
 async def run_requests(target, reqs: list[RequestSpec], arrival: str = "poisson", concurrency: int = 1,
-                       on_done=None) -> tuple[list[RequestResult], float]:
-    """Sends every request (open loop at its arrival time, or closed loop); returns results and the run's span."""
+                       on_done=None, decode=None) -> tuple[list[RequestResult], float]:
+    """Sends every request (open loop at its arrival time, or closed loop); returns results and the run's span.
+    Multi-turn conversations go turn after turn, each turn's prompt built from the answers before it
+    (`decode(ids)` gives its text for targets that take text)."""
     t0 = time.monotonic()
 
     async def one(spec: RequestSpec) -> RequestResult:
@@ -103,6 +108,9 @@ async def run_requests(target, reqs: list[RequestSpec], arrival: str = "poisson"
         if on_done:
             on_done(res)
         return res
+
+    if any(r.conversation >= 0 for r in reqs):
+        return await _run_conversations(reqs, arrival, concurrency, one, decode, t0)
 
     if arrival == "closed":
         queue = list(reversed(reqs))
@@ -120,6 +128,40 @@ async def run_requests(target, reqs: list[RequestSpec], arrival: str = "poisson"
             return await one(spec)
 
         results = list(await asyncio.gather(*(timed(s) for s in reqs)))
+    return results, time.monotonic() - t0
+
+
+async def _run_conversations(reqs, arrival, concurrency, one, decode, t0) -> tuple[list[RequestResult], float]:
+    async def conversation(turns: list[RequestSpec]) -> list[RequestResult]:
+        out, history = [], None
+        for spec in turns:
+            if spec.turn and spec.think_s:
+                await asyncio.sleep(spec.think_s)
+            if spec.prompt_ids is None:  # history (system prompt, earlier turns and their answers) + the new message
+                ids = history + (spec.user_ids or [])
+                spec = replace(spec, prompt_ids=ids, prompt_text=decode(ids) if decode else "", prompt_len=len(ids))
+            res = await one(spec)
+            out.append(res)
+            history = spec.prompt_ids + (res.output_ids if res.ok and res.output_ids else (spec.reply_ids or []))
+        return out
+
+    convs = conversations(reqs)
+    if arrival == "closed":
+        queue = list(reversed(convs))
+        results: list[RequestResult] = []
+
+        async def client():
+            while queue:
+                results.extend(await conversation(queue.pop()))
+
+        await asyncio.gather(*(client() for _ in range(max(1, concurrency))))
+    else:
+        async def timed(turns: list[RequestSpec]) -> list[RequestResult]:
+            await asyncio.sleep(max(0.0, t0 + turns[0].arrival_s - time.monotonic()))
+            return await conversation(turns)
+
+        results = [r for rs in await asyncio.gather(*(timed(g) for g in convs)) for r in rs]
+    results.sort(key=lambda r: r.index)
     return results, time.monotonic() - t0
 
 
@@ -145,10 +187,10 @@ async def resolve_model(target, model: str) -> str:
     return "smollm2-135m"
 
 
-async def measure(target, base: list[RequestSpec], cfg: RunConfig, progress=None) -> dict:
+async def measure(target, base: list[RequestSpec], cfg: RunConfig, progress=None, decode=None) -> dict:
     """One run at cfg.rate (or closed loop): the summary plus every request's timeline."""
     reqs = base if cfg.arrival == "closed" else with_arrivals(base, cfg.rate, cfg.arrival, cfg.cv, cfg.seed)
-    results, span = await run_requests(target, reqs, cfg.arrival, cfg.concurrency, progress)
+    results, span = await run_requests(target, reqs, cfg.arrival, cfg.concurrency, progress, decode)
     return {
         "rate": cfg.rate if cfg.arrival != "closed" else None,
         "summary": summarize(results, cfg.slo_ttft, cfg.slo_tpot, span),
@@ -156,10 +198,19 @@ async def measure(target, base: list[RequestSpec], cfg: RunConfig, progress=None
     }
 
 
+def warm_up_list(workload: str, base: list[RequestSpec], n: int, tokenizer, seed: int) -> list[RequestSpec]:
+    """What `warm_up` sends: the list's first requests; for the workloads that repeat prefixes, requests
+    of another seed (another system prompt), so the warm-up leaves nothing in a prefix cache that the
+    measured requests could use."""
+    if workload in ("shared-prefix", "multiturn"):
+        base = build_requests(workload, max(n, 1) * 8, tokenizer, seed, variant=-1)
+    return [s for s in base if s.prompt_ids is not None or not s.user_ids][:n]
+
+
 async def warm_up(target, base: list[RequestSpec], n: int) -> None:
     """`n` requests of the list one after another, not recorded: first-use costs stay out of the figures."""
     t0 = time.monotonic()
-    for spec in base[:n]:
+    for spec in [s for s in base if s.prompt_ids is not None or not s.user_ids][:n]:
         res = await target.send(spec, t0)
         if res.error:
             raise SystemExit(f"warm-up request failed: {res.error}")
@@ -178,10 +229,11 @@ async def serve_main(args) -> dict:
     target = parse_target(args.target, args.model, args.timeout, args.token_ids)
     try:
         model = await resolve_model(target, args.model)
-        base = build_requests(cfg.workload, cfg.num_requests, tokenizer_for(model), cfg.seed)
-        await warm_up(target, base, args.warmup)
+        tok = tokenizer_for(model)
+        base = build_requests(cfg.workload, cfg.num_requests, tok, cfg.seed)
+        await warm_up(target, warm_up_list(cfg.workload, base, args.warmup, tok, cfg.seed), args.warmup)
         with Progress(len(base), f"{args.target} {cfg.workload}", enabled=not args.no_progress) as bar:
-            run = await measure(target, base, cfg, bar.update)
+            run = await measure(target, base, cfg, bar.update, tok.decode)
     finally:
         await target.close()
     return {"commit": git_commit(), "target": args.target, "model": model, "config": asdict(cfg),
@@ -203,7 +255,7 @@ def main(args) -> None:
 
 def add_common_arguments(p) -> None:
     """Flags `bench serve` and `bench goodput` share."""
-    p.add_argument("--workload", default="chat", help="chat, code, summarize, or jsonl:PATH with {prompt, output_len} per line")
+    p.add_argument("--workload", default="chat", help="chat, code, summarize, shared-prefix (one long system prompt, short questions), multiturn (conversations resending their history), or jsonl:PATH with {prompt, output_len} per line")
     p.add_argument("--num-requests", type=int, default=30)
     p.add_argument("--seed", type=int, default=0, help="same seed, same request list (lengths, prompts, arrivals)")
     p.add_argument("--arrival", default="poisson", choices=("poisson", "gamma"))

@@ -11,10 +11,21 @@ Length mixes are scaled to what a 135M model on 2 CPU cores serves (DESIGN.md se
 - code: HumanEval-like, short prompts (32-192), medium outputs (48-192);
 - summarize: LongBench-like, long prompts (384-1024), short outputs (8-48);
 - a JSONL file of `{"prompt": str, "output_len": int}` per line.
+
+Two workloads that repeat themselves, as real traffic does (prefix caching, docs/prefix-caching.md):
+- shared-prefix: one long system prompt (768 tokens) before every short question (16-64 tokens),
+  short answers (16-64); arrivals as for the mixes above.
+- multiturn: conversations of 2-6 turns after a shared system prompt (256 tokens); each turn sends
+  the whole history (system prompt, every earlier user message and the answer the server really
+  gave) plus a new user message (16-128 tokens), answers 16-96 tokens, and waits a think time
+  (exponential, mean 2 s) after an answer before the next turn. Conversations start at the arrival
+  process's times at `rate / mean turns`, so `rate` is again the long-run request rate; a turn's
+  prompt is built when it is sent (`RequestSpec.user_ids`), its length is known only then.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -49,12 +60,16 @@ class LengthMix:
     output_hi: int
 
 
+SHARED_PREFIX = dict(system=768, question=(32, 0.5, 16, 64), output=(32, 0.5, 16, 64))
+MULTITURN = dict(system=256, turns=(2, 6), user=(48, 0.6, 16, 128), output=(40, 0.5, 16, 96), think_s=2.0)
+MEAN_TURNS = (MULTITURN["turns"][0] + MULTITURN["turns"][1]) / 2
+
 MIXES: dict[str, LengthMix] = {
     "chat": LengthMix(160, 0.55, 64, 384, 48, 0.7, 16, 128),
     "code": LengthMix(96, 0.45, 32, 192, 96, 0.4, 48, 192),
     "summarize": LengthMix(700, 0.3, 384, 1024, 20, 0.45, 8, 48),
 }
-WORKLOADS = (*MIXES, "jsonl:PATH")
+WORKLOADS = (*MIXES, "shared-prefix", "multiturn", "jsonl:PATH")
 
 
 @dataclass(slots=True)
@@ -64,7 +79,12 @@ class RequestSpec:
     prompt_text: str  # the same prompt as text
     prompt_len: int  # tokens in the prompt (as tokenized here)
     output_len: int  # tokens asked for (max_tokens, with ignore_eos)
-    arrival_s: float = 0.0  # offset from the run's start (open loop only)
+    arrival_s: float = 0.0  # offset from the run's start (open loop only; of its conversation's start for a turn)
+    conversation: int = -1  # multiturn: the conversation it belongs to (-1: a lone request)
+    turn: int = 0  # multiturn: its turn in the conversation (0 first)
+    user_ids: list[int] | None = None  # multiturn, later turns: the new user message (prompt_ids built at send time)
+    reply_ids: list[int] | None = None  # multiturn: the answer the history carries when the server gave none (a failed turn)
+    think_s: float = 0.0  # multiturn: pause after the previous turn's answer before this turn is sent
 
 
 def _clipped_lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
@@ -93,10 +113,16 @@ def lengths(workload: str, n: int, seed: int) -> list[tuple[int, int]]:
     ]
 
 
-def build_requests(workload: str, n: int, tokenizer, seed: int = 0) -> list[RequestSpec]:
-    """The request list (no arrival times yet): identical for identical (workload, n, seed, tokenizer)."""
+def build_requests(workload: str, n: int, tokenizer, seed: int = 0, variant: int = 0) -> list[RequestSpec]:
+    """The request list (no arrival times yet): identical for identical (workload, n, seed, tokenizer).
+    `variant` (shared-prefix, multiturn): other words of the same lengths, so runs at several rates
+    against one server do not find each other's prompts in its prefix cache."""
     if workload.startswith("jsonl:"):
         return _from_jsonl(Path(workload[len("jsonl:"):]), n, tokenizer)
+    if workload == "shared-prefix":
+        return _shared_prefix(n, tokenizer, seed, variant)
+    if workload == "multiturn":
+        return _multiturn(n, tokenizer, seed, variant)
     if workload not in MIXES:
         raise ValueError(f"unknown workload {workload!r}: use one of {', '.join(WORKLOADS)}")
     rng = random.Random(f"prompts:{workload}:{seed}")
@@ -105,6 +131,51 @@ def build_requests(workload: str, n: int, tokenizer, seed: int = 0) -> list[Requ
         ids = synthetic_ids(tokenizer, p, rng)
         out.append(RequestSpec(i, ids, tokenizer.decode(ids), p, o))
     return out
+
+
+def _shared_prefix(n: int, tokenizer, seed: int, variant: int = 0) -> list[RequestSpec]:
+    rng = random.Random(f"shared-prefix:{seed}")  # lengths
+    words = random.Random(f"shared-prefix:{seed}:{variant}")
+    system = synthetic_ids(tokenizer, SHARED_PREFIX["system"], words)
+    out = []
+    for i in range(n):
+        q = synthetic_ids(tokenizer, _clipped_lognormal(rng, *SHARED_PREFIX["question"]), words)
+        ids = system + q
+        out.append(RequestSpec(i, ids, tokenizer.decode(ids), len(ids), _clipped_lognormal(rng, *SHARED_PREFIX["output"])))
+    return out
+
+
+def _multiturn(n: int, tokenizer, seed: int, variant: int = 0) -> list[RequestSpec]:
+    """`n` turns in all, conversation after conversation (the last one cut short to fit)."""
+    rng = random.Random(f"multiturn:{seed}")  # lengths, turns, think times
+    words = random.Random(f"multiturn:{seed}:{variant}")
+    system = synthetic_ids(tokenizer, MULTITURN["system"], words)
+    out: list[RequestSpec] = []
+    conv = 0
+    while len(out) < n:
+        turns = min(rng.randint(*MULTITURN["turns"]), n - len(out))
+        for t in range(turns):
+            user = synthetic_ids(tokenizer, _clipped_lognormal(rng, *MULTITURN["user"]), words)
+            out_len = _clipped_lognormal(rng, *MULTITURN["output"])
+            reply = synthetic_ids(tokenizer, out_len, words)
+            think = rng.expovariate(1.0 / MULTITURN["think_s"]) if t else 0.0
+            if t == 0:
+                ids = system + user
+                spec = RequestSpec(len(out), ids, tokenizer.decode(ids), len(ids), out_len)
+            else:
+                spec = RequestSpec(len(out), None, "", 0, out_len, user_ids=user)
+            spec.conversation, spec.turn, spec.reply_ids, spec.think_s = conv, t, reply, think
+            out.append(spec)
+        conv += 1
+    return out
+
+
+def conversations(reqs: list[RequestSpec]) -> list[list[RequestSpec]]:
+    """The request list as conversations (a lone request is a conversation of one), in order of first index."""
+    groups: dict[int, list[RequestSpec]] = {}
+    for r in reqs:
+        groups.setdefault(r.conversation if r.conversation >= 0 else -1 - r.index, []).append(r)
+    return sorted((sorted(g, key=lambda r: r.turn) for g in groups.values()), key=lambda g: g[0].index)
 
 
 def _from_jsonl(path: Path, n: int, tokenizer) -> list[RequestSpec]:
@@ -156,5 +227,11 @@ def arrival_times(n: int, rate: float, process: str = "poisson", cv: float = 1.0
 
 
 def with_arrivals(reqs: list[RequestSpec], rate: float, process: str = "poisson", cv: float = 1.0, seed: int = 0) -> list[RequestSpec]:
-    times = arrival_times(len(reqs), rate, process, cv, seed)
-    return [RequestSpec(r.index, r.prompt_ids, r.prompt_text, r.prompt_len, r.output_len, t) for r, t in zip(reqs, times)]
+    """Arrival times for a request list; a conversation's turns all get its start time (the first
+    turn goes then, the others after the answers and think times before them)."""
+    if any(r.conversation >= 0 for r in reqs):
+        convs = conversations(reqs)
+        starts = arrival_times(len(convs), rate * len(convs) / len(reqs), process, cv, seed)
+        start_of = {id(r): t for g, t in zip(convs, starts) for r in g}
+        return [dataclasses.replace(r, arrival_s=start_of[id(r)]) for r in reqs]
+    return [dataclasses.replace(r, arrival_s=t) for r, t in zip(reqs, arrival_times(len(reqs), rate, process, cv, seed))]

@@ -7,6 +7,9 @@ pass and returns a `RequestOutput` per sequence that got a token or finished. Ea
 step that carries running decodes takes only the prompt tokens that keep it within the target.
 Finished sequences free their blocks in that step; on a prefill-only engine a prefilled sequence is HELD instead, and its
 blocks are freed by `free` (lease released or expired). `abort` frees whatever a request holds.
+With `prefix_caching` (workers turn it on) a prompt starts after the longest prefix of its full blocks this
+engine has cached, and every block a step completes (or an import brings in) is cached for later
+prompts until its space is needed (scheduler.py, block_manager.py, docs/prefix-caching.md).
 
 Not thread-safe: one engine thread owns it (see `distserve.engine.worker`).
 """
@@ -23,6 +26,7 @@ from distserve.engine.block_manager import BlockManager, blocks_needed
 from distserve.errors import InvalidRequest, NotFound, ResourceExhausted
 from distserve.engine.kv_cache import PagedKVCache
 from distserve.engine.model_runner import ModelRunner
+from distserve.engine.prefix import root_hash
 from distserve.engine.models import LoadedModel
 from distserve.engine.sampler import Sampler, TopLogprobs
 from distserve.engine.sampling import SamplingParams, find_stop, validate_request
@@ -54,6 +58,7 @@ class EngineConfig:
     kv_dtype: str = "auto"  # KV cache: "auto" (the model's dtype) or "int8" (per-block scales)
     share_weights: bool | str = False  # weights from a read-only map of a file the host's workers share; "auto": int8 only
     free_model_weights: bool = False  # drop the LoadedModel's own weights once the runner has its own (workers)
+    prefix_caching: bool = False  # keep computed full blocks by prefix hash and reuse them for later prompts (workers: on by default, --prefix-cache; off here so engine benchmarks time every token)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -84,6 +89,7 @@ class RequestOutput:
     num_output_tokens: int
     held: bool = False  # prefill-only engine: KV kept for export
     held_blocks: tuple[int, ...] = ()  # when held: the blocks holding the prompt's KV (owned until `free`)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     queue_s: float = 0.0  # set with the first token: arrival to first scheduled
     prefill_s: float = 0.0  # set with the first token: first scheduled to first token
     new_top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per new token, when top_logprobs is asked: (id, log-prob), best first
@@ -103,6 +109,11 @@ class EngineStats:
     step_decode_s: float = 0.0  # ... and per decode token (a running sequence's)
     max_step_tokens: int = 0  # token budget of one step
     prefill_budget_tokens: int = 0  # chunked engines: prompt tokens a step may carry now within the TPOT target, with the running batch (0 = none, or not chunked)
+    prefix_cached_blocks: int = 0  # blocks holding a cached prefix (in use or evictable)
+    prefix_query_tokens: int = 0  # prompt tokens admitted since start, with prefix caching on
+    prefix_hit_tokens: int = 0  # ... of which were taken from the cache
+    prefix_evictions: int = 0  # cached blocks reused for other data since start
+    prefix_version: int = 0  # changes whenever the set of cached prefix hashes does
 
 
 class LLMEngine:
@@ -128,6 +139,8 @@ class LLMEngine:
         log.info("%s weights (%s, %.0f MB), %s KV cache of %d blocks", fmt,
                  f"mapped read-only from {runner_weights.path}" if runner_weights.mapped else "private",
                  runner_weights.nbytes / 1e6, "int8" if layout.quantized else str(dtype).removeprefix("torch."), num_blocks)
+        self.prefix_root = root_hash(f"{loaded.name}|{loaded.fingerprint}|seed={loaded.seed}|weights={fmt}",
+                                     str(dtype).removeprefix("torch."), config.block_size)  # names this engine's cached blocks
         self.sampler = Sampler(config.seed, tuple(loaded.eos_token_ids))
         self.step_times = StepTimes()
         self.step_predictor = step_predictor or self.step_times.predict
@@ -149,6 +162,7 @@ class LLMEngine:
             chunked,
             hold_after_prefill=config.mode == "prefill",
             chunk_cap=self.chunk_cap if chunked and config.tpot_target_s > 0 else None,
+            prefix_root=self.prefix_root if config.prefix_caching else None,
         )
 
     # what an idle engine may change (a worker changing role); the cache, weights and sampling stay
@@ -163,7 +177,8 @@ class LLMEngine:
         if self._seqs:
             raise ResourceExhausted(f"{len(self._seqs)} requests still hold or await blocks here")
         self.config = config
-        self.scheduler = self._scheduler(config)
+        old, self.scheduler = self.scheduler, self._scheduler(config)
+        self.scheduler.prefix_query_tokens, self.scheduler.prefix_hit_tokens = old.prefix_query_tokens, old.prefix_hit_tokens
 
     # -- admission ---------------------------------------------------------------------------
     def _new_seq(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
@@ -214,6 +229,7 @@ class LLMEngine:
             raise InvalidRequest("first_token", f"token id {first_token} is outside the vocabulary")
         self.cache.load(seq.block_table, kv)
         seq.num_computed_tokens = seq.num_prompt_tokens
+        self.scheduler.cache_computed(seq)  # imported blocks serve later prompts here too (a local prefill of the next turn)
         seq.status = SequenceStatus.RUNNING
         self._append(seq, first_token, first_logprob)
         if seq.status is SequenceStatus.FINISHED:  # the first token already ends it: nothing to decode
@@ -269,6 +285,10 @@ class LLMEngine:
         room = self.config.max_num_batched_tokens - len(decodes)
         return max(self.prefill_budget(decodes), min(room, self.config.block_size))
 
+    def prefix_hashes(self) -> tuple[int, list[int]]:
+        """The cache's version and every prefix hash it holds (for publishing; run on the engine thread)."""
+        return self.blocks.version, self.blocks.cached_hashes()
+
     def stats(self) -> EngineStats:
         s = self.scheduler
         fit = self.step_times.fit
@@ -285,6 +305,11 @@ class LLMEngine:
             step_decode_s=fit.decode_s if fit else 0.0,
             max_step_tokens=self.config.max_num_batched_tokens,
             prefill_budget_tokens=self.prefill_budget(s.running[: self.config.max_num_seqs]) if s.chunked else 0,
+            prefix_cached_blocks=self.blocks.num_cached,
+            prefix_query_tokens=s.prefix_query_tokens,
+            prefix_hit_tokens=s.prefix_hit_tokens,
+            prefix_evictions=self.blocks.evictions,
+            prefix_version=self.blocks.version,
         )
 
     # -- the step ----------------------------------------------------------------------------
@@ -311,8 +336,10 @@ class LLMEngine:
     def _postprocess(self, sched: SchedulerOutput, to_sample: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         for s in sched.decode:
             s.num_computed_tokens += 1
+            self.scheduler.cache_computed(s)
         for c in sched.chunks:
             c.seq.num_computed_tokens = c.end
+            self.scheduler.cache_computed(c.seq)
         tokens, logprobs, tops = self.sampler.sample(logits, to_sample) if to_sample else ([], [], [])
         now = time.monotonic()
         outs = []
@@ -371,6 +398,7 @@ class LLMEngine:
             num_output_tokens=len(seq.output_token_ids),
             held=seq.status is SequenceStatus.HELD,
             held_blocks=tuple(seq.block_table) if seq.status is SequenceStatus.HELD else (),
+            num_cached_tokens=seq.num_cached_tokens,
         )
 
     def _free_blocks(self, seq: Sequence) -> None:

@@ -14,6 +14,11 @@ Policies:
   (a TPOT target, see `distserve.engine.step_times`), a step that carries running decodes takes at
   most `chunk_cap(decodes)` prompt tokens, so their time per output token stays within the target
   while prompts advance; a step with no running decode takes the whole token budget.
+
+Prefix caching (`prefix_root` set): at admission a prompt takes the longest run of its full blocks
+already cached (`BlockManager.match`, by chained hash) and starts computing after them, as a chunked
+prefill with past context does; at least its last token is always computed (it is sampled from). Each
+block a step completes (prompt or generated tokens) is offered to the cache with `cache_computed`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 
 from distserve.engine.block_manager import BlockManager
 from distserve.engine.model_runner import PrefillChunk
+from distserve.engine.prefix import block_hashes
 from distserve.engine.sequence import Sequence, SequenceStatus
 
 
@@ -47,6 +53,7 @@ class Scheduler:
         chunked_prefill: bool,
         hold_after_prefill: bool,
         chunk_cap: Callable[[list[Sequence]], int] | None = None,
+        prefix_root: int | None = None,
     ):
         self.blocks = blocks
         self.chunk_cap = chunk_cap  # decodes of a step -> prompt tokens it may carry (None: the token budget)
@@ -57,20 +64,62 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.prefix_root = prefix_root  # chain root of block hashes; None = no prefix caching
+        self.prefix_query_tokens = 0  # prompt tokens admitted (cumulative, with prefix caching on)
+        self.prefix_hit_tokens = 0  # ... of which came from the cache
 
     def blocks_for(self, seq: Sequence) -> int:
         if self.hold_after_prefill:
             return self.blocks.blocks_for(seq.num_prompt_tokens)
         return seq.blocks_needed(self.blocks.block_size)
 
-    def _admit(self, seq: Sequence) -> bool:
-        n = self.blocks_for(seq)
-        if not self.blocks.can_allocate(n):
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding the start of this waiting sequence's prompt (none without caching),
+        short of its last token, which must be computed."""
+        if self.prefix_root is None:
+            return []
+        bs = self.blocks.block_size
+        full = seq.num_prompt_tokens // bs
+        if len(seq.block_hashes) < full:
+            seq.block_hashes = block_hashes(seq.prompt_token_ids, bs, self.prefix_root)
+        hits = self.blocks.match(seq.block_hashes[:full])
+        if len(hits) * bs >= seq.num_prompt_tokens:
+            hits = hits[:-1]
+        return hits
+
+    def _admit(self, seq: Sequence, hits: list[int] | None = None) -> bool:
+        hits = self.cached_prefix(seq) if hits is None else hits
+        n = self.blocks_for(seq) - len(hits)
+        if n > self.blocks.num_free - self.blocks.evictable_among(hits):
             return False
-        seq.block_table = self.blocks.allocate(n)
+        self.blocks.acquire(hits)
+        seq.block_table = hits + self.blocks.allocate(n)
+        cached = len(hits) * self.blocks.block_size
+        seq.num_computed_tokens = seq.num_cached_tokens = cached
+        seq.num_registered = len(hits)
+        if self.prefix_root is not None:
+            self.prefix_query_tokens += seq.num_prompt_tokens
+            self.prefix_hit_tokens += cached
         seq.status = SequenceStatus.RUNNING
         seq.first_scheduled_s = time.monotonic()
         return True
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Offers the blocks of `seq` whose every token's KV is computed now to the prefix cache."""
+        if self.prefix_root is None:
+            return
+        bs = self.blocks.block_size
+        full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        if full <= seq.num_registered:
+            return
+        have = len(seq.block_hashes)
+        if have < full:
+            parent = seq.block_hashes[-1] if have else None
+            toks = [seq.token_id_at(i) for i in range(have * bs, full * bs)]
+            seq.block_hashes.extend(block_hashes(toks, bs, self.prefix_root, parent=parent))
+        for i in range(seq.num_registered, full):
+            self.blocks.register(seq.block_table[i], seq.block_hashes[i])
+        seq.num_registered = full
 
     @property
     def queued_tokens(self) -> int:
@@ -86,13 +135,14 @@ class Scheduler:
         active = len(self.running)
         while self.waiting and active + len(out.chunks) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = seq.num_prompt_tokens
+            hits = self.cached_prefix(seq)
+            n = seq.num_prompt_tokens - len(hits) * self.blocks.block_size
             if n > budget and out.chunks:
                 break
-            if not self._admit(seq):
+            if not self._admit(seq, hits):
                 break
             self.waiting.popleft()
-            out.chunks.append(PrefillChunk(seq, 0, n))
+            out.chunks.append(PrefillChunk(seq, seq.num_computed_tokens, seq.num_prompt_tokens))
             budget -= n
             if budget <= 0:
                 break
@@ -120,9 +170,10 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.prefilling.append(seq)
-            end = min(seq.num_prompt_tokens, budget)
-            out.chunks.append(PrefillChunk(seq, 0, end))
-            budget -= end
+            start = seq.num_computed_tokens
+            end = min(seq.num_prompt_tokens, start + budget)
+            out.chunks.append(PrefillChunk(seq, start, end))
+            budget -= end - start
             seats -= 1
         return out
 

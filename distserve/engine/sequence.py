@@ -3,7 +3,9 @@
 Lifecycle: WAITING (queued for prefill) -> RUNNING (has blocks; prefilled chunk by chunk, then
 decoding) -> FINISHED. In a prefill-only engine a prefilled sequence becomes HELD: its blocks stay
 allocated until `LLMEngine.free` (the KV lease ended). A sequence imported with transferred KV starts
-RUNNING. Whoever moves a sequence to FINISHED frees its blocks in the same call.
+RUNNING. Whoever moves a sequence to FINISHED frees its blocks in the same call. With prefix caching
+its leading blocks may be shared with other sequences (taken from the cache at admission); freeing
+drops its references, and the block manager keeps hashed blocks cached until it needs them.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     output_text: str = ""  # detokenized output, kept only when stop strings are set
     first_scheduled_s: float | None = None  # when its prefill (or import) first ran
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed for it)
+    block_hashes: list[int] = field(default_factory=list)  # prefix hashes of its full blocks, as far as computed
+    num_registered: int = 0  # leading blocks offered to the prefix cache (or taken from it)
 
     @property
     def num_tokens(self) -> int:

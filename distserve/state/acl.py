@@ -17,7 +17,7 @@ What each grant covers (prefix `distserve`; keep this in step with distserve/sta
                Decode and colocated workers also read the registry (Registry.live_workers, below),
                to pull KV only from prefill workers it lists (services/decode/peers.py).
   router       Registry.live_workers: EVALSHA (SCRIPT LOAD when Redis lost the script) running
-               SMEMBERS, HMGET, SREM; RequestStateStore.update: HSETNX, HSET, SADD, SREM, PEXPIRE;
+               SMEMBERS, HMGET, SREM; Registry.prefixes (workers' prefix-cache filters): HMGET; RequestStateStore.update: HSETNX, HSET, SADD, SREM, PEXPIRE;
                RouterHeartbeat: SET, SADD, DEL; the reaper's script: SMEMBERS, EXISTS, HMGET, HSET,
                PEXPIRE, DEL, SREM (Redis checks a script's calls against the caller's grant too).
                Keys: the workers', {prefix}:request:*, {prefix}:inflight:*, {prefix}:router:*,

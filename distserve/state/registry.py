@@ -10,7 +10,11 @@ and the first heartbeat after Redis returns writes the entry back.
 
 Keys (prefix `distserve` by default):
   {prefix}:worker:{id}  hash {info: JSON WorkerInfo, load: JSON WorkerLoad, want_role: a role change asked
-                        of an elastic worker (`request_role`; gone with the entry when it re-registers)}, with a TTL
+                        of an elastic worker (`request_role`; gone with the entry when it re-registers),
+                        prefix: the Bloom filter of the block hashes its prefix cache holds (raw bytes,
+                        distserve.engine.prefix.BlockBloom; written in the heartbeat that follows a change,
+                        whose load carries the matching `prefix_version`; routers read it with `prefixes`
+                        only when that version moved)}, with a TTL
   {prefix}:workers      set of worker ids; ids whose hash has expired are dropped lazily by
                         `live_workers` (a Lua script: one round trip, single Redis instance)
 
@@ -58,6 +62,7 @@ class WorkerInfo:
     block_size: int  # tokens per KV block
     max_model_len: int  # longest sequence (prompt + output) it accepts
     started_at: float  # unix time the worker started
+    prefix_root: str = ""  # hex root of its block-hash chain (distserve.engine.prefix); empty: no prefix caching
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -84,6 +89,8 @@ class WorkerLoad:
     prefill_budget_tokens: int = 0  # decode: prompt tokens one step may carry now within its TPOT target (0 = none now, or it does not prefill in chunks)
     kv_bytes_per_s: float = 0.0  # decode: bandwidth of its recent KV pulls (0 = none yet)
     kv_bytes_per_token: float = 0.0  # decode: KV wire bytes per prompt token of its recent pulls
+    prefix_version: int = 0  # version of the prefix-cache filter in the entry's `prefix` field (0: none published)
+    prefix_blocks: int = 0  # blocks its prefix cache holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,30 +154,32 @@ class Registry:
     def _key(self, worker_id: str) -> str:
         return self._worker_prefix + worker_id
 
-    async def register(self, info: WorkerInfo, load: WorkerLoad, ttl_s: float = 3.0) -> None:
-        """Publish info and load with a TTL; remembered so heartbeats can re-register."""
+    async def register(self, info: WorkerInfo, load: WorkerLoad, ttl_s: float = 3.0, extra: dict[str, bytes] | None = None) -> None:
+        """Publish info and load with a TTL; remembered so heartbeats can re-register. `extra`: more
+        fields of the entry (the prefix filter)."""
         self._known[info.worker_id] = info
-        await self._publish(info, load, ttl_s)
+        await self._publish(info, load, ttl_s, extra)
         logger.info("registered %s worker %s at %s", info.role, info.worker_id, info.address)
 
-    async def heartbeat(self, worker_id: str, load: WorkerLoad, ttl_s: float = 3.0) -> bool:
-        """Publish load and refresh the TTL. Returns True if the key had vanished and was rewritten."""
+    async def heartbeat(self, worker_id: str, load: WorkerLoad, ttl_s: float = 3.0, extra: dict[str, bytes] | None = None) -> bool:
+        """Publish load (and `extra` fields) and refresh the TTL. Returns True if the key had vanished
+        and was rewritten."""
         info = self._known.get(worker_id)
         if info is None:
             raise NotFound(f"worker {worker_id} was not registered through this registry")
-        existed = await self._publish(info, load, ttl_s)
+        existed = await self._publish(info, load, ttl_s, extra)
         if not existed:
             logger.warning("worker %s was missing from Redis; re-registered", worker_id)
         return not existed
 
-    async def _publish(self, info: WorkerInfo, load: WorkerLoad, ttl_s: float) -> bool:
+    async def _publish(self, info: WorkerInfo, load: WorkerLoad, ttl_s: float, extra: dict[str, bytes] | None = None) -> bool:
         if load.updated_at == 0.0:
             load = dataclasses.replace(load, updated_at=time.time())
         key = self._key(info.worker_id)
         with unavailable_on_outage(f"publishing worker {info.worker_id}"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.exists(key)
-                pipe.hset(key, mapping={"info": _encode(info), "load": _encode(load)})
+                pipe.hset(key, mapping={"info": _encode(info), "load": _encode(load), **(extra or {})})
                 pipe.pexpire(key, max(1, int(ttl_s * 1000)))
                 pipe.sadd(self._index, info.worker_id)
                 existed, *_ = await pipe.execute()
@@ -206,6 +215,17 @@ class Registry:
             return None
         return (raw.decode() if isinstance(raw, bytes) else raw) or None
 
+    async def prefixes(self, worker_ids: list[str]) -> dict[str, bytes]:
+        """The prefix-cache filters these workers published (one round trip; a worker without one is left out)."""
+        if not worker_ids:
+            return {}
+        with unavailable_on_outage("reading prefix-cache filters"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for wid in worker_ids:
+                    pipe.hmget(self._key(wid), ["prefix"])
+                rows = await pipe.execute()
+        return {wid: row[0] for wid, row in zip(worker_ids, rows) if row[0] is not None}
+
     async def live_workers(self, role: str | None = None, model: str | None = None) -> list[WorkerView]:
         """Workers whose key has not expired, optionally of one role and model, sorted by id."""
         with unavailable_on_outage("reading the worker registry"):
@@ -227,6 +247,7 @@ class Registry:
 
 
 LoadFn = Callable[[], WorkerLoad | Awaitable[WorkerLoad]]
+ExtraFn = Callable[[bool], Awaitable[dict[str, bytes]]]
 
 
 class Heartbeat:
@@ -243,12 +264,15 @@ class Heartbeat:
         *,
         interval_s: float = 0.5,
         ttl_s: float = 3.0,
+        extra_fn: ExtraFn | None = None,
     ):
         if ttl_s <= interval_s:
             raise InvalidRequest("ttl_s", f"must exceed interval_s ({interval_s}), got {ttl_s}")
         self._registry = registry
         self._info = info
         self._load_fn = load_fn
+        self._extra_fn = extra_fn  # async (force) -> entry fields to write besides info and load ({}: none now)
+        self._force_extra = True  # the entry is new (or was lost): extra_fn must write everything
         self._interval_s = interval_s
         self._ttl_s = ttl_s
         self._task: asyncio.Task[None] | None = None
@@ -292,22 +316,28 @@ class Heartbeat:
     async def _tick(self) -> bool:
         try:
             async with asyncio.timeout(self._ttl_s):  # a hung Redis must not stall the loop forever
-                load = self._load_fn()
+                extra = await self._extra_fn(self._force_extra) if self._extra_fn is not None else None
+                load = self._load_fn()  # after extra_fn: the load may name what extra holds (its version)
                 if inspect.isawaitable(load):
                     load = await load
                 if self._registered:
-                    await self._registry.heartbeat(self._info.worker_id, load, self._ttl_s)
+                    lost = await self._registry.heartbeat(self._info.worker_id, load, self._ttl_s, extra)
                 else:
-                    await self._registry.register(self._info, load, self._ttl_s)
+                    await self._registry.register(self._info, load, self._ttl_s, extra)
                     self._registered = True
+                    lost = False
+                # a rewritten entry lost the fields written before: the next tick writes them all again
+                self._force_extra = lost
         except (Unavailable, RedisError, OSError, asyncio.TimeoutError) as exc:
             self.failures += 1
+            self._force_extra = True  # what extra_fn gave may not have been written
             # once per outage at WARNING (and every 100th tick), not twice a second while Redis is down
             level = logging.WARNING if self.failures % 100 == 1 else logging.DEBUG
             logger.log(level, "heartbeat of %s failed (%d in a row; serving goes on): %s", self._info.worker_id, self.failures, exc)
             return False
         except Exception:
             self.failures += 1
+            self._force_extra = True
             logger.exception("heartbeat of %s: load_fn or publish raised", self._info.worker_id)
             return False
         if self.failures:

@@ -118,7 +118,7 @@ class PhaseTimings(_message.Message):
     def __init__(self, router_s: _Optional[float] = ..., prefill_queue_s: _Optional[float] = ..., prefill_compute_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., decode_queue_s: _Optional[float] = ..., decode_s: _Optional[float] = ...) -> None: ...
 
 class RequestMetrics(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_s", "tpot_s", "e2e_s", "phases", "prefill_worker", "decode_worker", "kv_transport", "kv_bytes", "colocated", "migrations", "disagg_decision", "disagg_reason", "local_estimate_s", "remote_estimate_s")
+    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_s", "tpot_s", "e2e_s", "phases", "prefill_worker", "decode_worker", "kv_transport", "kv_bytes", "colocated", "migrations", "disagg_decision", "disagg_reason", "local_estimate_s", "remote_estimate_s", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class RequestMetrics(_message.Message):
     DISAGG_REASON_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ESTIMATE_S_FIELD_NUMBER: _ClassVar[int]
     REMOTE_ESTIMATE_S_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     ttft_s: float
@@ -151,4 +152,5 @@ class RequestMetrics(_message.Message):
     disagg_reason: str
     local_estimate_s: float
     remote_estimate_s: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., phases: _Optional[_Union[PhaseTimings, _Mapping]] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., kv_transport: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., colocated: _Optional[bool] = ..., migrations: _Optional[int] = ..., disagg_decision: _Optional[str] = ..., disagg_reason: _Optional[str] = ..., local_estimate_s: _Optional[float] = ..., remote_estimate_s: _Optional[float] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., phases: _Optional[_Union[PhaseTimings, _Mapping]] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., kv_transport: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., colocated: _Optional[bool] = ..., migrations: _Optional[int] = ..., disagg_decision: _Optional[str] = ..., disagg_reason: _Optional[str] = ..., local_estimate_s: _Optional[float] = ..., remote_estimate_s: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...

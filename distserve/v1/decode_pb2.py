@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from distserve.v1 import common_pb2 as distserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64istserve/v1/decode.proto\x12\x0c\x64istserve.v1\x1a\x19\x64istserve/v1/common.proto\"\xc2\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12\x15\n\rfirst_logprob\x18\x04 \x01(\x02\x12)\n\tkv_handle\x18\x05 \x01(\x0b\x32\x16.distserve.v1.KvHandle\x12,\n\x06params\x18\x06 \x01(\x0b\x32\x1c.distserve.v1.SamplingParams\"\x97\x02\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.distserve.v1.FinishReason\x12\x0f\n\x07queue_s\x18\x04 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x05 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x19\n\x11prefill_compute_s\x18\t \x01(\x01\x12/\n\x0ctop_logprobs\x18\n \x03(\x0b\x32\x19.distserve.v1.TopLogprobs2O\n\x06\x44\x65\x63ode\x12\x45\n\x06\x44\x65\x63ode\x12\x1b.distserve.v1.DecodeRequest\x1a\x1c.distserve.v1.DecodeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64istserve/v1/decode.proto\x12\x0c\x64istserve.v1\x1a\x19\x64istserve/v1/common.proto\"\xc2\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12\x15\n\rfirst_logprob\x18\x04 \x01(\x02\x12)\n\tkv_handle\x18\x05 \x01(\x0b\x32\x16.distserve.v1.KvHandle\x12,\n\x06params\x18\x06 \x01(\x0b\x32\x1c.distserve.v1.SamplingParams\"\xae\x02\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.distserve.v1.FinishReason\x12\x0f\n\x07queue_s\x18\x04 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x05 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x19\n\x11prefill_compute_s\x18\t \x01(\x01\x12/\n\x0ctop_logprobs\x18\n \x03(\x0b\x32\x19.distserve.v1.TopLogprobs\x12\x15\n\rcached_tokens\x18\x0b \x01(\r2O\n\x06\x44\x65\x63ode\x12\x45\n\x06\x44\x65\x63ode\x12\x1b.distserve.v1.DecodeRequest\x1a\x1c.distserve.v1.DecodeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_start=71
   _globals['_DECODEREQUEST']._serialized_end=265
   _globals['_DECODERESPONSE']._serialized_start=268
-  _globals['_DECODERESPONSE']._serialized_end=547
-  _globals['_DECODE']._serialized_start=549
-  _globals['_DECODE']._serialized_end=628
+  _globals['_DECODERESPONSE']._serialized_end=570
+  _globals['_DECODE']._serialized_start=572
+  _globals['_DECODE']._serialized_end=651
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from distserve.v1 import common_pb2 as distserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64istserve/v1/prefill.proto\x12\x0c\x64istserve.v1\x1a\x19\x64istserve/v1/common.proto\"}\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.distserve.v1.SamplingParams\x12\x16\n\x0etransfer_token\x18\x04 \x01(\x0c\"\x89\x02\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.distserve.v1.FinishReason\x12)\n\tkv_handle\x18\x04 \x01(\x0b\x32\x16.distserve.v1.KvHandle\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\x12\x11\n\tworker_id\x18\x07 \x01(\t\x12\x35\n\x12\x66irst_top_logprobs\x18\x08 \x01(\x0b\x32\x19.distserve.v1.TopLogprobs2Q\n\x07Prefill\x12\x46\n\x07Prefill\x12\x1c.distserve.v1.PrefillRequest\x1a\x1d.distserve.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64istserve/v1/prefill.proto\x12\x0c\x64istserve.v1\x1a\x19\x64istserve/v1/common.proto\"}\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.distserve.v1.SamplingParams\x12\x16\n\x0etransfer_token\x18\x04 \x01(\x0c\"\xa0\x02\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.distserve.v1.FinishReason\x12)\n\tkv_handle\x18\x04 \x01(\x0b\x32\x16.distserve.v1.KvHandle\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\x12\x11\n\tworker_id\x18\x07 \x01(\t\x12\x35\n\x12\x66irst_top_logprobs\x18\x08 \x01(\x0b\x32\x19.distserve.v1.TopLogprobs\x12\x15\n\rcached_tokens\x18\t \x01(\r2Q\n\x07Prefill\x12\x46\n\x07Prefill\x12\x1c.distserve.v1.PrefillRequest\x1a\x1d.distserve.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=71
   _globals['_PREFILLREQUEST']._serialized_end=196
   _globals['_PREFILLRESPONSE']._serialized_start=199
-  _globals['_PREFILLRESPONSE']._serialized_end=464
-  _globals['_PREFILL']._serialized_start=466
-  _globals['_PREFILL']._serialized_end=547
+  _globals['_PREFILLRESPONSE']._serialized_end=487
+  _globals['_PREFILL']._serialized_start=489
+  _globals['_PREFILL']._serialized_end=570
 # @@protoc_insertion_point(module_scope)

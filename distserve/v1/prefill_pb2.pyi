@@ -20,7 +20,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., transfer_token: _Optional[bytes] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "first_logprob", "finish_reason", "kv_handle", "queue_s", "compute_s", "worker_id", "first_top_logprobs")
+    __slots__ = ("first_token", "first_logprob", "finish_reason", "kv_handle", "queue_s", "compute_s", "worker_id", "first_top_logprobs", "cached_tokens")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class PrefillResponse(_message.Message):
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     first_logprob: float
     finish_reason: _common_pb2.FinishReason
@@ -37,4 +38,5 @@ class PrefillResponse(_message.Message):
     compute_s: float
     worker_id: str
     first_top_logprobs: _common_pb2.TopLogprobs
-    def __init__(self, first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., kv_handle: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ..., queue_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., worker_id: _Optional[str] = ..., first_top_logprobs: _Optional[_Union[_common_pb2.TopLogprobs, _Mapping]] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., kv_handle: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ..., queue_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., worker_id: _Optional[str] = ..., first_top_logprobs: _Optional[_Union[_common_pb2.TopLogprobs, _Mapping]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...

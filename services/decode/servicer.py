@@ -133,6 +133,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                                 top_logprobs=[top_logprobs_to_pb(t) for t in out.new_top_logprobs])
                 if out.prefill_s:
                     msg.queue_s, msg.prefill_compute_s = out.queue_s, out.prefill_s
+                    msg.cached_tokens = out.num_cached_tokens
                 if out.finished:
                     msg.finish_reason = finish_to_pb(out.finish_reason)
                     finished = True

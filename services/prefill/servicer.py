@@ -69,6 +69,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             queue_s=out.queue_s,
             compute_s=out.prefill_s,
             worker_id=rt.worker_id,
+            cached_tokens=out.num_cached_tokens,
         )
         if out.new_top_logprobs:
             resp.first_top_logprobs.CopyFrom(top_logprobs_to_pb(out.new_top_logprobs[0]))
@@ -110,5 +111,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         )
         resp.kv_handle.CopyFrom(handle.to_proto())
         rt.metrics.requests.labels("prefill", "held").inc()
-        log.info("prefilled %r: %d prompt tokens, queue %.3fs, compute %.3fs (%.3fs total)", rid, n, out.queue_s, out.prefill_s, time.monotonic() - t0)
+        log.info("prefilled %r: %d prompt tokens (%d cached), queue %.3fs, compute %.3fs (%.3fs total)", rid, n, out.num_cached_tokens,
+                 out.queue_s, out.prefill_s, time.monotonic() - t0)
         return resp

@@ -28,6 +28,12 @@ prefill worker R it would choose (the least queued tokens):
                 and  local_s + margin_s < remote_s
     otherwise remote; with no prefill worker at all, local (the decode pool serves alone).
 
+With prefix caching, P in prefill_s(R, ...) and in local_s is the part of the prompt the worker has
+not cached (as the router knows it, services/router/prefix_index.py), and so is the P compared with
+local_max_prompt_tokens; the transfer moves the whole prompt's KV. So a decode worker that still
+holds a conversation's previous turn (its prompt's KV came in by transfer, its output it computed)
+can take the next turn's prefill itself.
+
 Why the margin: with an idle prefill pool remote_s is local_s plus a transfer, and going local is not
 free: it takes decode time (D's running requests slow down towards its TPOT target) for a gain of a
 few milliseconds. The margin (default 0.2 s) keeps prompts remote until the prefill pool's queue makes
@@ -109,17 +115,19 @@ def prefill_seconds(prompt_tokens: int, prefill: WorkerLoad, observed_rate: floa
 
 
 def decide(prompt_tokens: int, decode: WorkerLoad, prefill: WorkerLoad | None, policy: DisaggPolicy,
-           transfer_s: float = 0.0, observed_rate: float | None = None) -> Choice:
+           transfer_s: float = 0.0, observed_rate: float | None = None, decode_cached: int = 0, prefill_cached: int = 0) -> Choice:
     """The conditional rule (module docstring) on loads as the router counts them: `decode` and
-    `prefill` with what this router sent since their last publish added to their queues and batch."""
+    `prefill` with what this router sent since their last publish added to their queues and batch;
+    `decode_cached` and `prefill_cached`: prompt tokens each side holds in its prefix cache."""
+    local_tokens = prompt_tokens - decode_cached
     if prefill is None:
-        return Choice(True, "no_prefill_worker", local_seconds(prompt_tokens, decode) or 0.0)
-    if prompt_tokens > policy.local_max_prompt_tokens:
+        return Choice(True, "no_prefill_worker", local_seconds(local_tokens, decode) or 0.0)
+    if local_tokens > policy.local_max_prompt_tokens:
         return Choice(False, "long_prompt")
-    local = local_seconds(prompt_tokens, decode)
+    local = local_seconds(local_tokens, decode)
     if local is None:
         return Choice(False, "no_budget")
-    remote = prefill_seconds(prompt_tokens, prefill, observed_rate)
+    remote = prefill_seconds(prompt_tokens - prefill_cached, prefill, observed_rate)
     if remote is None:
         return Choice(False, "unmeasured", local)
     remote += transfer_s
@@ -162,7 +170,7 @@ class Disaggregation:
         self.transfers = PairTransfers()
 
     async def choose(self, prompt_tokens: int, blocks_needed_by, avoid: set[str], *, kv_lost: bool = False,
-                     observed_rate: float | None = None,
+                     observed_rate: float | None = None, prompt: list[int] | None = None,
                      pick: Callable[[Callable[[], Awaitable[WorkerView]]], Awaitable[WorkerView]] | None = None) -> Choice:
         """Where this prompt is prefilled. `pick(fn)` runs a picker call the way the caller retries them
         (waiting a little for a worker on replays); only a local choice needs its decode worker now."""
@@ -174,25 +182,29 @@ class Disaggregation:
         elif mode == "remote":
             choice = Choice(False, "mode")
         else:
-            choice = await self._conditional(prompt_tokens, peek, avoid, observed_rate)
+            choice = await self._conditional(prompt_tokens, peek, avoid, observed_rate, prompt)
         self.metrics.disagg_decisions.labels(choice.decision).inc()
         return choice
 
-    async def _conditional(self, prompt_tokens: int, peek, avoid: set[str], observed_rate: float | None) -> Choice:
+    async def _conditional(self, prompt_tokens: int, peek, avoid: set[str], observed_rate: float | None,
+                           prompt: list[int] | None = None) -> Choice:
         try:
             decode = await peek()
         except (Unavailable, ResourceExhausted):  # the decode leg says why, after the usual waits
             return Choice(False, "no_decode_worker")
         picker = self.picker
         dload = dataclasses.replace(decode.load, running_requests=picker.running(decode), queued_tokens=picker.queued_tokens(decode))
+        cached = getattr(picker, "cached_tokens", None) if prompt else None  # the prefix each side holds
+        d_cached = cached(decode, prompt) if cached else 0
         try:
-            prefill = await picker.peek_prefill(avoid)
+            prefill = await picker.peek_prefill(avoid, prompt) if prompt else await picker.peek_prefill(avoid)
         except Unavailable:
             prefill = None
         if prefill is None:
-            choice = decide(prompt_tokens, dload, None, self.policy)
+            choice = decide(prompt_tokens, dload, None, self.policy, decode_cached=d_cached)
         else:
             pload = dataclasses.replace(prefill.load, queued_tokens=picker.queued_tokens(prefill))
             transfer = self.transfers.seconds(prefill.worker_id, decode, prompt_tokens)
-            choice = decide(prompt_tokens, dload, pload, self.policy, transfer, observed_rate)
+            choice = decide(prompt_tokens, dload, pload, self.policy, transfer, observed_rate,
+                            decode_cached=d_cached, prefill_cached=cached(prefill, prompt) if cached else 0)
         return dataclasses.replace(choice, decode=decode) if choice.local else choice

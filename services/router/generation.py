@@ -229,7 +229,7 @@ class Generation:
         """Where this attempt prefills (disagg.py), recorded in the request's metrics."""
         prompt = run.leg_prompt()
         blocks = lambda bs: blocks_needed(len(prompt), run.tokens_left, bs)  # noqa: E731
-        choice = await self.disagg.choose(len(prompt), blocks, run.avoid, kv_lost=run.local_prefill,
+        choice = await self.disagg.choose(len(prompt), blocks, run.avoid, kv_lost=run.local_prefill, prompt=prompt,
                                           observed_rate=self.admission.prefill_rate, pick=lambda fn: self._pick(run, fn))
         m = run.metrics
         m.disagg_decision, m.disagg_reason = choice.decision, choice.reason
@@ -238,7 +238,7 @@ class Generation:
 
     async def _prefill_leg(self, run: Run) -> Prefilled:
         prompt, params = run.leg_prompt(), run.leg_params()
-        worker = await self._pick(run, lambda: self.picker.pick_prefill(len(prompt), exclude=run.avoid))
+        worker = await self._pick(run, lambda: self.picker.pick_prefill(prompt, exclude=run.avoid))
         stub = prefill_pb2_grpc.PrefillStub(self.pool.get(worker.info.address))
         token = secrets.token_bytes(32)  # ours: KV held for a call we give up on can be released without its answer
         call = stub.Prefill(prefill_pb2.PrefillRequest(request_id=run.leg_id, token_ids=prompt, params=params, transfer_token=token),
@@ -259,6 +259,7 @@ class Generation:
         ph = run.metrics.phases
         ph.prefill_queue_s, ph.prefill_compute_s = resp.queue_s, resp.compute_s
         run.metrics.prefill_worker = worker.worker_id
+        self._prefilled_from_cache(run, len(prompt), resp.cached_tokens)
         run.prefilled = Prefilled(prompt, params, resp.first_token, resp.first_logprob, worker.worker_id,
                                   resp.kv_handle if resp.HasField("kv_handle") else None,
                                   resp.first_top_logprobs if resp.HasField("first_top_logprobs") else None)
@@ -276,7 +277,8 @@ class Generation:
         if worker is not None:
             self.picker.claim_decode(worker, len(prompt))
         else:
-            worker = await self._pick(run, lambda: self.picker.pick_decode(blocks, role=role, exclude=run.avoid))
+            worker = await self._pick(run, lambda: self.picker.pick_decode(blocks, role=role, exclude=run.avoid,
+                                                                            prompt=prompt if p is None else None))
         wid = worker.worker_id
         run.metrics.decode_worker = wid
         run.metrics.colocated = role == "colocated" or p is None
@@ -305,6 +307,7 @@ class Generation:
                     t_dec = time.monotonic()
                 if resp.prefill_compute_s:
                     run.metrics.phases.prefill_queue_s, run.metrics.phases.prefill_compute_s = resp.queue_s, resp.prefill_compute_s
+                    self._prefilled_from_cache(run, len(prompt), resp.cached_tokens)
                 if not resp.token_ids and not resp.finish_reason:
                     continue  # a keep-alive while it waits for blocks, or the KV-in-place message
                 msg = self._emit(run, list(resp.token_ids), list(resp.logprobs), state, resp.finish_reason,
@@ -323,6 +326,12 @@ class Generation:
             call.cancel()
         run.metrics.phases.decode_s += time.monotonic() - t_dec
         self.picker.ejector.success(wid)
+
+    def _prefilled_from_cache(self, run: Run, prompt_tokens: int, cached_tokens: int) -> None:
+        """Records a prefill's prefix-cache hit in the request's metrics and the router's counters."""
+        run.metrics.cached_tokens = cached_tokens
+        self.metrics.prefix_queried.labels("router").inc(prompt_tokens)
+        self.metrics.prefix_hits.labels("router").inc(cached_tokens)
 
     # -- replay ------------------------------------------------------------------------------
     async def _replay(self, run: Run, failure: LegFailure, state: StateWriter) -> None:
@@ -437,8 +446,8 @@ class Generation:
             self.metrics.tpot.observe(m.tpot_s)
         self.metrics.e2e.observe(m.e2e_s)
         state.update(RequestPhase.FINISHED, tokens_emitted=len(run.emitted), finish_reason=finish_name(run.finish), e2e_s=m.e2e_s)
-        log.info("finished %s: %d prompt + %d tokens, ttft %.3fs, tpot %.4fs, e2e %.3fs, prefill %s, decode %s, replays %d",
-                 run.rid, len(run.prompt), len(run.emitted), m.ttft_s, m.tpot_s, m.e2e_s, m.prefill_worker, m.decode_worker, run.attempt)
+        log.info("finished %s: %d prompt (%d cached) + %d tokens, ttft %.3fs, tpot %.4fs, e2e %.3fs, prefill %s, decode %s, replays %d",
+                 run.rid, len(run.prompt), m.cached_tokens, len(run.emitted), m.ttft_s, m.tpot_s, m.e2e_s, m.prefill_worker, m.decode_worker, run.attempt)
         return generation_pb2.GenerateResponse(request_id=run.rid, text=tail, finish_reason=run.finish, metrics=m)
 
     async def list_models(self) -> generation_pb2.ListModelsResponse:

@@ -197,12 +197,12 @@ class OpenAIApi:
 class _Choice:
     """What one choice has produced so far."""
 
-    __slots__ = ("text", "ids", "lps", "tops", "finish", "prompt_tokens", "completion_tokens")
+    __slots__ = ("text", "ids", "lps", "tops", "finish", "prompt_tokens", "completion_tokens", "cached_tokens")
 
     def __init__(self):
         self.text, self.ids, self.lps, self.tops = [], [], [], []
         self.finish = None
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
 
     def add(self, msg: generation_pb2.GenerateResponse) -> None:
         self.text.append(msg.text)
@@ -214,6 +214,7 @@ class _Choice:
         if msg.HasField("metrics"):
             self.prompt_tokens = msg.metrics.prompt_tokens
             self.completion_tokens = msg.metrics.completion_tokens
+            self.cached_tokens = min(msg.metrics.cached_tokens, msg.metrics.prompt_tokens)
 
 
 def _tops(msg: generation_pb2.GenerateResponse) -> list[list[tuple[int, float]]]:
@@ -226,8 +227,10 @@ def _tops(msg: generation_pb2.GenerateResponse) -> list[list[tuple[int, float]]]
 
 def _usage(choices: dict[int, _Choice], n: int) -> dict:
     prompt = sum(c.prompt_tokens for i, c in choices.items() if i % n == 0)  # each prompt once
+    cached = sum(c.cached_tokens for i, c in choices.items() if i % n == 0)  # its prefill's prefix-cache hit
     completion = sum(c.completion_tokens for c in choices.values())
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _sse(obj: dict | str) -> bytes:

@@ -49,7 +49,8 @@ async def run(settings: RouterSettings) -> None:
     tls = settings.tls()
     pool = ChannelPool(tls=tls)
     picker = WorkerPicker(Registry(r), settings.model, settings.refresh_s, pool=pool, metrics=metrics,
-                          ejector=OutlierEjector(settings.eject_after, settings.eject_s, settings.eject_s * 12))
+                          ejector=OutlierEjector(settings.eject_after, settings.eject_s, settings.eject_s * 12),
+                          routing=settings.routing)
     keys = ApiKeys.load(settings.api_keys_file, settings.api_keys)
     built = await build_server(SERVICES, host=settings.host, port=settings.port, interceptors=[ApiKeyInterceptor(keys, SERVICES)],
                                 tls=tls, require_client_auth=settings.tls_client_certs)

@@ -5,6 +5,9 @@ The router reads the registry at most every `refresh_s` and between reads adds w
 decode worker is to prefill itself), so a burst of requests
 spreads over the pool instead of piling onto whichever worker looked idlest at the last read;
 between equally loaded workers the choice is random.
+With KV-aware routing (the default) a prefill worker is chosen by the tokens it must compute before
+the prompt's first token, its queue plus the part of the prompt it has not cached
+(services/router/prefix_index.py states and tests that cost); least-loaded routing ignores caches.
 Draining workers get nothing new; workers the outlier ejector holds out, and those a request
 already failed on, get nothing new while anyone else can take it.
 
@@ -30,6 +33,9 @@ from distserve.metrics import Metrics
 from distserve.rpc.channels import ChannelPool
 from distserve.state.registry import Registry, WorkerView
 from services.router.ejection import OutlierEjector
+from services.router.prefix_index import PrefixIndex, prefill_cost
+
+ROUTING = ("kv", "load")  # KV-aware (prefix cache against load) or least-loaded
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,12 @@ def least(views: list[WorkerView], key) -> WorkerView:
 
 class WorkerPicker:
     def __init__(self, registry: Registry, model: str, refresh_s: float = 0.2,
-                 pool: ChannelPool | None = None, metrics: Metrics | None = None, ejector: OutlierEjector | None = None):
+                 pool: ChannelPool | None = None, metrics: Metrics | None = None, ejector: OutlierEjector | None = None,
+                 routing: str = "kv"):
+        if routing not in ROUTING:
+            raise ValueError(f"routing must be one of {', '.join(ROUTING)}, got {routing!r}")
+        self.routing = routing
+        self.prefixes = PrefixIndex()  # the workers' published prefix caches (KV-aware routing)
         self.registry = registry
         self.model = model
         self.refresh_s = refresh_s
@@ -102,6 +113,8 @@ class WorkerPicker:
             self.metrics.registry_up.set(1)
         self._views = [v for v in views if not v.load.draining]
         self._read_at = now
+        if self.routing == "kv":
+            await self._read_prefixes()
         self._pending_tokens.clear()
         self._pending_running.clear()
         self._pending_local.clear()
@@ -109,6 +122,17 @@ class WorkerPicker:
             self._watch(self._views)
         if self.metrics is not None:
             self.metrics.observe_pool(v for v in self._views if v.worker_id not in self._down)
+
+    async def _read_prefixes(self) -> None:
+        """Fetches the prefix filters of workers whose published version moved (none when quiet)."""
+        stale = self.prefixes.stale(self._views)
+        filters = {}
+        if stale:
+            try:
+                filters = await self.registry.prefixes(stale)
+            except Unavailable as exc:  # routing goes on with the filters held; the next read retries
+                log.debug("prefix filters unreadable: %s", exc)
+        self.prefixes.update(self._views, filters)
 
     # -- health watches ----------------------------------------------------------------------
     def _watch(self, views: list[WorkerView]) -> None:
@@ -186,15 +210,36 @@ class WorkerPicker:
                 return kept
         return views
 
-    async def pick_prefill(self, prompt_tokens: int, exclude: set[str] = frozenset()) -> WorkerView:
-        best = await self.peek_prefill(exclude)
-        self._pending_tokens[best.worker_id] = self._pending_tokens.get(best.worker_id, 0) + prompt_tokens
+    async def pick_prefill(self, prompt: int | list[int], exclude: set[str] = frozenset()) -> WorkerView:
+        """The prefill worker for a prompt (its token ids; a count: no prefix is weighed), counted as sent."""
+        tokens = prompt if isinstance(prompt, list) else None
+        n = len(tokens) if tokens is not None else prompt
+        views = await self._candidates("prefill", exclude)
+        memo: dict = {}
+        cached = self._cached(views, tokens, memo)
+        best = least(views, key=lambda v: prefill_cost(self.queued_tokens(v), n, cached.get(v.worker_id, 0)))
+        self._pending_tokens[best.worker_id] = self._pending_tokens.get(best.worker_id, 0) + n - cached.get(best.worker_id, 0)
+        if tokens is not None and self.routing == "kv":
+            self.prefixes.routed(best, tokens, memo)
         return best
 
-    async def peek_prefill(self, exclude: set[str] = frozenset()) -> WorkerView:
-        """The prefill worker `pick_prefill` would choose now (the least queued tokens), nothing sent yet."""
+    def _cached(self, views: list[WorkerView], prompt: list[int] | None, memo: dict) -> dict[str, int]:
+        """Worker id -> tokens of the prompt's prefix it holds (KV-aware routing with a prompt; else empty)."""
+        if self.routing != "kv" or not prompt:
+            return {}
+        return {v.worker_id: self.prefixes.cached_tokens(v, prompt, memo) for v in views}
+
+    def cached_tokens(self, view: WorkerView, prompt: list[int]) -> int:
+        """Tokens of the prompt's prefix this worker holds, as far as this router knows (0 with least-loaded routing)."""
+        return self.prefixes.cached_tokens(view, prompt) if self.routing == "kv" else 0
+
+    async def peek_prefill(self, exclude: set[str] = frozenset(), prompt: list[int] | None = None) -> WorkerView:
+        """The prefill worker `pick_prefill` would choose now, nothing sent yet."""
         views = await self._candidates("prefill", exclude)
-        return least(views, key=self.queued_tokens)
+        if prompt is None:
+            return least(views, key=self.queued_tokens)
+        cached = self._cached(views, prompt, {})
+        return least(views, key=lambda v: prefill_cost(self.queued_tokens(v), len(prompt), cached.get(v.worker_id, 0)))
 
     def queued_tokens(self, view: WorkerView) -> int:
         """Prompt tokens waiting on a worker: its last published queue plus what this router sent it since."""
@@ -205,10 +250,12 @@ class WorkerPicker:
         """Requests running on a decode worker, with those this router sent it since its last publish."""
         return view.load.running_requests + self._pending_running.get(view.worker_id, 0)
 
-    async def pick_decode(self, blocks_needed_by, role: str = "decode", exclude: set[str] = frozenset()) -> WorkerView:
-        """Among workers with room for the request, the one with the least running load.
+    async def pick_decode(self, blocks_needed_by, role: str = "decode", exclude: set[str] = frozenset(),
+                          prompt: list[int] | None = None) -> WorkerView:
+        """Among workers with room for the request, the one with the least running load (among equals,
+        the one holding the longest prefix of `prompt`, when it prefills there).
         `blocks_needed_by(block_size)` gives the request's blocks for a worker's block size."""
-        best = await self.peek_decode(blocks_needed_by, role, exclude)
+        best = await self.peek_decode(blocks_needed_by, role, exclude, prompt)
         self.claim_decode(best)
         return best
 
@@ -219,15 +266,18 @@ class WorkerPicker:
         if local_prompt_tokens:
             self._pending_local[wid] = self._pending_local.get(wid, 0) + local_prompt_tokens
 
-    async def peek_decode(self, blocks_needed_by, role: str = "decode", exclude: set[str] = frozenset()) -> WorkerView:
+    async def peek_decode(self, blocks_needed_by, role: str = "decode", exclude: set[str] = frozenset(),
+                          prompt: list[int] | None = None) -> WorkerView:
         """The decode worker `pick_decode` would choose now, not yet counted as sent."""
         views = await self._candidates(role, exclude)
         fits = [v for v in views if blocks_needed_by(v.info.block_size) <= v.info.total_blocks]
         if not fits:
             raise ResourceExhausted("the request needs more KV blocks than any decode worker has")
 
+        cached = self._cached(fits, prompt, {})
+
         def load(v: WorkerView) -> tuple:
             has_room = blocks_needed_by(v.info.block_size) <= v.load.free_blocks
-            return (not has_room, self.running(v), -v.load.free_blocks)
+            return (not has_room, self.running(v), -cached.get(v.worker_id, 0), -v.load.free_blocks)
 
         return least(fits, key=load)

@@ -45,6 +45,7 @@ class RouterSettings(TlsSettings):
     disagg_mode: str = setting("remote", "where prompts are prefilled: remote = the prefill pool, then the KV moves to a decode worker; local = on the decode worker itself (no KV transfer); conditional = per request, local when the prompt is short and the decode worker is expected to give its first token sooner than the prefill pool by disagg_margin_s (docs/conditional-disaggregation.md)", ("conditional", "remote", "local"))
     local_max_prompt_tokens: int = setting(512, "conditional: prompts longer than this always prefill on the prefill pool")
     disagg_margin_s: float = setting(0.2, "conditional: how much sooner (seconds) a local prefill must be expected to give the first token than the prefill pool (queue, compute and KV transfer) to be chosen")
+    routing: str = setting("kv", "how a prefill worker is chosen: kv = the fewest tokens to compute before the prompt's first token (its queue plus the part of the prompt it has not cached, from the prefix caches workers publish); load = the least queued tokens, caches ignored (docs/prefix-caching.md)", ("kv", "load"))
     tls_client_certs: bool = setting(False, "with TLS: clients of the public APIs must also present a certificate from tls_ca (mutual TLS), besides any API key")
 
     def __post_init__(self):

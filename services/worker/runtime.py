@@ -33,6 +33,7 @@ import torch
 
 from distserve.engine.engine import LLMEngine
 from distserve.engine.models import load_model
+from distserve.engine.prefix import BlockBloom
 from distserve.engine.sampling import SamplingParams
 from distserve.engine.step_times import StepPredictor
 from distserve.engine.weights import resolve_format
@@ -92,6 +93,7 @@ class WorkerRuntime:
         self.metrics_port: int | None = None  # bound Prometheus port, None when off
         self.kv_pulls = PullEstimate()  # a decode worker's recent KV pulls (published for routers' transfer estimates)
         self.stop_event = asyncio.Event()
+        self.prefix_version = 0  # version of the prefix filter last handed to the heartbeat
 
     # -- start -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -131,18 +133,20 @@ class WorkerRuntime:
         for rep in range(2):
             if rep:
                 await self.worker.call(lambda eng: eng.step_times.reset())  # on the engine thread, which reads the fit
-            for n in sizes:
+            for i, n in enumerate(sizes):
                 if n >= 4:
-                    await self._run_once(f"warm-up-{rep}-{n}", n, 2 if n == 4 else 1)
+                    # each prompt its own first token: none finds another's blocks in the prefix cache,
+                    # so every calibration step computes the tokens it is timed for
+                    await self._run_once(f"warm-up-{rep}-{n}", n, 2 if n == 4 else 1, salt=len(sizes) * rep + i)
             for b in batches:
-                await asyncio.gather(*(self._run_once(f"warm-up-{rep}-d{b}-{i}", 8, 4) for i in range(b)))
+                await asyncio.gather(*(self._run_once(f"warm-up-{rep}-d{b}-{i}", 8, 4, salt=100 + 10 * rep + i) for i in range(b)))
         fit = e.step_times.fit
         if fit is not None:
             log.info("step times: %.2f ms + %.3f ms per prompt token + %.3f ms per decode", 1e3 * fit.fixed_s, 1e3 * fit.token_s, 1e3 * fit.decode_s)
 
-    async def _run_once(self, rid: str, tokens: int, max_tokens: int) -> None:
+    async def _run_once(self, rid: str, tokens: int, max_tokens: int, salt: int = 0) -> None:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        prompt = [1 + i % 100 for i in range(tokens)]
+        prompt = [1 + (i + 13 * salt) % 100 for i in range(tokens)]
         stream = await self.worker.generate(rid, prompt, params)
         async for out in stream:
             if out.held:
@@ -181,6 +185,7 @@ class WorkerRuntime:
             block_size=e.config.block_size,
             max_model_len=e.max_model_len,
             started_at=time.time(),
+            prefix_root=f"{e.prefix_root:016x}" if e.config.prefix_caching else "",
         )
 
     def load_now(self) -> WorkerLoad:
@@ -201,12 +206,26 @@ class WorkerRuntime:
             prefill_budget_tokens=st.prefill_budget_tokens,
             kv_bytes_per_s=self.kv_pulls.bytes_per_s,
             kv_bytes_per_token=self.kv_pulls.bytes_per_token,
+            prefix_version=self.prefix_version,
+            prefix_blocks=st.prefix_cached_blocks,
         )
+
+    async def prefix_fields(self, force: bool) -> dict[str, bytes]:
+        """The heartbeat's extra entry field: the Bloom filter of the cached block hashes, rebuilt only
+        when the cache changed since the last one (or `force`: the entry was lost); {} otherwise."""
+        e = self.engine
+        if not e.config.prefix_caching or (not force and self.worker.stats.prefix_version + 1 == self.prefix_version):
+            return {}
+        version, hashes = await self.worker.call(lambda eng: eng.prefix_hashes())
+        bloom = BlockBloom.build(hashes, capacity=e.blocks.num_blocks)
+        self.prefix_version = version + 1  # 0 means "none published"
+        return {"prefix": bloom.bits}
 
     async def serve(self, transports: tuple[str, ...] = ("grpc",)) -> None:
         """Starts serving and registers; returns when a stop signal arrives and shutdown is done."""
         await self.built.server.start()
-        self.heartbeat = Heartbeat(self.registry, self.info(transports), self.load_now, interval_s=self.settings.heartbeat_s, ttl_s=self.settings.ttl_s)
+        self.heartbeat = Heartbeat(self.registry, self.info(transports), self.load_now, interval_s=self.settings.heartbeat_s, ttl_s=self.settings.ttl_s,
+                                   extra_fn=self.prefix_fields)
         await self.heartbeat.start()
         await self.built.health.set_serving()
         loop = asyncio.get_running_loop()
@@ -248,7 +267,8 @@ class WorkerRuntime:
         if not changed:
             log.warning("%s: work did not drain in %.0fs; staying %s", self.worker_id, s.drain_s, old)
         self.draining = False
-        self.heartbeat = Heartbeat(self.registry, self.info(transports), self.load_now, interval_s=s.heartbeat_s, ttl_s=s.ttl_s)
+        self.heartbeat = Heartbeat(self.registry, self.info(transports), self.load_now, interval_s=s.heartbeat_s, ttl_s=s.ttl_s,
+                                   extra_fn=self.prefix_fields)
         await self.heartbeat.start()
         await self.built.health.set_serving()
         log.info("%s serving as %s", self.worker_id, self.role)

@@ -68,6 +68,14 @@ def test_completion_equals_the_grpc_answer_and_reports_usage(suite, oai):
     assert out.usage.total_tokens == out.usage.prompt_tokens + 12
 
 
+def test_usage_reports_the_prompt_tokens_taken_from_the_prefix_cache(oai):
+    system = list(range(3, 3 + 40))  # 40 tokens: two full blocks of 16 the second request finds cached
+    first = oai.completions.create(model=MODEL, prompt=system + [100, 101], max_tokens=4, temperature=0)
+    second = oai.completions.create(model=MODEL, prompt=system + [102], max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens == 41 and second.usage.prompt_tokens_details.cached_tokens == 32
+
+
 def test_a_batch_of_prompts_echo_and_n(oai):
     kw = dict(model=MODEL, prompt=["Hello there", "General Kenobi"], max_tokens=4, temperature=0.8, seed=3, n=2, echo=True,
               extra_body={"ignore_eos": True})

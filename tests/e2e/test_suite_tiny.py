@@ -79,6 +79,33 @@ def test_fifty_concurrent_requests_match_transformers_and_free_everything(suite,
     assert len(views) == 4 and not busy, busy
 
 
+def test_prompts_sharing_a_prefix_meet_the_worker_that_holds_it_and_stay_exact(suite, tiny, dump_on_failure):
+    """KV-aware routing with 2 prefill workers: a conversation's turns go where its history is cached,
+    prefill only what is new, and answer as transformers does on the whole prompt."""
+    dump_on_failure(suite)
+    rng = random.Random(7)
+    system = [rng.randrange(3, 259) for _ in range(130)]
+
+    async def go():
+        async with AsyncClient(suite.target, **suite.client_tls) as c:
+            first = await c.generate(system + [9, 9, 9], max_tokens=6, temperature=0.0, ignore_eos=True)
+            await asyncio.sleep(0.6)  # a heartbeat publishes the worker's cache (the router also remembers where it sent it)
+            history = system + [9, 9, 9] + first.token_ids
+            turns = []
+            for k in range(3):
+                prompt = history + [rng.randrange(3, 259) for _ in range(5 + k)]
+                out = await c.generate(prompt, max_tokens=6, temperature=0.0, ignore_eos=True)
+                turns.append((prompt, out))
+                history = prompt + out.token_ids
+            return first, turns
+
+    first, turns = asyncio.run(go())
+    for prompt, out in turns:
+        assert out.metrics.prefill_worker == first.metrics.prefill_worker
+        assert out.metrics.cached_tokens >= 128 and out.metrics.cached_tokens % 16 == 0
+        assert out.token_ids == reference(tiny, prompt, 6)
+
+
 def test_text_prompt_streams_and_state_is_recorded(suite, tiny, dump_on_failure):
     dump_on_failure(suite)
     with Client(suite.target, **suite.client_tls) as c:

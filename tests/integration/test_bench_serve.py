@@ -114,6 +114,27 @@ def test_serve_distserve_target_records_tokens_and_phases(suite, tmp_path, capsy
     assert set(out["summary"]["phases_mean"]) >= {"router_s", "prefill_queue_s", "kv_transfer_s", "decode_queue_s"}
 
 
+def test_serve_multiturn_resends_each_conversation_with_its_answers(suite, tmp_path, capsys):
+    path = tmp_path / "run.json"
+    text = cli(["bench", "serve", "--target", f"distserve://{suite}", "--workload", "multiturn", "--rate", "50", "--num-requests", "5",
+                "--seed", "4", "--slo-ttft", "30", "--slo-tpot", "5", "--no-progress", "--warmup", "1", "--out", str(path)], capsys)
+    assert "prefix cache:" in text
+    out = json.loads(path.read_text())
+    rs = _check_run(out, 5)
+    from distserve.bench.workloads import build_requests, conversations
+    from distserve.engine.models import load_tokenizer
+
+    specs = build_requests("multiturn", 5, load_tokenizer("tiny-llama"), seed=4)
+    by_index = {r.index: r for r in rs}
+    for conv in conversations(specs):
+        for prev, spec in zip(conv, conv[1:]):  # history + the server's answer + the new message
+            assert by_index[spec.index].prompt_len == by_index[prev.index].prompt_len + by_index[prev.index].completion_tokens + len(spec.user_ids)
+            assert by_index[spec.index].send_s >= by_index[prev.index].end_s + spec.think_s - 0.01
+            # the history's blocks were cached where it was prefilled (one prefill worker here)
+            assert by_index[spec.index].cached_tokens >= by_index[prev.index].prompt_len // 16 * 16 - 16
+    assert out["summary"]["cache_hit_rate"] > 0.3
+
+
 def test_serve_openai_target_same_requests(suite, openai_server, tmp_path, capsys):
     path = tmp_path / "run.json"
     text = cli(["bench", "serve", "--target", f"openai://{openai_server}", "--model", "tiny-llama", "--workload", "chat",

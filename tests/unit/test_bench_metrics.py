@@ -161,6 +161,34 @@ def test_workloads_are_seeded_exact_and_in_range():
     assert [r.prompt_ids for r in timed] == [r.prompt_ids for r in a] and timed[-1].arrival_s > 0
 
 
+def test_shared_prefix_and_multiturn_workloads():
+    from distserve.bench.workloads import MULTITURN, SHARED_PREFIX, conversations
+    from distserve.engine.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-llama")
+    sp = build_requests("shared-prefix", 12, tok, seed=1)
+    system = sp[0].prompt_ids[: SHARED_PREFIX["system"]]
+    for r in sp:
+        assert r.prompt_ids[: len(system)] == system and 16 <= r.prompt_len - len(system) <= 64 and 16 <= r.output_len <= 64
+    other = build_requests("shared-prefix", 12, tok, seed=1, variant=1)  # other words, same lengths
+    assert [r.prompt_len for r in other] == [r.prompt_len for r in sp] and other[0].prompt_ids[:8] != system[:8]
+
+    mt = build_requests("multiturn", 30, tok, seed=2)
+    convs = conversations(mt)
+    assert len(mt) == 30 and [r.index for r in mt] == list(range(30)) and len(convs) >= 30 // MULTITURN["turns"][1]
+    system = mt[0].prompt_ids[: MULTITURN["system"]]
+    for conv in convs:
+        first, *rest = conv
+        assert first.turn == 0 and first.prompt_ids[: len(system)] == system and first.think_s == 0
+        for t, r in enumerate(rest, start=1):  # built at send time from the answers before
+            assert r.turn == t and r.prompt_ids is None and r.user_ids and r.think_s > 0 and len(r.reply_ids) == r.output_len
+    timed = with_arrivals(mt, 2.0, seed=2)
+    starts = {r.conversation: r.arrival_s for r in timed}
+    assert all(r.arrival_s == starts[r.conversation] for r in timed)  # a conversation's turns share its start
+    # conversations start at rate / mean turns, so the long-run request rate is the rate asked
+    assert sorted(starts.values())[-1] == pytest.approx(arrival_times(len(convs), 2.0 * len(convs) / 30, seed=2)[-1])
+
+
 def test_jsonl_workload(tmp_path):
     from distserve.tokenization import load_tokenizer
 
