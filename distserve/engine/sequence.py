@@ -41,6 +41,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     output_text: str = ""  # detokenized output, kept only when stop strings are set
     first_scheduled_s: float | None = None  # when its prefill (or import) first ran
+    spec: object | None = None  # speculative decoding's per-request state (speculative.SpecState), made on first draft
 
     @property
     def num_tokens(self) -> int:
