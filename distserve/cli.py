@@ -67,7 +67,15 @@ def cmd_generate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    if args.what == "engine":
+    if args.what == "engine" and args.speculative != "none":
+        from distserve.bench.spec_bench import run
+
+        result = run(model=args.model, speculative=args.speculative, batches=tuple(int(b) for b in args.spec_batches.split(",")),
+                     prompts=args.prompts, batch1_prompts=args.batch1_prompts, threads=args.threads or None,
+                     weights=args.weights, kv_dtype=args.kv_dtype, draft_model=args.draft_model, draft_layers=args.draft_layers,
+                     adaptive=not args.fixed_k, workloads=tuple(args.workloads.split(",")))
+        print(json.dumps(result) if args.json else "\n".join(f"{k:>20}: {v}" for k, v in result.items()))
+    elif args.what == "engine":
         from distserve.bench.engine_bench import run
 
         result = run(model=args.model, batch=args.batch, context=args.context, steps=args.steps, threads=args.threads or None,
@@ -226,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--logs", default="", help="folder for the processes' logs (default: a new folder under $DISTSERVE_HOME/logs)")
     up.add_argument("--weights", default="", choices=("", "auto", "fp32", "int8"), help="every worker's --weights (default: theirs, auto)")
     up.add_argument("--kv-dtype", default="", choices=("", "auto", "int8"), help="every worker's --kv-dtype (default: theirs, auto)")
+    up.add_argument("--speculative", default="", choices=("", "none", "ngram", "draft"), help="decode and colocated workers' --speculative (default: theirs, none; a --draft-model goes through --worker-arg)")
     up.add_argument("--share-weights", default="", choices=("", "auto", "on", "off"), help="every worker's --share-weights (default: theirs, auto)")
     up.add_argument("--tls", default="on", choices=("on", "off"),
                     help="on: mutual TLS between the services and TLS (HTTPS) to the router, with certificates made once in --tls-dir; "
@@ -272,6 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--threads", type=int, default=0)
     be.add_argument("--weights", default="fp32", choices=("fp32", "int8"), help="int8 also prints its speed against fp32 and the quality figures")
     be.add_argument("--kv-dtype", default="auto", choices=("auto", "int8"), help="int8 also prints the quality figures against fp32 KV")
+    be.add_argument("--speculative", default="none", choices=("none", "ngram", "draft"),
+                    help="ngram or draft: TPOT with speculative decoding against without, on the rewrite and chat workloads (distserve.bench.spec_bench)")
+    be.add_argument("--draft-model", default="", help="with --speculative draft: the draft model (default: a self-draft)")
+    be.add_argument("--draft-layers", type=int, default=0, help="with --speculative draft and no --draft-model: the self-draft's layers (0 = a quarter)")
+    be.add_argument("--fixed-k", action="store_true", help="with --speculative: verify every draft up to k (no adaptive k), to measure the drafts' own acceptance")
+    be.add_argument("--workloads", default="rewrite,chat", help="with --speculative: workloads, comma-separated")
+    be.add_argument("--spec-batches", default="1,8", help="with --speculative: batch sizes, comma-separated")
+    be.add_argument("--prompts", type=int, default=56, help="with --speculative: requests per workload at batch > 1")
+    be.add_argument("--batch1-prompts", type=int, default=8, help="with --speculative: requests per workload at batch 1")
     be.add_argument("--json", action="store_true")
     bl = bsub.add_parser("latency", help="per-phase latency breakdown and router overhead on a running suite")
     bl.add_argument("--target", default="", help="a running router (default: start a suite with distserve up)")

@@ -31,6 +31,14 @@ pool gauges by each read of the registry. The series, by who exports them:
 
 Prefix-cache hit rate: `rate(distserve_prefix_cache_hit_tokens_total[5m]) / rate(distserve_prefix_cache_queried_tokens_total[5m])`
 (per worker, or the router's for the whole pool).
+| `distserve_spec_draft_tokens_total`, `distserve_spec_accepted_tokens_total` | role | | | x |
+| `distserve_decode_sequence_steps_total`, `distserve_decode_step_tokens_total` | role | | | x |
+| `distserve_spec_acceptance_rate`, `distserve_spec_tokens_per_step` | role | | | x |
+
+Speculative decoding (decode and colocated workers, `--speculative`): draft tokens verified and
+accepted; sequence-steps of decoding (one per running request per engine step) and the tokens they
+produced, so `rate(..._step_tokens_total) / rate(..._sequence_steps_total)` is tokens per step (1
+without speculation); the two gauges are the same ratios since the process started.
 """
 
 from __future__ import annotations
@@ -113,6 +121,14 @@ class Metrics:
         # Redis outages and dead routers, as this router sees them
         self.registry_up = Gauge("distserve_registry_up", "1 while the worker registry in Redis is readable, 0 while the router routes from its last read", registry=r)
         self.expired = Counter("distserve_requests_expired", "Requests of dead routers this router closed as EXPIRED", registry=r)
+        # speculative decoding (worker roles that decode), as counters mirrored from the engine's own
+        self.spec_drafted = Counter("distserve_spec_draft_tokens", "Speculative draft tokens verified", ["role"], registry=r)
+        self.spec_accepted = Counter("distserve_spec_accepted_tokens", "Speculative draft tokens accepted", ["role"], registry=r)
+        self.decode_steps = Counter("distserve_decode_sequence_steps", "Decode steps per sequence (one per running request per engine step)", ["role"], registry=r)
+        self.decode_step_tokens = Counter("distserve_decode_step_tokens", "Tokens those sequence-steps produced (more than one per step where drafts were accepted)", ["role"], registry=r)
+        self.spec_acceptance = Gauge("distserve_spec_acceptance_rate", "Share of verified draft tokens accepted, since start", ["role"], registry=r)
+        self.spec_tokens_per_step = Gauge("distserve_spec_tokens_per_step", "Tokens per decode sequence-step, since start (1 without speculation)", ["role"], registry=r)
+        self._engine_counts = (0, 0, 0, 0)  # the engine's cumulative figures at the last observe_engine
         r.register(NativeKernels())
         # zero-valued children, so every series is scrapeable before its first event
         for outcome in ("finished", "failed", "cancelled"):
@@ -155,6 +171,18 @@ class Metrics:
                 counter.labels(role).inc(new - old)
         self._prefix_seen = now
         self.prefix_blocks.labels(role).set(getattr(stats, "prefix_cached_blocks", 0))
+        counts = (getattr(stats, "spec_drafted_tokens", 0), getattr(stats, "spec_accepted_tokens", 0),
+                  getattr(stats, "decode_seq_steps", 0), getattr(stats, "decode_seq_tokens", 0))
+        if counts != self._engine_counts:
+            for counter, now, before in zip((self.spec_drafted, self.spec_accepted, self.decode_steps, self.decode_step_tokens), counts, self._engine_counts):
+                if now > before:
+                    counter.labels(role).inc(now - before)
+            self._engine_counts = counts
+            drafted, accepted, steps, tokens = counts
+            if drafted:
+                self.spec_acceptance.labels(role).set(accepted / drafted)
+            if steps:
+                self.spec_tokens_per_step.labels(role).set(tokens / steps)
 
     def observe_pool(self, views: Iterable) -> None:
         """Pool gauges from registry views (`WorkerView`: .info.role and .load)."""

@@ -58,6 +58,10 @@ class WorkerSettings(TlsSettings):
     kv_dtype: str = setting("auto", "KV cache dtype: auto (the --dtype) or int8 with per-block scales (prefill and decode workers must agree)", ("auto", "int8"))
     elastic: bool = setting(False, "prefill or decode worker: serve both roles' services and change role when asked (distserve role set, or the want_role field of its registry entry); it then needs the decode role's certificate and Redis user (docs/conditional-disaggregation.md)")
     prefix_cache: str = setting("on", "automatic prefix caching: keep computed KV blocks by the hash of their prefix and prefill only the uncached end of a prompt; the worker publishes what it holds so routers send prompts where their prefix is (docs/prefix-caching.md)", ("on", "off"))
+    speculative: str = setting("none", "speculative decoding on decode and colocated workers: ngram drafts tokens by prompt lookup (matching the last tokens against the prompt and output so far), draft with a draft model (--draft-model); the drafts are verified in one step, and a request's drafts stop when they do not pay (docs/speculative-decoding.md)", ("none", "ngram", "draft"))
+    speculative_k: int = setting(5, "most draft tokens per request and step (--speculative)")
+    draft_model: str = setting("", "--speculative draft: a smaller model sharing the tokenizer (name, Hugging Face directory or .gguf); empty = a self-draft of the model's first --draft-layers layers and its head")
+    draft_layers: int = setting(0, "--speculative draft without --draft-model: layers of the model the self-draft keeps (0 = a quarter)")
     share_weights: str = setting("auto", "map the weights read-only from a file every worker on the host shares: on, off, or auto (on for int8, off for fp32, whose private packed copy is faster)", ("auto", "on", "off"))
 
     def __post_init__(self):
@@ -83,6 +87,8 @@ class WorkerSettings(TlsSettings):
             ("kv_idle_s", self.kv_idle_s > 0, "> 0"),
             ("kv_buffer_bytes", self.kv_buffer_bytes >= 0, ">= 0"),
             ("tpot_slo_ms", self.tpot_slo_ms >= 0, ">= 0"),
+            ("speculative_k", self.speculative_k >= 1, ">= 1"),
+            ("draft_layers", self.draft_layers >= 0, ">= 0"),
         )
         bad = [f"{name} must be {what}, got {getattr(self, name)!r}" for name, ok, what in rules if not ok]
         bad += self.tls_problems()
@@ -107,6 +113,10 @@ class WorkerSettings(TlsSettings):
             share_weights={"on": True, "off": False}.get(self.share_weights, "auto"),
             free_model_weights=True,  # the worker's LoadedModel serves nothing else
             prefix_caching=self.prefix_cache == "on",
+            speculative=self.speculative,  # the engine drafts only where it decodes (not in prefill mode)
+            speculative_k=self.speculative_k,
+            draft_model=self.draft_model,
+            draft_layers=self.draft_layers,
         )
 
 

@@ -284,6 +284,7 @@ class Suite:
         for flag in ("weights", "kv_dtype", "share_weights"):
             if getattr(a, flag, ""):
                 engine_flags += ["--" + flag.replace("_", "-"), getattr(a, flag)]
+        spec_flags = ["--speculative", a.speculative] if getattr(a, "speculative", "") else []  # decode/colocated only
         workers = []
         taken: set[int] = set()  # ports given to workers so far (none is bound yet)
         counts: dict[str, int] = {}
@@ -294,7 +295,7 @@ class Suite:
                 port = free_port(a.host)
             taken.add(port)
             name = f"{role}-{counts[role]}"
-            argv = ["serve", role, *common, *engine_flags, "--port", str(port), "--threads", str(threads), "--worker-id", name, *a.worker_arg]
+            argv = ["serve", role, *common, *engine_flags, *(spec_flags if role != "prefill" else []), "--port", str(port), "--threads", str(threads), "--worker-id", name, *a.worker_arg]
             if cpus:
                 argv += ["--cpus", cpus]
             workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}", self._env(role)))

@@ -255,7 +255,7 @@ def main(args) -> None:
 
 def add_common_arguments(p) -> None:
     """Flags `bench serve` and `bench goodput` share."""
-    p.add_argument("--workload", default="chat", help="chat, code, summarize, shared-prefix (one long system prompt, short questions), multiturn (conversations resending their history), or jsonl:PATH with {prompt, output_len} per line")
+    p.add_argument("--workload", default="chat", help="chat, code, summarize, shared-prefix (one long system prompt, short questions), multiturn (conversations resending their history), rewrite (outputs that draw on the prompt: the standard library's functions and docstrings), or jsonl:PATH with {prompt, output_len} per line")
     p.add_argument("--num-requests", type=int, default=30)
     p.add_argument("--seed", type=int, default=0, help="same seed, same request list (lengths, prompts, arrivals)")
     p.add_argument("--arrival", default="poisson", choices=("poisson", "gamma"))

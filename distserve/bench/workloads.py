@@ -10,6 +10,11 @@ Length mixes are scaled to what a 135M model on 2 CPU cores serves (DESIGN.md se
 - chat: ShareGPT-like, prompts 64-384 tokens, outputs 16-128 (both long-tailed);
 - code: HumanEval-like, short prompts (32-192), medium outputs (48-192);
 - summarize: LongBench-like, long prompts (384-1024), short outputs (8-48);
+- rewrite: outputs that draw on the prompt (where speculative decoding by prompt lookup pays), from
+  the Python standard library's own source files, which every machine with Python has: "add type
+  hints to this function" over functions taken with `ast` from Lib/*.py (two in three requests), and
+  "rewrite this documentation as a list, keeping its wording" over their docstrings (one in three);
+  prompts go through the model's chat template, outputs are about as long as the text they rework;
 - a JSONL file of `{"prompt": str, "output_len": int}` per line.
 
 Two workloads that repeat themselves, as real traffic does (prefix caching, docs/prefix-caching.md):
@@ -26,6 +31,7 @@ Two workloads that repeat themselves, as real traffic does (prefix caching, docs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -69,7 +75,7 @@ MIXES: dict[str, LengthMix] = {
     "code": LengthMix(96, 0.45, 32, 192, 96, 0.4, 48, 192),
     "summarize": LengthMix(700, 0.3, 384, 1024, 20, 0.45, 8, 48),
 }
-WORKLOADS = (*MIXES, "shared-prefix", "multiturn", "jsonl:PATH")
+WORKLOADS = (*MIXES, "shared-prefix", "multiturn", "rewrite", "jsonl:PATH")
 
 
 @dataclass(slots=True)
@@ -123,6 +129,8 @@ def build_requests(workload: str, n: int, tokenizer, seed: int = 0, variant: int
         return _shared_prefix(n, tokenizer, seed, variant)
     if workload == "multiturn":
         return _multiturn(n, tokenizer, seed, variant)
+    if workload == "rewrite":
+        return rewrite_requests(n, tokenizer, seed)
     if workload not in MIXES:
         raise ValueError(f"unknown workload {workload!r}: use one of {', '.join(WORKLOADS)}")
     rng = random.Random(f"prompts:{workload}:{seed}")
@@ -176,6 +184,75 @@ def conversations(reqs: list[RequestSpec]) -> list[list[RequestSpec]]:
     for r in reqs:
         groups.setdefault(r.conversation if r.conversation >= 0 else -1 - r.index, []).append(r)
     return sorted((sorted(g, key=lambda r: r.turn) for g in groups.values()), key=lambda g: g[0].index)
+
+
+# -- rewrite: outputs that draw on the prompt, from the standard library's source ----------------
+
+REWRITE_CODE = "Rewrite this Python function with type hints on every parameter and on the return value. Keep the body as it is.\n\n```python\n{src}\n```"
+REWRITE_DOC = "Rewrite this documentation of `{name}` as a bulleted list, keeping its wording.\n\n{doc}"
+REWRITE_CHARS = (200, 1400)  # function sources and docstrings of this many characters
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_texts() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(name, source) of unannotated functions and (name, docstring) of documented ones from the
+    standard library's top-level modules, in a fixed order (sorted files, source order)."""
+    import ast
+    import sysconfig
+    import textwrap
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    funcs, docs = [], []
+    lo, hi = REWRITE_CHARS
+    for path in sorted(lib.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+            tree = ast.parse(text)
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = None
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("__"):
+                continue
+            a = node.args
+            params = [*a.posonlyargs, *a.args, *a.kwonlyargs]
+            name = f"{path.stem}.{node.name}"
+            doc = ast.get_docstring(node)
+            if doc and lo <= len(doc) <= hi:
+                docs.append((name, doc))
+            if node.returns is None and params and all(p.annotation is None for p in params):
+                if lines is None:
+                    lines = text.splitlines(keepends=True)
+                src = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno])).rstrip()
+                if lo <= len(src) <= hi and "\t" not in src:
+                    funcs.append((name, src))
+    return funcs, docs
+
+
+def chat_prompt(tokenizer, text: str) -> list[int]:
+    """The model's chat template around one user message (the text as is without a template)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def rewrite_requests(n: int, tokenizer, seed: int = 0) -> list[RequestSpec]:
+    funcs, docs = stdlib_texts()
+    rng = random.Random(f"rewrite:{seed}")
+    funcs = rng.sample(funcs, min(len(funcs), n))
+    docs = rng.sample(docs, min(len(docs), n))
+    out = []
+    for i in range(n):
+        if i % 3 != 2 and funcs:
+            _, src = funcs[(i - i // 3) % len(funcs)]
+            text, body = REWRITE_CODE.format(src=src), src
+        else:
+            name, doc = docs[(i // 3) % len(docs)]
+            text, body = REWRITE_DOC.format(name=name, doc=doc), doc
+        ids = chat_prompt(tokenizer, text)
+        body_tokens = len(tokenizer(body, add_special_tokens=False)["input_ids"])
+        out.append(RequestSpec(i, ids, tokenizer.decode(ids), len(ids), int(min(256, max(32, body_tokens * 1.1 + 16)))))
+    return out
 
 
 def _from_jsonl(path: Path, n: int, tokenizer) -> list[RequestSpec]:

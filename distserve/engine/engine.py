@@ -10,6 +10,8 @@ blocks are freed by `free` (lease released or expired). `abort` frees whatever a
 With `prefix_caching` (workers turn it on) a prompt starts after the longest prefix of its full blocks this
 engine has cached, and every block a step completes (or an import brings in) is cached for later
 prompts until its space is needed (scheduler.py, block_manager.py, docs/prefix-caching.md).
+With `speculative="ngram"` (decode and colocated modes) a step's decodes may carry draft tokens, verified
+in the same forward pass; a sequence then gets several tokens in one output (see `speculative`).
 
 Not thread-safe: one engine thread owns it (see `distserve.engine.worker`).
 """
@@ -32,6 +34,8 @@ from distserve.engine.sampler import Sampler, TopLogprobs
 from distserve.engine.sampling import SamplingParams, find_stop, validate_request
 from distserve.engine.scheduler import Scheduler, SchedulerOutput
 from distserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from distserve.engine.speculative import METHODS as SPEC_METHODS
+from distserve.engine.speculative import SpecConfig, Speculator
 from distserve.engine.step_times import StepPredictor, StepTimes, chunk_budget
 from distserve.engine.weights import load as load_weights
 from distserve.engine.weights import resolve_format
@@ -59,6 +63,10 @@ class EngineConfig:
     share_weights: bool | str = False  # weights from a read-only map of a file the host's workers share; "auto": int8 only
     free_model_weights: bool = False  # drop the LoadedModel's own weights once the runner has its own (workers)
     prefix_caching: bool = False  # keep computed full blocks by prefix hash and reuse them for later prompts (workers: on by default, --prefix-cache; off here so engine benchmarks time every token)
+    speculative: str = "none"  # decode/colocated: "ngram" drafts by prompt lookup, "draft" with a draft model; verified in the step (speculative.py)
+    speculative_k: int = 5  # most draft tokens per request and step (fewer when its drafts are rarely accepted)
+    draft_model: str = ""  # speculative="draft": a smaller model sharing the tokenizer ("": a self-draft of this model's first layers)
+    draft_layers: int = 0  # self-draft: layers kept (0 = a quarter of the model's)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -67,6 +75,12 @@ class EngineConfig:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
         if self.share_weights not in (True, False, "auto"):
             raise ValueError(f"share_weights must be True, False or 'auto', got {self.share_weights!r}")
+        if self.speculative not in SPEC_METHODS:
+            raise ValueError(f"speculative must be one of {SPEC_METHODS}, got {self.speculative!r}")
+        if self.speculative_k < 1:
+            raise ValueError(f"speculative_k must be >= 1, got {self.speculative_k}")
+        if self.draft_layers < 0:
+            raise ValueError(f"draft_layers must be >= 0, got {self.draft_layers}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if not self.tpot_target_s >= 0:
@@ -81,7 +95,7 @@ class EngineConfig:
 @dataclass(slots=True)
 class RequestOutput:
     request_id: str
-    new_token_ids: list[int]  # tokens produced in this step (0 or 1)
+    new_token_ids: list[int]  # tokens produced in this step (0 or 1; more when speculative drafts were accepted)
     new_logprobs: list[float]  # their log-probs, when asked for
     finished: bool
     finish_reason: FinishReason | None
@@ -114,6 +128,10 @@ class EngineStats:
     prefix_hit_tokens: int = 0  # ... of which were taken from the cache
     prefix_evictions: int = 0  # cached blocks reused for other data since start
     prefix_version: int = 0  # changes whenever the set of cached prefix hashes does
+    spec_drafted_tokens: int = 0  # speculative decoding, since start: draft tokens verified
+    spec_accepted_tokens: int = 0  # ... of which accepted
+    decode_seq_steps: int = 0  # sequence-steps of decoding (one per running sequence per step), since start
+    decode_seq_tokens: int = 0  # tokens they produced (= decode_seq_steps without speculation)
 
 
 class LLMEngine:
@@ -142,6 +160,7 @@ class LLMEngine:
         self.prefix_root = root_hash(f"{loaded.name}|{loaded.fingerprint}|seed={loaded.seed}|weights={fmt}",
                                      str(dtype).removeprefix("torch."), config.block_size)  # names this engine's cached blocks
         self.sampler = Sampler(config.seed, tuple(loaded.eos_token_ids))
+        self.speculator = self._speculator(config, fmt, share, num_blocks, dtype)
         self.step_times = StepTimes()
         self.step_predictor = step_predictor or self.step_times.predict
         self.scheduler = self._scheduler(config)
@@ -152,6 +171,28 @@ class LLMEngine:
     @property
     def layout(self):
         return self.cache.layout
+
+    def _speculator(self, config: EngineConfig, fmt: str, share: bool, num_blocks: int, dtype: torch.dtype) -> Speculator:
+        spec = SpecConfig(config.speculative, config.speculative_k)
+        if config.speculative != "draft":
+            return Speculator(spec)
+        from distserve.engine.draft import DraftModel
+
+        target_layers = self.layout.num_layers
+        if config.draft_model:
+            from distserve.engine.models import load_model
+
+            dl = load_model(config.draft_model, device=str(self.loaded.device), dtype=str(self.loaded.dtype).removeprefix("torch."))
+            if dl.model.config.vocab_size != self.vocab_size:
+                raise ValueError(f"draft model {config.draft_model!r} has {dl.model.config.vocab_size} tokens, the model {self.vocab_size}: they must share the tokenizer")
+            draft = DraftModel.separate(dl, load_weights(dl, fmt, share), config.block_size, num_blocks, dtype)
+            ratio = dl.model.config.num_hidden_layers * dl.model.config.hidden_size / (target_layers * self.loaded.model.config.hidden_size)
+        else:
+            layers = config.draft_layers or max(1, target_layers // 4)
+            draft = DraftModel.self_draft(self.runner, layers, num_blocks, self.max_model_len)
+            ratio = layers / target_layers
+        log.info("speculative decoding with a %s", draft.name)
+        return Speculator(spec, draft=draft, draft_ratio=ratio)
 
     def _scheduler(self, config: EngineConfig) -> Scheduler:
         chunked = config.chunked_prefill and config.mode != "prefill"
@@ -310,6 +351,10 @@ class LLMEngine:
             prefix_hit_tokens=s.prefix_hit_tokens,
             prefix_evictions=self.blocks.evictions,
             prefix_version=self.blocks.version,
+            spec_drafted_tokens=self.speculator.counters.drafted,
+            spec_accepted_tokens=self.speculator.counters.accepted,
+            decode_seq_steps=self.speculator.counters.decode_steps,
+            decode_seq_tokens=self.speculator.counters.decode_tokens,
         )
 
     # -- the step ----------------------------------------------------------------------------
@@ -325,24 +370,73 @@ class LLMEngine:
             sample_flags.append(done)
             if done:
                 to_sample.append(c.seq)
-        batch = self.runner.prepare(sched.decode, sched.chunks, sample_flags)
+        drafts = self._drafts(sched)
+        batch = self.runner.prepare(sched.decode, sched.chunks, sample_flags, drafts)
         t0 = time.perf_counter()
         logits = self.runner.forward(batch)
         self.last_forward_s = time.perf_counter() - t0
-        outs = self._postprocess(sched, to_sample, logits)
-        self.step_times.observe(len(sched.decode), sum(c.end - c.start for c in sched.chunks), time.perf_counter() - t_step)
+        outs = self._postprocess(sched, to_sample, logits, drafts)
+        self.step_times.observe(batch.num_decode, sum(c.end - c.start for c in sched.chunks), time.perf_counter() - t_step)
         return outs
 
-    def _postprocess(self, sched: SchedulerOutput, to_sample: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
-        for s in sched.decode:
-            s.num_computed_tokens += 1
-            self.scheduler.cache_computed(s)
+    def _drafts(self, sched: SchedulerOutput) -> list[list[int]] | None:
+        """Speculative drafts of the step's decodes (None: a plain decode step)."""
+        spec = self.speculator
+        if not spec.config.enabled or not sched.decode or self.scheduler.hold_after_prefill:
+            return None
+        room = self.config.max_num_batched_tokens - len(sched.decode) - sum(c.end - c.start for c in sched.chunks)
+        fit = self.step_times.fit
+        fixed = fit.fixed_s if fit else 0.0
+        return spec.propose(sched.decode, room, fixed, max(fit.decode_s, 0.01 * fixed) if fit else 0.0)
+
+    def _verify(self, seqs: list[Sequence], drafts: list[list[int]], logits: torch.Tensor) -> list[RequestOutput]:
+        """Keeps each sequence's accepted drafts and the token after them (see speculative.py); the
+        rejected drafts' KV slots lie past num_computed_tokens and are overwritten later."""
+        spec = self.speculator
+        spec.counters.spec_steps += 1
+        outs = []
+        for seq, d, (toks, lps, tops) in zip(seqs, drafts, self.sampler.verify(logits, seqs, drafts)):
+            if d:
+                spec.record(seq, len(d), len(toks) - 1)
+            kept = 0
+            for t in toks:
+                self._append(seq, t, lps[kept] if lps else None)
+                kept += 1
+                if seq.status is SequenceStatus.FINISHED:  # EOS, a stop string or max_tokens: the rest is dropped
+                    break
+            seq.num_computed_tokens += kept
+            self.scheduler.cache_computed(seq)  # before a finished one frees its blocks: they stay cached
+            spec.counters.decode_steps += 1
+            spec.counters.decode_tokens += kept
+            if seq.status is SequenceStatus.FINISHED:
+                self.scheduler.remove(seq)
+                del self._seqs[seq.request_id]
+                self._free_blocks(seq)
+            out = self._output(seq, toks[:kept], lps[:kept])
+            if tops:
+                out.new_top_logprobs = tops[:kept]
+            outs.append(out)
+        return outs
+
+    def _postprocess(self, sched: SchedulerOutput, to_sample: list[Sequence], logits: torch.Tensor,
+                     drafts: list[list[int]] | None = None) -> list[RequestOutput]:
+        verified: list[RequestOutput] = []
+        if drafts is not None:  # the decodes' rows come first, each sequence's in order
+            rows = len(sched.decode) + sum(len(d) for d in drafts)
+            verified = self._verify(sched.decode, drafts, logits[:rows])
+            to_sample, logits = to_sample[len(sched.decode):], logits[rows:]
+        else:
+            for s in sched.decode:
+                s.num_computed_tokens += 1
+                self.scheduler.cache_computed(s)
+            self.speculator.counters.decode_steps += len(sched.decode)
+            self.speculator.counters.decode_tokens += len(sched.decode)
         for c in sched.chunks:
             c.seq.num_computed_tokens = c.end
             self.scheduler.cache_computed(c.seq)
         tokens, logprobs, tops = self.sampler.sample(logits, to_sample) if to_sample else ([], [], [])
         now = time.monotonic()
-        outs = []
+        outs = verified
         for seq, tok, lp, top in zip(to_sample, tokens, logprobs, tops):
             first = not seq.output_token_ids
             if first and seq in self.scheduler.prefilling:
@@ -402,6 +496,8 @@ class LLMEngine:
         )
 
     def _free_blocks(self, seq: Sequence) -> None:
+        if seq.spec is not None:
+            self.speculator.release(seq)
         if seq.block_table:
             self.blocks.free(seq.block_table)
             seq.block_table = []

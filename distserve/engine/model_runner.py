@@ -4,6 +4,9 @@ The runner reads fused weights (QKV and gate/up concatenated, `distserve.engine.
 Llama-family forward with the paged cache: new K/V are written to their slots; decode attention reads
 each sequence's slots in place per layer and multiplies grouped queries against them (no repeat of KV
 heads); prefill attention runs SDPA per sequence. Logits are computed only where a token is sampled.
+Speculative drafts (`prepare(..., drafts)`) ride as further decode rows of their sequence, one position
+on each, whose context length ends at their own position: the decode kernel's per-row lengths make
+that causal attention over the paged cache, fp32 or int8, with no kernel of its own.
 
 Linear layers, by weights format:
 - fp32 in private memory: on CPU through oneDNN with weights packed once at start (MKL's fp32 GEMM is
@@ -39,9 +42,9 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [N] decode tokens first, then each prefill chunk's tokens
     positions: torch.Tensor  # [N]
     write_slots: torch.Tensor  # [N] cache slot of each token's K/V
-    num_decode: int  # leading tokens that are single-token decodes
-    decode_tables: torch.Tensor | None  # [B, blocks] block table of each decode sequence, padded
-    decode_lens: torch.Tensor | None  # [B] context length of each decode sequence
+    num_decode: int  # leading tokens that are decode rows (one per sequence, plus its drafts when speculating)
+    decode_tables: torch.Tensor | None  # [B, blocks] block table of each decode row's sequence, padded
+    decode_lens: torch.Tensor | None  # [B] context length of each decode row (its own position + 1)
     decode_gather: torch.Tensor | None  # [B * Lmax] padded context slots (torch fallback only)
     decode_mask: torch.Tensor | None  # [1, B, 1, Lmax] additive mask hiding the padding (fallback)
     decode_max_len: int  # Lmax
@@ -149,8 +152,12 @@ class ModelRunner:
         return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, block_size, dtype)
 
     # -----------------------------------------------------------------------------------------
-    def prepare(self, decode: list[Sequence], chunks: list[PrefillChunk], sample: list[bool]) -> ForwardBatch:
-        """Builds the flat inputs. `sample[i]` says whether chunk i ends with a token to sample."""
+    def prepare(self, decode: list[Sequence], chunks: list[PrefillChunk], sample: list[bool],
+                drafts: list[list[int]] | None = None) -> ForwardBatch:
+        """Builds the flat inputs. `sample[i]` says whether chunk i ends with a token to sample.
+        `drafts[i]` (speculative decoding): tokens fed after decode sequence i's last token, each as
+        one more decode row one position further on, whose attention sees the context up to itself;
+        every row's logits are returned, a sequence's rows in order."""
         cache, bs = self.cache, self.cache.layout.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -158,25 +165,34 @@ class ModelRunner:
         logits_index: list[int] = []
         table = len_t = gather = mask = None
         lmax = 0
+        rows = len(decode)
         if decode:
-            lens = [s.num_tokens for s in decode]  # context including the token being fed
+            lens = []  # per row: context including the token being fed
+            for i, s in enumerate(decode):
+                n = s.num_tokens
+                ids.append(s.last_token_id)
+                lens.append(n)
+                if drafts is not None and drafts[i]:
+                    ids.extend(drafts[i])
+                    lens.extend(range(n + 1, n + 1 + len(drafts[i])))
+            rows = len(lens)
+            pos.extend(x - 1 for x in lens)
             lmax = max(lens)
             nblk = (lmax + bs - 1) // bs
             table = torch.tensor([s.block_table[:nblk] + [0] * (nblk - len(s.block_table[:nblk])) for s in decode])
-            for i, s in enumerate(decode):
-                ids.append(s.last_token_id)
-                pos.append(lens[i] - 1)
+            if rows != len(decode):
+                table = table.repeat_interleave(torch.tensor([len(d) + 1 for d in drafts]), dim=0)
             len_t = torch.tensor(lens)
             last = len_t - 1
-            slot_parts.append(table[torch.arange(len(decode)), last // bs] * bs + last % bs)
-            logits_index.extend(range(len(decode)))
+            slot_parts.append(table[torch.arange(rows), last // bs] * bs + last % bs)
+            logits_index.extend(range(rows))
             if self.kernel is None:
-                slots = (table[:, :, None] * bs + torch.arange(bs)).view(len(decode), -1)[:, :lmax]
+                slots = (table[:, :, None] * bs + torch.arange(bs)).view(rows, -1)[:, :lmax]
                 gather = slots.reshape(-1).to(self.device)
                 valid = torch.arange(lmax)[None, :] < len_t[:, None]
-                mask = torch.zeros((len(decode), lmax), dtype=self.dtype)
+                mask = torch.zeros((rows, lmax), dtype=self.dtype)
                 mask.masked_fill_(~valid, float("-inf"))
-                mask = mask.view(1, len(decode), 1, lmax).to(self.device)
+                mask = mask.view(1, rows, 1, lmax).to(self.device)
         chunk_specs = []
         for c, want in zip(chunks, sample):
             a = len(ids)
@@ -191,7 +207,7 @@ class ModelRunner:
             input_ids=torch.tensor(ids, device=self.device),
             positions=torch.tensor(pos, device=self.device),
             write_slots=torch.cat(slot_parts).to(self.device),
-            num_decode=len(decode),
+            num_decode=rows,
             decode_tables=table,
             decode_lens=len_t,
             decode_gather=gather,

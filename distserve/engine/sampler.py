@@ -33,12 +33,13 @@ class Sampler:
         else:
             self._gen.seed()
 
-    def generator_for(self, seq: Sequence) -> torch.Generator:
-        """The generator of seq's next draw: keyed by (seed, output position) when seeded."""
+    def generator_for(self, seq: Sequence, ahead: int = 0) -> torch.Generator:
+        """The generator of seq's draw `ahead` positions after its next one: keyed by (seed, output
+        position) when seeded."""
         p = seq.params
         if p.seed is None:
             return self._gen
-        return torch.Generator().manual_seed(draw_seed(p.seed, p.output_offset + len(seq.output_token_ids)))
+        return torch.Generator().manual_seed(draw_seed(p.seed, p.output_offset + len(seq.output_token_ids) + ahead))
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float | None], list[TopLogprobs | None]]:
         """logits: [len(seqs), vocab] float32. Returns token ids, log-probs and top log-probs (None
@@ -73,10 +74,59 @@ class Sampler:
                     tops[i] = list(zip(top_i[j][:n], top_v[j][:n]))
         return tokens, logprobs, tops
 
-    def _banned(self, seq: Sequence) -> list[int]:
-        """Token ids seq may not pick now: its stop ids and EOS while below min_tokens."""
+    def verify(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> list[tuple[list[int], list[float], list[TopLogprobs]]]:
+        """Speculative decoding: logits [sum(len(d) + 1), vocab], each sequence's rows in order (row j:
+        the position after its j-th draft). Per sequence: the tokens it keeps (the drafts the sampler's
+        own choice at each position agrees with, then that choice at the first disagreement or after
+        the last draft), their log-probs and top log-probs (empty where not asked). Each position is
+        chosen exactly as `sample` would choose it there: greedy argmax, or the draw of that position's
+        generator (see speculative.py for why that is the rejection rule)."""
+        logits = logits.cpu()
+        raw = logits
+        starts, at = [], 0
+        for d in drafts:
+            starts.append(at)
+            at += len(d) + 1
+        masks = [(starts[i] + j, b) for i, s in enumerate(seqs) for j in range(len(drafts[i]) + 1) if (b := self._banned(s, j))]
+        if masks:
+            logits = logits.clone()
+            for row, banned in masks:
+                logits[row, banned] = float("-inf")
+        best = logits.argmax(dim=-1).tolist()
+        kept: list[list[int]] = []
+        for i, s in enumerate(seqs):
+            p, d, a = s.params, drafts[i], starts[i]
+            toks = []
+            for j in range(len(d) + 1):
+                t = best[a + j] if p.greedy else self._draw(logits[a + j], p.temperature, p.top_k, p.top_p, self.generator_for(s, j))
+                toks.append(t)
+                if j == len(d) or t != d[j]:
+                    break
+            kept.append(toks)
+        out: list[tuple[list[int], list[float], list[TopLogprobs]]] = [(t, [], []) for t in kept]
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs or s.params.top_logprobs]
+        if want:
+            rows = [starts[i] + j for i in want for j in range(len(kept[i]))]
+            lp = torch.log_softmax(raw[rows], dim=-1)
+            k = max(seqs[i].params.top_logprobs for i in want)
+            if k:
+                top_v, top_i = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+                top_v, top_i = top_v.tolist(), top_i.tolist()
+            r = 0
+            for i in want:
+                n = seqs[i].params.top_logprobs
+                for t in kept[i]:
+                    out[i][1].append(float(lp[r, t]))
+                    if n:
+                        out[i][2].append(list(zip(top_i[r][:n], top_v[r][:n])))
+                    r += 1
+        return out
+
+    def _banned(self, seq: Sequence, ahead: int = 0) -> list[int]:
+        """Token ids seq may not pick `ahead` positions after its next: its stop ids and EOS while
+        below min_tokens."""
         p = seq.params
-        if p.output_offset + len(seq.output_token_ids) >= p.min_tokens:
+        if p.output_offset + len(seq.output_token_ids) + ahead >= p.min_tokens:
             return []
         return list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos))
 

@@ -47,6 +47,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed for it)
     block_hashes: list[int] = field(default_factory=list)  # prefix hashes of its full blocks, as far as computed
     num_registered: int = 0  # leading blocks offered to the prefix cache (or taken from it)
+    spec: object | None = None  # speculative decoding's per-request state (speculative.SpecState), made on first draft
 
     @property
     def num_tokens(self) -> int:

@@ -126,9 +126,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 stream = await rt.worker.generate(rid, prompt, params)
                 rt.metrics.decisions.labels("local_prefill").inc()
                 yield decode_pb2.DecodeResponse(worker_id=rt.worker_id, kv_transport="local")
-            n = 0
+            n = steps = 0
             async for out in stream:
                 n += len(out.new_token_ids)
+                steps += bool(out.new_token_ids)  # one output per engine step; several tokens when drafts were accepted
                 msg = decode_pb2.DecodeResponse(token_ids=out.new_token_ids, logprobs=out.new_logprobs,
                                                 top_logprobs=[top_logprobs_to_pb(t) for t in out.new_top_logprobs])
                 if out.prefill_s:
@@ -140,7 +141,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 yield msg
             rt.metrics.tokens.labels("decode").inc(n)
             outcome = "finished" if finished else "cancelled"
-            log.info("decoded %r: %d prompt + %d new tokens in %.3fs", rid, len(prompt), n, time.monotonic() - t0)
+            log.info("decoded %r: %d prompt + %d new tokens in %d steps, %.3fs", rid, len(prompt), n, steps, time.monotonic() - t0)
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
             raise

@@ -122,7 +122,7 @@ def test_serve_multiturn_resends_each_conversation_with_its_answers(suite, tmp_p
     out = json.loads(path.read_text())
     rs = _check_run(out, 5)
     from distserve.bench.workloads import build_requests, conversations
-    from distserve.engine.models import load_tokenizer
+    from distserve.tokenization import load_tokenizer
 
     specs = build_requests("multiturn", 5, load_tokenizer("tiny-llama"), seed=4)
     by_index = {r.index: r for r in rs}

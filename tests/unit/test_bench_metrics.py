@@ -163,7 +163,7 @@ def test_workloads_are_seeded_exact_and_in_range():
 
 def test_shared_prefix_and_multiturn_workloads():
     from distserve.bench.workloads import MULTITURN, SHARED_PREFIX, conversations
-    from distserve.engine.models import load_tokenizer
+    from distserve.tokenization import load_tokenizer
 
     tok = load_tokenizer("tiny-llama")
     sp = build_requests("shared-prefix", 12, tok, seed=1)
