@@ -198,7 +198,12 @@ def daemon() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def image(daemon) -> str:
-    """deploy/offline/build.sh: wheelhouse, Debian base images, then the image (each step cached)."""
+    """deploy/offline/build.sh: wheelhouse, Debian base images, then the image (each step cached).
+    DISTSERVE_DOCKER_TEST_BUILD=0 takes the images as they are (a run right after build.sh)."""
+    if os.environ.get("DISTSERVE_DOCKER_TEST_BUILD", "1") == "0":
+        for name in (os.environ.get("DISTSERVE_IMAGE", "distserve:cpu"), "distserve-redis:bookworm"):
+            assert run(["docker", "image", "inspect", name], 30).returncode == 0, f"no image {name}: run deploy/offline/build.sh"
+        return os.environ.get("DISTSERVE_IMAGE", "distserve:cpu")
     t0 = time.monotonic()
     res = run(["bash", str(OFFLINE / "build.sh")], 2700, cwd=ROOT)
     assert res.returncode == 0, f"deploy/offline/build.sh failed:\n{res.stdout[-5000:]}\n{res.stderr[-5000:]}"
