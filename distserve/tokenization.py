@@ -204,6 +204,15 @@ class IncrementalDetokenizer:
             return delta
         return ""
 
+    def pending(self) -> str:
+        """Text of the tokens `add` holds back (those that end in an incomplete character), as a full
+        decode would show it, without taking it: what a stop string may already end in."""
+        if self.read_offset == len(self.ids):
+            return ""
+        full = self._decode(self.ids[self.prefix_offset :])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        return full[len(prefix) :]
+
     def flush(self) -> str:
         """At the end: whatever is left, even an incomplete character."""
         full = self._decode(self.ids[self.prefix_offset :])

@@ -28,7 +28,8 @@ LABEL=org.distserve.offline.key
 ENVS=(--change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' --change 'ENV LANG=C.UTF-8')
 
 [[ -f $WH/.key ]] || { echo "no wheelhouse at $WH: run deploy/offline/make-wheelhouse.sh first" >&2; exit 1; }
-roots_key=$( (cat "$0"; echo "$MIRROR") | sha256sum | cut -c1-16)
+RECIPE=1  # bump when the way the roots are made changes
+roots_key=$(echo "$RECIPE $SUITE $MIRROR $RUNTIME_PKGS ${BUILD_PKGS[*]} ${REDIS_PKGS[*]} ${ENVS[*]}" | sha256sum | cut -c1-16)
 build_key=$roots_key-$(cat "$WH/.key")
 ROOTS=$CACHE/rootfs
 

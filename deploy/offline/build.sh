@@ -25,10 +25,20 @@ t0=$(date +%s)
 t1=$(date +%s)
 "$HERE/build-base.sh"
 t2=$(date +%s)
+# The build context as BuildKit would send it: Debian's docker.io has no buildx, and its classic builder
+# reads only a .dockerignore at the context's root, not deploy/Dockerfile.dockerignore. Without these
+# excludes every __pycache__ a test run writes would change `COPY distserve` and rebuild the kernels.
+context=$DISTSERVE_OFFLINE_CACHE/context
+rm -rf "$context" && mkdir -p "$context"
+excludes=(--exclude=__pycache__ --exclude='*.pyc')
+while read -r pattern; do excludes+=(--exclude="./${pattern#/}"); done \
+    < <(grep -v '^#' "$ROOT/deploy/Dockerfile.dockerignore" | grep -v '^$' | sed 's,^\*\*/,,')
+tar -C "$ROOT" "${excludes[@]}" -c . | tar -C "$context" -x
+cp "$ROOT/deploy/Dockerfile" "$context/Dockerfile.distserve"
 echo "docker build -t $IMAGE (log: $DISTSERVE_OFFLINE_CACHE/image-build.log)"
-docker build -f "$ROOT/deploy/Dockerfile" \
+docker build -f "$context/Dockerfile.distserve" \
     --build-arg BUILD_BASE=distserve-base:bookworm-build --build-arg RUNTIME_BASE=distserve-base:bookworm \
-    -t "$IMAGE" "$ROOT" > "$DISTSERVE_OFFLINE_CACHE/image-build.log" 2>&1 \
+    -t "$IMAGE" "$context" > "$DISTSERVE_OFFLINE_CACHE/image-build.log" 2>&1 \
     || { tail -40 "$DISTSERVE_OFFLINE_CACHE/image-build.log" >&2; exit 1; }
 t3=$(date +%s)
 echo "$IMAGE: $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1 / 1e6}')"

@@ -39,6 +39,7 @@ from distserve.engine.speculative import SpecConfig, Speculator
 from distserve.engine.step_times import StepPredictor, StepTimes, chunk_budget
 from distserve.engine.weights import load as load_weights
 from distserve.engine.weights import resolve_format
+from distserve.tokenization import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +135,23 @@ class EngineStats:
     decode_seq_tokens: int = 0  # tokens they produced (= decode_seq_steps without speculation)
 
 
+class _ModelText:
+    """The model's detokenizer as tokenization.IncrementalDetokenizer calls it (special tokens are
+    always left out, as LoadedModel.decode does)."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.loaded.decode(ids)
+
+
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), step_predictor: StepPredictor | None = None):
         """`step_predictor` sets the chunk budget under a TPOT target (default: this engine's own
         measured `step_times`; a planner profile's step model, say)."""
         self.loaded = loaded
+        self._text = _ModelText(loaded)  # what stop strings are looked for in
         self.config = config
         model = loaded.model
         self.vocab_size = model.config.vocab_size
@@ -477,9 +490,17 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
-        before = len(seq.output_text)
-        seq.output_text = self.loaded.decode(seq.output_token_ids)
-        return find_stop(seq.output_text, seq.params.stop, before) is not None
+        """Whether the text the newest token completes ends a stop string. The text grows token by
+        token (tokenization.IncrementalDetokenizer, as the router streams it): decoding the whole
+        output at every token cost time in the square of its length."""
+        if seq.detok is None:
+            seq.detok = IncrementalDetokenizer(self._text, skip_special_tokens=True)
+            if len(seq.output_token_ids) > 1:  # tokens appended before stops were looked at (none today)
+                seq.detok.add(seq.output_token_ids[:-1])
+        before = len(seq.detok.text)
+        seq.detok.add(seq.output_token_ids[-1:])
+        # with what it holds back (an incomplete character), as the whole output decoded would read
+        return find_stop(seq.detok.text + seq.detok.pending(), seq.params.stop, before) is not None
 
     def _output(self, seq: Sequence, toks: list[int], lps: list[float] | None = None) -> RequestOutput:
         return RequestOutput(

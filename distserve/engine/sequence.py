@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from distserve.engine.block_manager import blocks_needed
 from distserve.engine.sampling import SamplingParams
+from distserve.tokenization import IncrementalDetokenizer
 
 
 class SequenceStatus(enum.Enum):
@@ -42,7 +43,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     block_table: list[int] = field(default_factory=list)  # physical block ids, in token order
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
-    output_text: str = ""  # detokenized output, kept only when stop strings are set
+    detok: IncrementalDetokenizer | None = None  # its output as text, made token by token, only when stop strings are set
     first_scheduled_s: float | None = None  # when its prefill (or import) first ran
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed for it)
     block_hashes: list[int] = field(default_factory=list)  # prefix hashes of its full blocks, as far as computed

@@ -1,6 +1,6 @@
 """deploy/docker-compose.yml for real, in Docker, with no image registry and no package index reached:
 the image built the offline way (deploy/offline/build.sh: Debian base images from debootstrap, a
-wheelhouse), the stack up with TLS and Redis ACL users, scaled to 2 prefill and 3 decode workers, 30
+wheelhouse), the stack up with TLS and Redis ACL users, then scaled to 2 prefill and 3 decode workers, 30
 requests through the router as a TLS client of the `certs` volume's CA (all succeed, all five workers
 serve some), then decode scaled down to 1 while requests stream: the two workers taken away drain
 (SIGTERM, NOT_SERVING, finish what they hold, exit 0 inside stop_grace_period) and no request is lost.
@@ -95,9 +95,9 @@ class Stack:
             raise AssertionError(f"docker compose {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
         return res
 
-    def scale(self, prefill: int, decode: int, timeout: float) -> None:
-        self("up", "-d", "--no-build", "--pull", "never", "--no-recreate",
-             "--scale", f"prefill={prefill}", "--scale", f"decode={decode}", timeout=timeout)
+    def up(self, *args: str, timeout: float) -> None:
+        """`up -d` with the images as built: never built or pulled here (no registry)."""
+        self("up", "-d", "--no-build", "--pull", "never", *args, timeout=timeout)
 
     def ids(self, service: str) -> list[str]:
         return self("ps", "-q", service).stdout.split()
@@ -198,7 +198,12 @@ def daemon() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def image(daemon) -> str:
-    """deploy/offline/build.sh: wheelhouse, Debian base images, then the image (each step cached)."""
+    """deploy/offline/build.sh: wheelhouse, Debian base images, then the image (each step cached).
+    DISTSERVE_DOCKER_TEST_BUILD=0 takes the images as they are (a run right after build.sh)."""
+    if os.environ.get("DISTSERVE_DOCKER_TEST_BUILD", "1") == "0":
+        for name in (os.environ.get("DISTSERVE_IMAGE", "distserve:cpu"), "distserve-redis:bookworm"):
+            assert run(["docker", "image", "inspect", name], 30).returncode == 0, f"no image {name}: run deploy/offline/build.sh"
+        return os.environ.get("DISTSERVE_IMAGE", "distserve:cpu")
     t0 = time.monotonic()
     res = run(["bash", str(OFFLINE / "build.sh")], 2700, cwd=ROOT)
     assert res.returncode == 0, f"deploy/offline/build.sh failed:\n{res.stdout[-5000:]}\n{res.stderr[-5000:]}"
@@ -219,10 +224,15 @@ def stack(image, tmp_path_factory) -> Iterator[tuple[Stack, dict[str, list[str]]
     st.down()  # whatever an interrupted run left
     t0 = time.monotonic()
     try:
-        st.scale(2, 3, timeout=900)  # waits for model-pull and certs to finish, and Redis to be healthy
+        st.up(timeout=900)  # one of each; returns after model-pull and certs finished and Redis is healthy
         log(f"compose up (model pull, certs, containers created): {time.monotonic() - t0:.0f} s")
+        st.wait_healthy({"router": 1, "prefill": 1, "decode": 1}, timeout=900)
+        t1 = time.monotonic()
+        log(f"router, prefill and decode healthy {t1 - t0:.0f} s after `up`")
+        # scaled while it serves: the new workers register themselves, the router finds them in Redis
+        st.up("--no-deps", "--no-recreate", "--scale", "prefill=2", "--scale", "decode=3", "prefill", "decode", timeout=300)
         ids = st.wait_healthy({"router": 1, "prefill": 2, "decode": 3}, timeout=900)
-        log(f"all six services healthy {time.monotonic() - t0:.0f} s after `up`")
+        log(f"scaled to 2 prefill + 3 decode, all healthy, in {time.monotonic() - t1:.0f} s")
         # the CA, as the compose file's header tells a client to get it
         res = st("run", "--rm", "--no-deps", "--entrypoint", "cat", "certs", f"{TLS_DIR}/ca.pem", timeout=120)
         ca = work / "ca.pem"
@@ -268,7 +278,7 @@ def test_decode_scales_down_to_one_draining_with_no_request_lost(stack):
     # exit codes and logs of every decode container, caught before compose removes the ones it stops
     waits = {cid: subprocess.Popen(["docker", "wait", cid], stdout=subprocess.PIPE, text=True) for cid in before}
     logs = {cid: (st.workdir / f"decode-{cid[:12]}.log").open("w") for cid in before}
-    followers = [subprocess.Popen(["docker", "logs", "-f", cid], stdout=f, stderr=subprocess.STDOUT) for cid, f in logs.items()]
+    followers = {cid: subprocess.Popen(["docker", "logs", "-f", cid], stdout=f, stderr=subprocess.STDOUT) for cid, f in logs.items()}
 
     stop = threading.Event()
     inflight: list[int] = []
@@ -288,21 +298,25 @@ def test_decode_scales_down_to_one_draining_with_no_request_lost(stack):
         time.sleep(0.1)
     assert len(inflight) >= 5, f"only {len(inflight)} streams under way after 120 s"
     t_scale = time.monotonic()
-    st.scale(2, 1, timeout=300)  # returns once the two taken away have stopped
+    st.up("--no-deps", "--no-recreate", "--scale", "decode=1", "decode", timeout=300)  # returns once the two have stopped
     t_scaled = time.monotonic()
     log(f"decode 3 -> 1 took {t_scaled - t_scale:.1f} s with {len(inflight)} streams in flight at the end")
     time.sleep(5)
     stop.set()
     for t in threads:
         t.join(timeout=300)
-    for p in followers:
-        p.wait(timeout=60)
 
     after = st.ids("decode")
     assert len(after) == 1 and after[0] in before
     removed = [cid for cid in before if cid not in after]
     codes = {cid[:12]: int(waits[cid].communicate(timeout=60)[0].strip() or -1) for cid in removed}
-    waits[after[0]].kill()
+    for cid in removed:
+        followers[cid].wait(timeout=60)
+    for proc in (waits[after[0]], followers[after[0]]):
+        proc.kill()
+        proc.wait()
+    for f in logs.values():
+        f.close()
     assert codes == {cid[:12]: 0 for cid in removed}, f"a drained worker exits 0 (137: killed at the grace period's end): {codes}"
     for cid in removed:
         text = (st.workdir / f"decode-{cid[:12]}.log").read_text()

@@ -238,3 +238,33 @@ def test_reserve_back_pressure_and_unknown_ids(tiny):
         eng.admit_prefilled("zzz", 1, None, torch.zeros(1))
     assert eng.abort("a") and eng.blocks.num_free == 4
     assert not eng.abort("a")
+
+
+def test_stop_strings_are_looked_for_in_text_made_token_by_token(tiny):
+    """The engine's stop-string check decodes each new token with a short window of context, not the
+    whole output again at every token (which cost time in the square of the output's length): twice
+    the tokens, about twice the ids decoded, where decoding everything each time gives four times."""
+
+    class Counting:
+        def __init__(self):
+            self.decoded = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            self.decoded += len(ids)
+            return tiny.decode(ids)
+
+    p = prompts(1, seed=9)[0]
+
+    def decoded(n: int) -> int:
+        eng = LLMEngine(tiny, EngineConfig(num_blocks=100))
+        eng._text = counting = Counting()
+        eng.add_request("r", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, stop=("never in this output \x00",)))
+        out = []
+        while eng.has_work():
+            for o in eng.step():
+                out.extend(o.new_token_ids)
+        assert out == reference(tiny, p, n)
+        return counting.decoded
+
+    short, long = decoded(60), decoded(120)
+    assert 0 < short and long < 3 * short, (short, long)
