@@ -60,6 +60,7 @@ class EngineConfig:
     free_model_weights: bool = False  # drop the LoadedModel's own weights once the runner has its own (workers)
     speculative: str = "none"  # decode/colocated: "ngram" drafts by prompt lookup, "draft" with a draft model; verified in the step (speculative.py)
     speculative_k: int = 5  # most draft tokens per request and step (fewer when its drafts are rarely accepted)
+    speculative_adaptive: bool = True  # False: verify every draft up to speculative_k (measures the drafts' own acceptance)
     draft_model: str = ""  # speculative="draft": a smaller model sharing the tokenizer ("": a self-draft of this model's first layers)
     draft_layers: int = 0  # self-draft: layers kept (0 = a quarter of the model's)
 
@@ -160,7 +161,7 @@ class LLMEngine:
         return self.cache.layout
 
     def _speculator(self, config: EngineConfig, fmt: str, share: bool, num_blocks: int, dtype: torch.dtype) -> Speculator:
-        spec = SpecConfig(config.speculative, config.speculative_k)
+        spec = SpecConfig(config.speculative, config.speculative_k, adaptive=config.speculative_adaptive)
         if config.speculative != "draft":
             return Speculator(spec)
         from distserve.engine.draft import DraftModel
