@@ -60,6 +60,7 @@ class WorkerSettings(TlsSettings):
     prefix_cache: str = setting("on", "automatic prefix caching: keep computed KV blocks by the hash of their prefix and prefill only the uncached end of a prompt; the worker publishes what it holds so routers send prompts where their prefix is (docs/prefix-caching.md)", ("on", "off"))
     speculative: str = setting("none", "speculative decoding on decode and colocated workers: ngram drafts tokens by prompt lookup (matching the last tokens against the prompt and output so far), draft with a draft model (--draft-model); the drafts are verified in one step, and a request's drafts stop when they do not pay (docs/speculative-decoding.md)", ("none", "ngram", "draft"))
     speculative_k: int = setting(5, "most draft tokens per request and step (--speculative)")
+    speculative_adaptive: bool = setting(True, "--speculative: choose k per request from its recent acceptance and the step-time fit, drafting nothing where it would not pay; false: verify every draft up to --speculative-k (to measure the drafts' own acceptance)")
     draft_model: str = setting("", "--speculative draft: a smaller model sharing the tokenizer (name, Hugging Face directory or .gguf); empty = a self-draft of the model's first --draft-layers layers and its head")
     draft_layers: int = setting(0, "--speculative draft without --draft-model: layers of the model the self-draft keeps (0 = a quarter)")
     share_weights: str = setting("auto", "map the weights read-only from a file every worker on the host shares: on, off, or auto (on for int8, off for fp32, whose private packed copy is faster)", ("auto", "on", "off"))
@@ -115,6 +116,7 @@ class WorkerSettings(TlsSettings):
             prefix_caching=self.prefix_cache == "on",
             speculative=self.speculative,  # the engine drafts only where it decodes (not in prefill mode)
             speculative_k=self.speculative_k,
+            speculative_adaptive=self.speculative_adaptive,
             draft_model=self.draft_model,
             draft_layers=self.draft_layers,
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -106,6 +107,7 @@ def run(model: str = "smollm2-135m", speculative: str = "ngram", batches: tuple[
             chosen = reqs if b > 1 else reqs[:batch1_prompts]
             r = compare(engines, [(f"{rid}-b{b}", ids, n) for rid, ids, n in chosen], b)
             result[f"{workload}_batch{b}"] = r
+            print(json.dumps({f"{workload}_batch{b}": r}), file=sys.stderr, flush=True)  # progress: figures as they come
             identical += r["greedy_identical"]
             total += r["requests"]
     result["greedy_identical"] = f"{identical}/{total}"

@@ -66,6 +66,7 @@ class EngineConfig:
     prefix_caching: bool = False  # keep computed full blocks by prefix hash and reuse them for later prompts (workers: on by default, --prefix-cache; off here so engine benchmarks time every token)
     speculative: str = "none"  # decode/colocated: "ngram" drafts by prompt lookup, "draft" with a draft model; verified in the step (speculative.py)
     speculative_k: int = 5  # most draft tokens per request and step (fewer when its drafts are rarely accepted)
+    speculative_adaptive: bool = True  # False: verify every draft up to speculative_k (measures the drafts' own acceptance)
     draft_model: str = ""  # speculative="draft": a smaller model sharing the tokenizer ("": a self-draft of this model's first layers)
     draft_layers: int = 0  # self-draft: layers kept (0 = a quarter of the model's)
 
@@ -186,7 +187,7 @@ class LLMEngine:
         return self.cache.layout
 
     def _speculator(self, config: EngineConfig, fmt: str, share: bool, num_blocks: int, dtype: torch.dtype) -> Speculator:
-        spec = SpecConfig(config.speculative, config.speculative_k)
+        spec = SpecConfig(config.speculative, config.speculative_k, adaptive=config.speculative_adaptive)
         if config.speculative != "draft":
             return Speculator(spec)
         from distserve.engine.draft import DraftModel
