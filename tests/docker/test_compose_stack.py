@@ -7,8 +7,9 @@ serve some), then decode scaled down to 1 while requests stream: the two workers
 
 Marker `docker`, deselected by default; `.ci/run` runs it as its own bounded stage (`pytest -m docker
 tests/docker`) after starting a daemon with deploy/offline/dockerd.sh. Where no daemon answers and none
-can be started, it skips with the reason. Cold (no cache) it builds everything, ~25 minutes on 2 cores;
-with the cache under $DISTSERVE_OFFLINE_CACHE and Docker's image store, a few (docs/operations.md).
+can be started, it skips with the reason. Cold (no cache) it builds everything first, ~20-25 minutes on 2
+cores; with the cache under $DISTSERVE_OFFLINE_CACHE and Docker's image store, the image alone (10-15
+minutes when a source file changed, none when none did), then ~5 minutes of test (docs/operations.md).
 """
 
 from __future__ import annotations
