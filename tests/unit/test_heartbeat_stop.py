@@ -15,10 +15,10 @@ class SwallowingRegistry:
         self.beats = 0
         self.deregistered = False
 
-    async def register(self, info, load, ttl_s):
+    async def register(self, info, load, ttl_s, extra=None):
         pass
 
-    async def heartbeat(self, worker_id, load, ttl_s):
+    async def heartbeat(self, worker_id, load, ttl_s, extra=None):
         self.beats += 1
         try:
             await asyncio.sleep(0.05)
