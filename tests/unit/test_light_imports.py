@@ -1,6 +1,6 @@
 """The SDK and the client commands never import torch (issue 16): each check runs in a fresh
 interpreter and looks at what it imported. The router's side, started for real, is
-tests/integration/test_light_imports.py."""
+tests/integration/test_router_light_imports.py."""
 
 import json
 import subprocess
