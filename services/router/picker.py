@@ -201,7 +201,7 @@ class WorkerPicker:
         failed on). Both are preferences: when they would leave nobody, the ejected workers are tried
         again, then the excluded ones, as a worker on probation beats refusing the request."""
         views = await self.by_role(role)
-        if not views:  # the last read may predate a worker's registration (up to refresh_s old): read once more
+        if not views and self.registry is not None:  # the last read may predate a worker's registration (up to refresh_s old): read once more
             views = [v for v in await self.workers(force=True) if v.info.role == role]
         if not views:
             raise Unavailable(f"no {role} worker is available")
