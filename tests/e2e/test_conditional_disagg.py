@@ -134,6 +134,13 @@ def test_conditional_goes_local_for_short_prompts_only_while_the_prefill_pool_is
             short = await asyncio.gather(*(c.generate(p, max_tokens=MAX_TOKENS, temperature=0.0) for p in PROMPTS))
             still_busy = await prefill_queue(suite.redis_url)
             long_out = await burst
+        # the burst has ended, but the registry shows the queue until the prefill worker's next beat (0.2 s) and
+        # the router reads it up to refresh_s (0.1 s) later: wait for both before asking for an idle decision
+        deadline = time.monotonic() + 10
+        while await prefill_queue(suite.redis_url) > 0:
+            assert time.monotonic() < deadline, "the prefill worker's queue never showed empty after the burst"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.15)
         after = await generate(router, PROMPTS[:1])
         return idle, short, still_busy, long_out, after
 
