@@ -35,7 +35,7 @@ from distserve.engine.sampling import SamplingParams, find_stop, validate_reques
 from distserve.engine.scheduler import Scheduler, SchedulerOutput
 from distserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from distserve.engine.speculative import METHODS as SPEC_METHODS
-from distserve.engine.speculative import SpecConfig, Speculator
+from distserve.engine.speculative import build as build_speculator
 from distserve.engine.step_times import StepPredictor, StepTimes, chunk_budget
 from distserve.engine.weights import load as load_weights
 from distserve.engine.weights import resolve_format
@@ -136,23 +136,12 @@ class EngineStats:
     decode_seq_tokens: int = 0  # tokens they produced (= decode_seq_steps without speculation)
 
 
-class _ModelText:
-    """The model's detokenizer as tokenization.IncrementalDetokenizer calls it (special tokens are
-    always left out, as LoadedModel.decode does)."""
-
-    def __init__(self, loaded: LoadedModel):
-        self.loaded = loaded
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.loaded.decode(ids)
-
-
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), step_predictor: StepPredictor | None = None):
         """`step_predictor` sets the chunk budget under a TPOT target (default: this engine's own
         measured `step_times`; a planner profile's step model, say)."""
         self.loaded = loaded
-        self._text = _ModelText(loaded)  # what stop strings are looked for in
+        self._text = loaded  # what stop strings are decoded with (LoadedModel.decode)
         self.config = config
         model = loaded.model
         self.vocab_size = model.config.vocab_size
@@ -174,7 +163,7 @@ class LLMEngine:
         self.prefix_root = root_hash(f"{loaded.name}|{loaded.fingerprint}|seed={loaded.seed}|weights={fmt}",
                                      str(dtype).removeprefix("torch."), config.block_size)  # names this engine's cached blocks
         self.sampler = Sampler(config.seed, tuple(loaded.eos_token_ids))
-        self.speculator = self._speculator(config, fmt, share, num_blocks, dtype)
+        self.speculator = build_speculator(config, loaded, self.runner, fmt, share, num_blocks, dtype)
         self.step_times = StepTimes()
         self.step_predictor = step_predictor or self.step_times.predict
         self.scheduler = self._scheduler(config)
@@ -185,28 +174,6 @@ class LLMEngine:
     @property
     def layout(self):
         return self.cache.layout
-
-    def _speculator(self, config: EngineConfig, fmt: str, share: bool, num_blocks: int, dtype: torch.dtype) -> Speculator:
-        spec = SpecConfig(config.speculative, config.speculative_k, adaptive=config.speculative_adaptive)
-        if config.speculative != "draft":
-            return Speculator(spec)
-        from distserve.engine.draft import DraftModel
-
-        target_layers = self.layout.num_layers
-        if config.draft_model:
-            from distserve.engine.models import load_model
-
-            dl = load_model(config.draft_model, device=str(self.loaded.device), dtype=str(self.loaded.dtype).removeprefix("torch."))
-            if dl.model.config.vocab_size != self.vocab_size:
-                raise ValueError(f"draft model {config.draft_model!r} has {dl.model.config.vocab_size} tokens, the model {self.vocab_size}: they must share the tokenizer")
-            draft = DraftModel.separate(dl, load_weights(dl, fmt, share), config.block_size, num_blocks, dtype)
-            ratio = dl.model.config.num_hidden_layers * dl.model.config.hidden_size / (target_layers * self.loaded.model.config.hidden_size)
-        else:
-            layers = config.draft_layers or max(1, target_layers // 4)
-            draft = DraftModel.self_draft(self.runner, layers, num_blocks, self.max_model_len)
-            ratio = layers / target_layers
-        log.info("speculative decoding with a %s", draft.name)
-        return Speculator(spec, draft=draft, draft_ratio=ratio)
 
     def _scheduler(self, config: EngineConfig) -> Scheduler:
         chunked = config.chunked_prefill and config.mode != "prefill"

@@ -228,7 +228,7 @@ class ModelRunner:
     def forward(self, b: ForwardBatch) -> torch.Tensor:
         """Runs the batch, writing its K/V into the cache; returns logits [S, vocab] (float32)."""
         n = b.input_ids.shape[0]
-        H, KH, D, G = self.num_heads, self.num_kv_heads, self.head_dim, self.group
+        H, KH, D = self.num_heads, self.num_kv_heads, self.head_dim
         native = self.kernel is not None
         if not native:
             cos = self.cos[b.positions][:, None, :]

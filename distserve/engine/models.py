@@ -50,9 +50,10 @@ class LoadedModel:
             self.tokenizer_ = AutoTokenizer.from_pretrained(self.source_dir)
         return self.tokenizer_
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids without special tokens, as `tokenizer.decode(ids, skip_special_tokens=True)`
-        gives it, through the `tokenizers` library alone where the checkpoint allows it."""
+        gives it, through the `tokenizers` library alone where the checkpoint allows it (the keyword is
+        the form tokenization.IncrementalDetokenizer calls; special tokens are always left out)."""
         if self.decoder_ is None:
             self.decoder_ = light_decoder(self.source_dir) if self.tokenizer_ is None else None
             if self.decoder_ is None:

@@ -38,6 +38,7 @@ now and then. A step where no request has a draft that pays is a plain decode st
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 METHODS = ("none", "ngram", "draft")
@@ -45,6 +46,8 @@ DECAY = 0.8  # weight of past verifications in a request's acceptance estimate, 
 IDLE_DECAY = 0.98  # ... per step where it drafted nothing although it had a draft (drift back to the prior)
 MARGIN = 1.5  # a draft must bring this many times its row's cost (safety against an optimistic fit)
 DEFAULT_ROW_FRACTION = 0.05  # before the step-time fit exists: a row's cost as a share of the fixed cost
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,3 +253,31 @@ class Speculator:
         c = self.counters
         c.drafted += drafted
         c.accepted += accepted
+
+
+def build(config, loaded, runner, fmt: str, share: bool, num_blocks: int, dtype) -> Speculator:
+    """The engine's speculator from its EngineConfig: n-gram drafting needs nothing more; draft-model
+    drafting loads `config.draft_model` (same tokenizer, its own paged cache) or makes a self-draft of
+    the model's first `config.draft_layers` layers and its head."""
+    spec = SpecConfig(config.speculative, config.speculative_k, adaptive=config.speculative_adaptive)
+    if config.speculative != "draft":
+        return Speculator(spec)
+    from distserve.engine.draft import DraftModel
+    from distserve.engine.weights import load as load_weights
+
+    target_layers = runner.cache.layout.num_layers
+    vocab = loaded.model.config.vocab_size
+    if config.draft_model:
+        from distserve.engine.models import load_model
+
+        dl = load_model(config.draft_model, device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."))
+        if dl.model.config.vocab_size != vocab:
+            raise ValueError(f"draft model {config.draft_model!r} has {dl.model.config.vocab_size} tokens, the model {vocab}: they must share the tokenizer")
+        draft = DraftModel.separate(dl, load_weights(dl, fmt, share), config.block_size, num_blocks, dtype)
+        ratio = dl.model.config.num_hidden_layers * dl.model.config.hidden_size / (target_layers * loaded.model.config.hidden_size)
+    else:
+        layers = config.draft_layers or max(1, target_layers // 4)
+        draft = DraftModel.self_draft(runner, layers, num_blocks, loaded.max_model_len)
+        ratio = layers / target_layers
+    log.info("speculative decoding with a %s", draft.name)
+    return Speculator(spec, draft=draft, draft_ratio=ratio)
