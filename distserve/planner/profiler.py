@@ -78,9 +78,17 @@ def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(10, vocab - 10) for _ in range(n)]
 
 
+def _sync(device: torch.device) -> None:
+    """Waits for the device's queued work (CUDA kernels run asynchronously; a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _timed_step(eng) -> float:
+    _sync(eng.loaded.device)
     t = time.perf_counter()
     eng.step()
+    _sync(eng.loaded.device)
     return time.perf_counter() - t
 
 
@@ -166,7 +174,7 @@ class EngineProfiler:
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         shape = eng.layout.export_shape(context)
-        kv = torch.zeros(shape, dtype=eng.cache.data.dtype)
+        kv = torch.zeros(shape, dtype=eng.cache.data.dtype, device=eng.cache.data.device)
         rids = []
         for _ in range(batch):
             rid = self._rid()
@@ -230,18 +238,24 @@ class EngineProfiler:
             src.add_request(rid, _ids(self.rng, n, self.vocab), params)
             src.step()
             exp, load, copy = [], [], []
+            dev = self.lm.device
             for _ in range(3):
+                _sync(dev)
                 t = time.perf_counter()
                 kv = src.export_kv(rid)
+                _sync(dev)
                 exp.append(time.perf_counter() - t)
                 t = time.perf_counter()
                 kv.clone()
+                _sync(dev)
                 copy.append(time.perf_counter() - t)
                 drid = self._rid()
                 dst.reserve(drid, _ids(self.rng, n, self.vocab), params)
                 seq = dst._seqs[drid]
+                _sync(dev)
                 t = time.perf_counter()
                 dst.cache.load(seq.block_table, kv)
+                _sync(dev)
                 load.append(time.perf_counter() - t)
                 dst.abort(drid)
             src.free(rid)
@@ -327,17 +341,22 @@ def model_info(lm) -> ModelInfo:
 
 
 def profile(model: str = "smollm2-135m", threads: list[int] | None = None, weights: list[str] | None = None,
-            quick: bool = False, seed: int = 0, progress=print) -> Profile:
-    """Measures and fits every (threads, weights) configuration; returns the profile (not yet saved)."""
+            quick: bool = False, seed: int = 0, progress=print, device: str = "cpu", dtype: str = "auto") -> Profile:
+    """Measures and fits every (threads, weights) configuration; returns the profile (not yet saved).
+    device="cuda[:N]": a GPU profile of one engine (threads 1, weights in the model's `dtype`)."""
     from distserve.engine.models import load_model
 
     grid = QUICK if quick else FULL
     machine = machine_info()
     machine["loadavg_before"] = os.getloadavg()[0]  # other work on the machine disturbs the figures
-    threads = threads or [machine["cores"]]
-    weights = weights or ["fp32", "int8"]
+    gpu = device != "cpu"
+    threads = [1] if gpu else threads or [machine["cores"]]
+    weights = ["fp32"] if gpu else weights or ["fp32", "int8"]  # "fp32": linears in the model's dtype
     started = time.monotonic()
-    lm = load_model(model, device="cpu")
+    lm = load_model(model, device=device, dtype=dtype if gpu else "auto")
+    if gpu:
+        props = torch.cuda.get_device_properties(lm.device)
+        machine.update(gpu=props.name, memory_bytes=props.total_memory, dtype=str(lm.dtype).removeprefix("torch."))
     info = model_info(lm)
     engines, raw = [], {}
     copies: list = []
@@ -370,9 +389,11 @@ def profile(model: str = "smollm2-135m", threads: list[int] | None = None, weigh
 
     ws = WorkerSettings()
     memory = {"kv_cache_bytes": ws.kv_cache_bytes, "block_size": ws.block_size}
+    if gpu:
+        memory = {"gpu_memory_bytes": machine["memory_bytes"], "utilization": 0.9, "workspace_bytes": 0, "block_size": ws.block_size}
     machine["torch"] = torch.__version__
     machine["loadavg_after"] = os.getloadavg()[0]
-    return Profile(model=info, device="cpu", machine=machine, engines=engines, transfer=transfer, default_transport="shm",
+    return Profile(model=info, device="gpu" if gpu else "cpu", machine=machine, engines=engines, transfer=transfer, default_transport="shm",
                    costs=CPU_COSTS, memory=memory, created=now_utc(),
                    source=f"distserve profile --model {model} ({'quick' if quick else 'full'} grid, {time.monotonic() - started:.0f}s)",
                    points=raw)
