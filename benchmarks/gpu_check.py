@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,7 @@ from gpu_check_engine import part_engine  # noqa: E402  (beside this file)
 
 PARTS = ("engine", "up", "profile")
 SHARES = {"engine": 0.45, "up": 0.32, "profile": 0.23}  # of the time left when a part starts, over the parts left
+STOP_GRACE_S = 25.0  # a part past its share gets SIGTERM, then SIGKILL after this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +188,9 @@ def part_profile(args, rec: Recorder) -> None:
 
 
 def run_part(args) -> int:
+    # the driver's SIGTERM at the end of this part's share: unwind, so a suite's `finally` stops it (its
+    # workers run in sessions of their own and would outlive a SIGKILL, holding the GPU's memory)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rec = Recorder(Path(args.part_json))
     fn = {"engine": part_engine, "up": part_up, "profile": part_profile}[args.part]
     fn(args, rec)
@@ -233,8 +238,12 @@ def main(args) -> int:
                 if rc:
                     entry["error"] = f"the part exited with {rc} (gpu_check.log)"
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)  # the part and whatever it started (a suite, a profile)
-                proc.wait()
+                os.killpg(proc.pid, signal.SIGTERM)  # the part and what it started (a suite, a profile) stop
+                try:
+                    proc.wait(timeout=STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
                 entry.update(status="timeout", error=f"the part ran past its {budget:.0f}s")
         except Exception as exc:
             entry.update(status="error", error=f"{type(exc).__name__}: {exc}")
