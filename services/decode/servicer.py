@@ -129,6 +129,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             n = steps = 0
             async for out in stream:
                 n += len(out.new_token_ids)
+                rt.metrics.tokens.labels("decode").inc(len(out.new_token_ids))
                 steps += bool(out.new_token_ids)  # one output per engine step; several tokens when drafts were accepted
                 msg = decode_pb2.DecodeResponse(token_ids=out.new_token_ids, logprobs=out.new_logprobs,
                                                 top_logprobs=[top_logprobs_to_pb(t) for t in out.new_top_logprobs])
@@ -139,11 +140,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     msg.finish_reason = finish_to_pb(out.finish_reason)
                     finished = True
                 yield msg
-            rt.metrics.tokens.labels("decode").inc(n)
             outcome = "finished" if finished else "cancelled"
             log.info("decoded %r: %d prompt + %d new tokens in %d steps, %.3fs", rid, len(prompt), n, steps, time.monotonic() - t0)
         except (asyncio.CancelledError, GeneratorExit):
-            outcome = "cancelled"
+            # a router that has its last token may close the stream while this generator still waits
+            # at that token's yield: that request finished
+            outcome = "finished" if finished else "cancelled"
             raise
         finally:
             rt.metrics.requests.labels("decode", outcome).inc()
