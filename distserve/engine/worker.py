@@ -100,7 +100,7 @@ class EngineWorker:
 
     @property
     def room_version(self) -> int:
-        """Grows each time blocks or batch seats are freed; read it before trying to reserve."""
+        """Grows each time blocks, batch seats or held KV are freed; read it before trying to reserve."""
         return self._room_version
 
     async def wait_for_room(self, since: int, timeout_s: float) -> bool:
@@ -123,7 +123,8 @@ class EngineWorker:
 
     def _wake_room_waiters(self, before: EngineStats) -> None:
         now = self.stats
-        if now.free_blocks <= before.free_blocks and now.running_requests >= before.running_requests:
+        if (now.free_blocks <= before.free_blocks and now.running_requests >= before.running_requests
+                and now.held_requests >= before.held_requests):
             return
         with self._lock:
             self._room_version += 1

@@ -89,7 +89,8 @@ class WorkerRuntime:
         self.redis: aioredis.Redis | None = None
         self.heartbeat: Heartbeat | None = None
         self.draining = False
-        self.inflight = 0
+        self._inflight = 0
+        self._inflight_fell = asyncio.Event()  # set each time an RPC ends (drain waits on it)
         self.metrics_port: int | None = None  # bound Prometheus port, None when off
         self.kv_pulls = PullEstimate()  # a decode worker's recent KV pulls (published for routers' transfer estimates)
         self.stop_event = asyncio.Event()
@@ -274,12 +275,33 @@ class WorkerRuntime:
         log.info("%s serving as %s", self.worker_id, self.role)
         return changed
 
+    @property
+    def inflight(self) -> int:
+        """RPCs being served now (the servicers count them in and out)."""
+        return self._inflight
+
+    @inflight.setter
+    def inflight(self, n: int) -> None:
+        if n < self._inflight:
+            self._inflight_fell.set()
+        self._inflight = n
+
     async def drain(self, deadline: float) -> bool:
-        """Waits `leave_s` (routers with an older view may still send) and until nothing is in flight or
-        held, at most until `deadline`; True when idle."""
-        settle = time.monotonic() + self.settings.leave_s
-        while (self.busy() or time.monotonic() < settle) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        """Waits `leave_s` (routers with an older view may still send), then until nothing is in flight
+        or held, at most until `deadline`; True when idle. Woken when an RPC ends or the engine frees
+        blocks or held KV (EngineWorker.wait_for_room), not by a timer."""
+        await asyncio.sleep(max(0.0, min(time.monotonic() + self.settings.leave_s, deadline) - time.monotonic()))
+        while self.busy() and (left := deadline - time.monotonic()) > 0:
+            self._inflight_fell.clear()
+            seen = self.worker.room_version
+            if not self.busy():  # ended between the check and the read
+                break
+            waits = {asyncio.ensure_future(self.worker.wait_for_room(seen, left)), asyncio.ensure_future(self._inflight_fell.wait())}
+            try:
+                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
         return not self.busy()
 
     async def shutdown(self) -> None:
