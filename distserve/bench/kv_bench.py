@@ -142,7 +142,6 @@ def _agreement(model: str, n_prompts: int, max_tokens: int) -> dict:
     from distserve.engine.models import load_model
     from distserve.engine.sampling import SamplingParams
     from distserve.kv import compression
-    from distserve.kv.handle import KvLayout, dtype_name
 
     lm = load_model(model, device="cpu")
     topics = ["the sea", "a city at night", "mountains", "friendship", "coffee", "the moon", "rain", "a library",
@@ -153,8 +152,7 @@ def _agreement(model: str, n_prompts: int, max_tokens: int) -> dict:
                                                 return_dict=True)["input_ids"] for q in questions]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     pre = LLMEngine(lm, EngineConfig(mode="prefill", num_blocks=64 * n_prompts))
-    lay = pre.layout
-    layout = KvLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, dtype_name(lay.dtype))
+    lay = layout = pre.layout
     firsts, kvs = {}, {}
     for i, p in enumerate(prompts):
         pre.add_request(str(i), p, params)
@@ -187,7 +185,7 @@ def _agreement(model: str, n_prompts: int, max_tokens: int) -> dict:
             prefix.append(k / len(b))
         result[wire] = {"identical_outputs": f"{same}/{len(ref)}", "identical_fraction": round(same / len(ref), 3),
                         "mean_agreeing_prefix": round(sum(prefix) / len(prefix), 3),
-                        "wire_bytes_vs_fp32": round(compression.wire_nbytes(layout, 256, wire) / layout.nbytes(256), 3)}
+                        "wire_bytes_vs_fp32": round(compression.wire_nbytes(layout, 256, wire) / layout.export_nbytes(256), 3)}
     return result
 
 

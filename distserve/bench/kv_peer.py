@@ -142,20 +142,20 @@ class _Holder:
         return {"address": self.built.address, "pid": os.getpid(), "transports": ["grpc", *self.senders], "params": self.server.transport_params()}
 
     def _handle(self, rid: str, kv: torch.Tensor, export_fn, ttl_s: float = 600.0) -> str:
-        from distserve.kv.handle import KV_SCALE_BYTES, KvHandle, KvLayout, dtype_name
+        from distserve.engine.kv_cache import KV_SCALE_BYTES, KVLayout
+        from distserve.kv.handle import KvHandle
 
         token, expiry = self.leases.hold(rid, export_fn, lambda: self.freed.append(rid), ttl_s, nbytes=kv.nbytes)
         layers, _, tokens, heads, dim = kv.shape
-        dtype = dtype_name(kv.dtype)
-        if dtype == "int8":  # an int8 cache's export: each row is head_dim codes plus its block's scale
+        if kv.dtype == torch.int8:  # an int8 cache's export: each row is head_dim codes plus its block's scale
             dim -= KV_SCALE_BYTES
-        layout = KvLayout(layers, heads, dim, 16, dtype)
+        layout = KVLayout(layers, heads, dim, 16, kv.dtype)
         handle = KvHandle(rid, "peer", self.built.address, ("grpc", *self.senders), layout, tokens, expiry, token,
                           _host_id(), self.server.transport_params())
         return handle.to_proto().SerializeToString().hex()
 
     def hold(self, rid, shape, dtype, seed, ttl_s=600.0) -> dict:
-        from distserve.kv.handle import torch_dtype
+        from distserve.engine.kv_cache import torch_dtype
 
         kv = random_kv(tuple(shape), torch_dtype(dtype), seed)
         self.tensors[rid] = kv

@@ -28,16 +28,54 @@ from dataclasses import dataclass
 
 import torch
 
+from distserve.errors import InvalidRequest
+
 KV_SCALE_BYTES = 4  # bytes appended to each exported int8 row: the fp32 scale of its block
+
+# dtypes a KV cache (and so a KV transfer) may have, by torch name: the name is what travels
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float32 -> "float32" (must be one of DTYPES)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise InvalidRequest("dtype", f"unsupported KV dtype {name}; allowed: {', '.join(DTYPES)}")
+    return name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """"float32" -> torch.float32."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise InvalidRequest("dtype", f"unsupported KV dtype {name!r}; allowed: {', '.join(DTYPES)}") from None
 
 
 @dataclass(frozen=True, slots=True)
 class KVLayout:
+    """How an engine stores KV: its paged cache's geometry, and the export format a peer needs to
+    receive one request's KV (the KV library's handles carry this same type; its wire form is
+    distserve.kv.handle's layout_to_proto / layout_from_proto)."""
+
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    block_size: int
-    dtype: torch.dtype
+    block_size: int  # tokens per block of the paged cache
+    dtype: torch.dtype  # one of DTYPES
+
+    def __post_init__(self) -> None:
+        dtype_name(self.dtype)
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
 
     @property
     def quantized(self) -> bool:
@@ -54,10 +92,16 @@ class KVLayout:
         rows = self.num_layers * 2 * self.num_kv_heads
         return rows * (self.block_size * self.head_dim * itemsize + (4 if self.quantized else 0))
 
-    def export_shape(self, num_tokens: int) -> tuple[int, ...]:
-        """Shape of one request's KV as exported for transfer."""
+    def export_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
+        """Shape of one request's KV as exported for transfer (int8: each row carries its block's
+        fp32 scale too)."""
         last = self.head_dim + (KV_SCALE_BYTES if self.quantized else 0)
         return (self.num_layers, 2, num_tokens, self.num_kv_heads, last)
+
+    def export_nbytes(self, num_tokens: int) -> int:
+        """Bytes of one request's exported KV."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * self.export_shape(1)[-1] * itemsize * num_tokens
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

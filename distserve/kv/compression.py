@@ -20,7 +20,7 @@ import math
 import torch
 
 from distserve.errors import InvalidRequest
-from distserve.kv.handle import KvLayout, torch_dtype
+from distserve.engine.kv_cache import KVLayout, torch_dtype
 
 WIRE_DTYPES: tuple[str, ...] = ("auto", "float16", "int8")  # what a puller may ask for
 _FP16_MAX = 65504.0
@@ -42,12 +42,12 @@ def _blocks(num_tokens: int, block_size: int) -> int:
     return max(1, math.ceil(num_tokens / block_size)) if num_tokens else 0
 
 
-def wire_nbytes(layout: KvLayout, num_tokens: int, wire_dtype: str = "") -> int:
+def wire_nbytes(layout: KVLayout, num_tokens: int, wire_dtype: str = "") -> int:
     """Bytes of one request's KV in this wire format."""
-    wire = normalize(wire_dtype, layout.dtype)
+    wire = normalize(wire_dtype, layout.dtype_name)
     elems = layout.num_layers * 2 * num_tokens * layout.num_kv_heads * layout.head_dim
     if wire == "":
-        return layout.nbytes(num_tokens)
+        return layout.export_nbytes(num_tokens)
     if wire == "float16":
         return elems * 2
     scales = layout.num_layers * 2 * _blocks(num_tokens, layout.block_size) * layout.num_kv_heads
@@ -82,20 +82,20 @@ def encode(kv: torch.Tensor, wire_dtype: str, block_size: int) -> torch.Tensor:
     return out
 
 
-def decode(payload: torch.Tensor, layout: KvLayout, num_tokens: int, wire_dtype: str = "") -> torch.Tensor:
-    """The KV tensor (layout.shape(num_tokens), layout.dtype) a payload stands for.
+def decode(payload: torch.Tensor, layout: KVLayout, num_tokens: int, wire_dtype: str = "") -> torch.Tensor:
+    """The KV tensor (layout.export_shape(num_tokens), layout.dtype) a payload stands for.
 
     For the held format this is a view of `payload` (no copy); otherwise a new tensor.
     """
-    wire = normalize(wire_dtype, layout.dtype)
+    wire = normalize(wire_dtype, layout.dtype_name)
     need = wire_nbytes(layout, num_tokens, wire)
     if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() != need:
-        raise ValueError(f"KV payload of {payload.numel()} {payload.dtype} does not match {need} bytes of {wire or layout.dtype}")
-    shape = layout.shape(num_tokens)
+        raise ValueError(f"KV payload of {payload.numel()} {payload.dtype} does not match {need} bytes of {wire or layout.dtype_name}")
+    shape = layout.export_shape(num_tokens)
     if wire == "":
-        return payload.view(layout.torch_dtype).view(shape)
+        return payload.view(layout.dtype).view(shape)
     if wire == "float16":
-        return payload.view(torch.float16).view(shape).to(layout.torch_dtype)
+        return payload.view(torch.float16).view(shape).to(layout.dtype)
     layers, two, tokens, heads, dim = shape
     nb = _blocks(tokens, layout.block_size)
     s_bytes = layers * two * nb * heads * 4
@@ -103,4 +103,4 @@ def decode(payload: torch.Tensor, layout: KvLayout, num_tokens: int, wire_dtype:
     q = payload[s_bytes:].view(torch.int8).view(shape)
     per_token = scale.repeat_interleave(layout.block_size, dim=2)[:, :, :tokens]  # [L, 2, T, H]
     out = q.to(torch.float32).mul_(per_token[..., None])
-    return out if layout.torch_dtype == torch.float32 else out.to(layout.torch_dtype)
+    return out if layout.dtype == torch.float32 else out.to(layout.dtype)

@@ -27,7 +27,8 @@ import torch
 from distserve.errors import Unavailable
 from distserve.kv.buffers import BufferPool, cpu_buffer
 from distserve.kv.compression import decode, normalize, wire_nbytes
-from distserve.kv.handle import KvHandle, dtype_name
+from distserve.engine.kv_cache import dtype_name
+from distserve.kv.handle import KvHandle
 from distserve.kv.lease import LeaseTable
 from distserve.kv.transport import KvTransport, Pulled
 from distserve.rpc.channels import ChannelPool
@@ -183,7 +184,7 @@ class GrpcKvTransport(KvTransport):
 
     async def borrow(self, handle: KvHandle, timeout_s: float | None = None) -> Pulled:
         """The KV as a `Pulled` whose tensor lives in a pooled buffer until `release()`."""
-        wire = normalize(self.wire_dtype, handle.layout.dtype)
+        wire = normalize(self.wire_dtype, handle.layout.dtype_name)
         need = wire_nbytes(handle.layout, handle.num_tokens, wire)
         self.buffers.evict_idle()
         buf = self.buffers.acquire(need)
@@ -196,7 +197,7 @@ class GrpcKvTransport(KvTransport):
             tensor = decode(buf[:need], handle.layout, handle.num_tokens, wire)
             self.buffers.release(buf)
             return Pulled(tensor, need, wire)
-        tensor = buf[:need].view(handle.layout.torch_dtype).view(handle.shape)
+        tensor = buf[:need].view(handle.layout.dtype).view(handle.shape)
         return Pulled(tensor, need, wire, lambda reuse: self.buffers.release(buf) if reuse else self.buffers.discard(buf))
 
     async def _receive(self, handle: KvHandle, wire: str, view: memoryview, timeout_s: float | None) -> None:
@@ -233,9 +234,9 @@ class GrpcKvTransport(KvTransport):
 
 
 def _check_header(handle: KvHandle, chunk: kv_pb2.KvChunk, expected: int, wire: str = "") -> None:
-    if tuple(chunk.shape) != handle.shape or chunk.dtype != handle.layout.dtype or chunk.total_bytes != expected or chunk.wire_dtype != wire:
+    if tuple(chunk.shape) != handle.shape or chunk.dtype != handle.layout.dtype_name or chunk.total_bytes != expected or chunk.wire_dtype != wire:
         raise Unavailable(
             f"KV of {handle.request_id}: holder sent shape {tuple(chunk.shape)} {chunk.dtype} "
             f"({chunk.total_bytes} bytes of {chunk.wire_dtype or 'raw'}), handle says {handle.shape} "
-            f"{handle.layout.dtype} ({expected} bytes of {wire or 'raw'})"
+            f"{handle.layout.dtype_name} ({expected} bytes of {wire or 'raw'})"
         )

@@ -15,84 +15,23 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
-import torch
-
 from distserve.errors import InvalidRequest
-from distserve.engine.kv_cache import KV_SCALE_BYTES
+from distserve.engine.kv_cache import KVLayout, torch_dtype
 from distserve.v1 import common_pb2
-
-# dtypes a KV tensor may have on the wire, by torch name.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.float32 -> "float32" (must be one of DTYPES)."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise InvalidRequest("dtype", f"unsupported KV dtype {name}; allowed: {', '.join(DTYPES)}")
-    return name
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """"float32" -> torch.float32."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise InvalidRequest("dtype", f"unsupported KV dtype {name!r}; allowed: {', '.join(DTYPES)}") from None
-
 
 def new_transfer_token() -> bytes:
     """16 random bytes that authorize pulling and releasing one lease."""
     return secrets.token_bytes(16)
 
 
-@dataclass(frozen=True, slots=True)
-class KvLayout:
-    """How the engine stores KV, enough for a peer to receive it."""
+def layout_to_proto(layout: KVLayout) -> common_pb2.KvLayout:
+    return common_pb2.KvLayout(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+                               block_size=layout.block_size, dtype=layout.dtype_name)
 
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int  # tokens per KV block in the engine's paged cache
-    dtype: str  # torch dtype name, one of DTYPES
 
-    def __post_init__(self) -> None:
-        torch_dtype(self.dtype)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
-        """Shape of one request's exported KV (int8: each row carries its block's fp32 scale too)."""
-        last = self.head_dim + (KV_SCALE_BYTES if self.dtype == "int8" else 0)
-        return (self.num_layers, 2, num_tokens, self.num_kv_heads, last)
-
-    def bytes_per_token(self) -> int:
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
-        return self.num_layers * 2 * self.num_kv_heads * self.shape(1)[-1] * itemsize
-
-    def nbytes(self, num_tokens: int) -> int:
-        return self.bytes_per_token() * num_tokens
-
-    def to_proto(self) -> common_pb2.KvLayout:
-        return common_pb2.KvLayout(
-            num_layers=self.num_layers,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            block_size=self.block_size,
-            dtype=self.dtype,
-        )
-
-    @classmethod
-    def from_proto(cls, msg: common_pb2.KvLayout) -> "KvLayout":
-        return cls(msg.num_layers, msg.num_kv_heads, msg.head_dim, msg.block_size, msg.dtype)
+def layout_from_proto(msg: common_pb2.KvLayout) -> KVLayout:
+    """The layout a peer sent; an unknown dtype name is INVALID_ARGUMENT."""
+    return KVLayout(msg.num_layers, msg.num_kv_heads, msg.head_dim, msg.block_size, torch_dtype(msg.dtype))
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +42,7 @@ class KvHandle:
     worker_id: str  # the holder
     kv_address: str  # host:port of the holder's KvTransfer service
     transports: tuple[str, ...]  # transports the holder offers, best first
-    layout: KvLayout
+    layout: KVLayout  # the holder engine's (distserve.engine.kv_cache)
     num_tokens: int  # tokens whose KV is held
     lease_expiry_unix: float  # the holder frees the KV after this unless released
     transfer_token: bytes = field(repr=False)  # required to pull or release
@@ -112,11 +51,11 @@ class KvHandle:
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
-        return self.layout.shape(self.num_tokens)
+        return self.layout.export_shape(self.num_tokens)
 
     @property
     def nbytes(self) -> int:
-        return self.layout.nbytes(self.num_tokens)
+        return self.layout.export_nbytes(self.num_tokens)
 
     def to_proto(self) -> common_pb2.KvHandle:
         return common_pb2.KvHandle(
@@ -124,7 +63,7 @@ class KvHandle:
             worker_id=self.worker_id,
             kv_address=self.kv_address,
             transports=list(self.transports),
-            layout=self.layout.to_proto(),
+            layout=layout_to_proto(self.layout),
             num_tokens=self.num_tokens,
             lease_expiry_unix=self.lease_expiry_unix,
             transfer_token=self.transfer_token,
@@ -141,7 +80,7 @@ class KvHandle:
             worker_id=msg.worker_id,
             kv_address=msg.kv_address,
             transports=tuple(msg.transports),
-            layout=KvLayout.from_proto(msg.layout),
+            layout=layout_from_proto(msg.layout),
             num_tokens=msg.num_tokens,
             lease_expiry_unix=msg.lease_expiry_unix,
             transfer_token=msg.transfer_token,

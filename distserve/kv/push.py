@@ -74,7 +74,7 @@ class PushKvTransport(KvTransport):
 
     # -- the pull -----------------------------------------------------------------------------
     async def borrow(self, handle: KvHandle) -> Pulled:
-        wire = normalize(self.wire_dtype, handle.layout.dtype)
+        wire = normalize(self.wire_dtype, handle.layout.dtype_name)
         need = wire_nbytes(handle.layout, handle.num_tokens, wire)
         for _ in range(2):
             channel, buf, recv, params = await self._open(handle, need)
@@ -113,10 +113,10 @@ class PushKvTransport(KvTransport):
 
 
 def _check(handle: KvHandle, resp: kv_pb2.PushKvResponse, need: int, wire: str) -> None:
-    if tuple(resp.shape) != handle.shape or resp.dtype != handle.layout.dtype or resp.wire_bytes != need or resp.wire_dtype != wire:
+    if tuple(resp.shape) != handle.shape or resp.dtype != handle.layout.dtype_name or resp.wire_bytes != need or resp.wire_dtype != wire:
         raise Unavailable(
             f"KV of {handle.request_id}: holder pushed {tuple(resp.shape)} {resp.dtype} as {resp.wire_bytes} bytes "
-            f"of {resp.wire_dtype or 'raw'}, handle says {handle.shape} {handle.layout.dtype} ({need} bytes of {wire or 'raw'})"
+            f"of {resp.wire_dtype or 'raw'}, handle says {handle.shape} {handle.layout.dtype_name} ({need} bytes of {wire or 'raw'})"
         )
 
 

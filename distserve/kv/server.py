@@ -22,7 +22,7 @@ import torch
 from distserve.errors import InvalidRequest, PermissionDenied, Unavailable
 from distserve.kv.compression import encode, normalize
 from distserve.kv.grpc_transport import KvTransferServicer
-from distserve.kv.handle import dtype_name
+from distserve.engine.kv_cache import dtype_name
 from distserve.kv.lease import LeaseTable
 from distserve.kv.push import KvSender
 from distserve.v1 import kv_pb2

@@ -18,7 +18,7 @@ import time
 import grpc
 
 from distserve.errors import DistserveError, InvalidRequest, PermissionDenied, ResourceExhausted, Unavailable
-from distserve.kv.handle import KvHandle, dtype_name
+from distserve.kv.handle import KvHandle
 from distserve.kv.puller import KvPuller, PullResult
 from distserve.kv.release import LeaseClient
 from distserve.rpc.convert import finish_to_pb, params_from_pb, top_logprobs_to_pb
@@ -42,8 +42,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     def _check_layout(self, handle: KvHandle) -> None:
         lay = self.rt.engine.layout
-        ours = (lay.num_layers, lay.num_kv_heads, lay.head_dim, dtype_name(lay.dtype))
-        theirs = (handle.layout.num_layers, handle.layout.num_kv_heads, handle.layout.head_dim, handle.layout.dtype)
+        ours = (lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype_name)
+        theirs = (handle.layout.num_layers, handle.layout.num_kv_heads, handle.layout.head_dim, handle.layout.dtype_name)
         if ours != theirs:
             raise InvalidRequest("kv_handle", f"KV layout {theirs} does not match this worker's {ours} (different model?)")
 

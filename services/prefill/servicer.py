@@ -17,7 +17,7 @@ import grpc
 
 from distserve.engine.engine import LLMEngine
 from distserve.errors import InvalidRequest
-from distserve.kv.handle import KvHandle, KvLayout, dtype_name
+from distserve.kv.handle import KvHandle
 from distserve.kv.lease import LeaseTable
 from distserve.rpc.convert import finish_to_pb, params_from_pb, top_logprobs_to_pb
 from distserve.runtime import host_id
@@ -34,8 +34,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.transports = transports
         self.transport_params = dict(transport_params or {})  # endpoints of the side-channel transports
         e: LLMEngine = runtime.engine
-        lay = e.layout
-        self.layout = KvLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, dtype_name(lay.dtype))
+        self.layout = e.layout
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext) -> prefill_pb2.PrefillResponse:
         rid = request.request_id
@@ -86,7 +85,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             export_fn=lambda: cache.export(table, n),
             free_fn=lambda: rt.worker.abort_nowait(rid),
             ttl_s=rt.settings.lease_s,
-            nbytes=n * self.layout.bytes_per_token(),
+            nbytes=self.layout.export_nbytes(n),
             token=request.transfer_token or None,
         )
 

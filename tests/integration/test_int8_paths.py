@@ -16,7 +16,7 @@ from distserve.engine.engine import EngineConfig, LLMEngine
 from distserve.engine.sampling import SamplingParams
 from distserve.kv.grpc_transport import GrpcKvTransport, KvTransferServicer, add_to_server
 from distserve.kv.release import LeaseClient
-from distserve.kv.handle import KvHandle, KvLayout, dtype_name
+from distserve.kv.handle import KvHandle
 from distserve.kv.lease import LeaseTable
 from distserve.rpc.channels import ChannelPool
 from distserve.rpc.server import build_server
@@ -42,9 +42,8 @@ def test_int8_kv_crosses_grpc_bit_exact_and_decodes_to_the_colocated_tokens(tiny
     while pre.has_work():
         for o in pre.step():
             firsts[o.request_id] = o.new_token_ids[0]
-    lay = pre.layout
-    layout = KvLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, dtype_name(lay.dtype))
-    assert layout.dtype == "int8" and layout.shape(7)[-1] == lay.head_dim + 4
+    layout = pre.layout  # the engine's own layout is what a handle carries
+    assert layout.dtype_name == "int8" and layout.export_shape(7)[-1] == layout.head_dim + 4
 
     async def move():
         table = LeaseTable()

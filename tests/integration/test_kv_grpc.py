@@ -15,7 +15,8 @@ import torch
 from distserve.errors import InvalidRequest, NotFound, Unavailable
 from distserve.kv.grpc_transport import GrpcKvTransport, KvTransferServicer, add_to_server, encode_chunks, split_chunk
 from distserve.kv.release import LeaseClient
-from distserve.kv.handle import KvHandle, KvLayout
+from distserve.engine.kv_cache import KVLayout
+from distserve.kv.handle import KvHandle, layout_from_proto
 from distserve.kv.lease import LeaseTable
 from distserve.kv.transport import KvTransports, choose_transport
 from distserve.rpc.channels import ChannelPool
@@ -43,7 +44,7 @@ class Holder:
 
         token, expiry = self.table.hold(request_id, kv.clone, free, ttl_s, nbytes=kv.nbytes)
         _, _, num_tokens, heads, head_dim = kv.shape
-        layout = KvLayout(kv.shape[0], heads, head_dim, 16, str(kv.dtype).removeprefix("torch."))
+        layout = KVLayout(kv.shape[0], heads, head_dim, 16, kv.dtype)
         return KvHandle(request_id, "p0", self.address, ("grpc",), layout, num_tokens, expiry, token, "host-a")
 
 
@@ -107,7 +108,7 @@ def test_pull_is_bit_exact_in_bounded_chunks(dtype: torch.dtype, shape: tuple[in
         assert len(chunks) == -(-total // chunk)
         assert max(len(c.data) for c in chunks) == min(chunk, total)
         assert sum(len(c.data) for c in chunks) == total
-        assert list(chunks[0].shape) == list(shape) and chunks[0].dtype == handle.layout.dtype
+        assert list(chunks[0].shape) == list(shape) and chunks[0].dtype == handle.layout.dtype_name
         assert all(not c.shape and not c.dtype for c in chunks[1:])
         # the puller may ask for smaller chunks, never larger ones
         assert len(await raw_chunks(pool, handle, chunk_bytes=chunk // 2)) == -(-total // (chunk // 2))
@@ -220,7 +221,7 @@ def test_layout_mismatch_is_unavailable() -> None:
     async def body(holder: Holder, transport: GrpcKvTransport, pool: ChannelPool) -> None:
         handle = holder.hold("r1", random_kv((2, 2, 8, 2, 8), torch.float32))
         fields = {f: getattr(handle, f) for f in KvHandle.__slots__}
-        for change in ({"num_tokens": 9}, {"layout": KvLayout(2, 2, 8, 16, "float16")}):
+        for change in ({"num_tokens": 9}, {"layout": KVLayout(2, 2, 8, 16, torch.float16)}):
             with pytest.raises(Unavailable, match="holder sent shape"):
                 await transport.pull(KvHandle(**{**fields, **change}))
         assert holder.frees == {}
@@ -269,14 +270,16 @@ def test_lease_table_rules() -> None:
 
 
 def test_handle_proto_round_trip_and_transport_choice() -> None:
-    handle = KvHandle("r1", "p0", "10.0.0.1:7001", ("shm", "grpc"), KvLayout(30, 3, 64, 16, "float32"),
+    handle = KvHandle("r1", "p0", "10.0.0.1:7001", ("shm", "grpc"), KVLayout(30, 3, 64, 16, torch.float32),
                       256, 1712345678.5, b"\x01" * 16, "host-a", {"shm": "/dev/shm/x"})
     msg = handle.to_proto()
     again = KvHandle.from_proto(common_pb2.KvHandle.FromString(msg.SerializeToString()))
     assert again == handle
     assert handle.nbytes == 256 * 46080  # 45 KiB per token, as DESIGN.md counts for SmolLM2-135M
     with pytest.raises(InvalidRequest, match="dtype"):
-        KvLayout(1, 1, 1, 16, "complex64")
+        KVLayout(1, 1, 1, 16, torch.complex64)
+    with pytest.raises(InvalidRequest, match="dtype"):  # what a peer sends
+        layout_from_proto(common_pb2.KvLayout(num_layers=1, num_kv_heads=1, head_dim=1, block_size=16, dtype="complex64"))
     assert choose_transport(["shm", "gloo", "grpc"], ["shm", "grpc"], same_host=True) == "shm"
     assert choose_transport(["shm", "gloo", "grpc"], ["shm", "gloo", "grpc"], same_host=False) == "gloo"
     assert choose_transport(["nccl", "mooncake", "grpc"], ["mooncake", "nccl"], same_host=False) == "nccl"

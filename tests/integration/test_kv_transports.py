@@ -21,7 +21,8 @@ from distserve.bench.kv_peer import Peer, random_kv
 from distserve.errors import NotFound, Unavailable
 from distserve.kv import compression
 from distserve.kv.factory import build_pullers
-from distserve.kv.handle import KvHandle, KvLayout
+from distserve.engine.kv_cache import KVLayout
+from distserve.kv.handle import KvHandle
 from distserve.kv.puller import KvPuller
 from distserve.kv.shm_transport import our_segments, sweep_stale_segments
 from distserve.kv.torch_transport import TorchKvTransport
@@ -118,8 +119,8 @@ def test_compressed_kv_on_the_wire_is_close_and_smaller(peer, name, wire):
 
 
 def test_int8_codec_round_trip_bounds_and_size():
-    layout = KvLayout(3, 2, 8, 4, "float32")
-    kv = random_kv(layout.shape(10), torch.float32, 3) * 5
+    layout = KVLayout(3, 2, 8, 4, torch.float32)
+    kv = random_kv(layout.export_shape(10), torch.float32, 3) * 5
     payload = compression.encode(kv, "int8", 4)
     assert payload.numel() == compression.wire_nbytes(layout, 10, "int8") == 3 * 2 * 3 * 2 * 4 + kv.numel()
     back = compression.decode(payload, layout, 10, "int8")
