@@ -51,3 +51,21 @@ def test_the_engine_serves_it(small_shape):
         for o in eng.step():
             got.extend(o.new_token_ids)
     assert len(got) == 5 and all(0 <= t < SMALL["vocab_size"] for t in got)
+
+
+@pytest.mark.gpu
+def test_llama3_8b_shape_on_cuda():
+    """The real shape, built on the GPU in bf16 (16 GB there, nothing of it on the CPU), serves a request."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; this machine has none")
+    lm = load_model("random:llama3-8b", device="cuda", dtype="bfloat16")
+    params = list(lm.model.parameters())
+    assert {(p.device.type, p.dtype) for p in params} == {("cuda", torch.bfloat16)}
+    assert 8.0e9 < sum(p.numel() for p in params) < 8.1e9
+    eng = LLMEngine(lm, EngineConfig(kv_cache_bytes=1 << 30))
+    eng.add_request("a", list(range(10, 74)), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    got = []
+    while eng.has_work():
+        for o in eng.step():
+            got.extend(o.new_token_ids)
+    assert len(got) == 4
