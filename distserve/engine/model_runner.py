@@ -37,6 +37,9 @@ class PrefillChunk:
     end: int  # one past the last position
 
 
+NO_GROUPS = torch.empty(0, dtype=torch.long)  # decode rows one per sequence
+
+
 @dataclass(slots=True)
 class ForwardBatch:
     input_ids: torch.Tensor  # [N] decode tokens first, then each prefill chunk's tokens
@@ -45,6 +48,7 @@ class ForwardBatch:
     num_decode: int  # leading tokens that are decode rows (one per sequence, plus its drafts when speculating)
     decode_tables: torch.Tensor | None  # [B, blocks] block table of each decode row's sequence, padded
     decode_lens: torch.Tensor | None  # [B] context length of each decode row (its own position + 1)
+    decode_groups: torch.Tensor  # [S + 1] first row of each sequence's rows when drafts ride along (else empty)
     decode_gather: torch.Tensor | None  # [B * Lmax] padded context slots (torch fallback only)
     decode_mask: torch.Tensor | None  # [1, B, 1, Lmax] additive mask hiding the padding (fallback)
     decode_max_len: int  # Lmax
@@ -164,6 +168,7 @@ class ModelRunner:
         slot_parts: list[torch.Tensor] = []
         logits_index: list[int] = []
         table = len_t = gather = mask = None
+        groups = NO_GROUPS
         lmax = 0
         rows = len(decode)
         if decode:
@@ -181,7 +186,9 @@ class ModelRunner:
             nblk = (lmax + bs - 1) // bs
             table = torch.tensor([s.block_table[:nblk] + [0] * (nblk - len(s.block_table[:nblk])) for s in decode])
             if rows != len(decode):
-                table = table.repeat_interleave(torch.tensor([len(d) + 1 for d in drafts]), dim=0)
+                per_seq = torch.tensor([len(d) + 1 for d in drafts])
+                table = table.repeat_interleave(per_seq, dim=0)
+                groups = torch.cat((torch.zeros(1, dtype=torch.long), per_seq.cumsum(0)))  # the kernel reads K/V once per sequence
             len_t = torch.tensor(lens)
             last = len_t - 1
             slot_parts.append(table[torch.arange(rows), last // bs] * bs + last % bs)
@@ -210,6 +217,7 @@ class ModelRunner:
             num_decode=rows,
             decode_tables=table,
             decode_lens=len_t,
+            decode_groups=groups,
             decode_gather=gather,
             decode_mask=mask,
             decode_max_len=lmax,
@@ -273,10 +281,11 @@ class ModelRunner:
             out = torch.empty((B, KH * G, D), dtype=q.dtype)
             bs = cache.layout.block_size
             if cache.scales is None:
-                self.kernel.paged_decode_attention(out, q.contiguous(), kc, vc, b.decode_tables, b.decode_lens, bs, self.scale)
+                self.kernel.paged_decode_attention(out, q.contiguous(), kc, vc, b.decode_tables, b.decode_lens, b.decode_groups, bs, self.scale)
             else:
                 ks, vs = cache.scales[li, 0], cache.scales[li, 1]
-                self.kernel.paged_decode_attention_int8(out, q.contiguous(), kc, vc, ks, vs, b.decode_tables, b.decode_lens, bs, self.scale)
+                self.kernel.paged_decode_attention_int8(out, q.contiguous(), kc, vc, ks, vs, b.decode_tables, b.decode_lens,
+                                                        b.decode_groups, bs, self.scale)
             return out
         qg = q.view(B, KH, G, D).transpose(0, 1)  # [KH, B, G, D]
         keys, vals = cache.read(li, b.decode_gather, q.dtype)

@@ -17,6 +17,7 @@ pytestmark = [
 ]
 
 LENS = [1, 7, 16, 33, 290]
+NONE = torch.empty(0, dtype=torch.long)  # row groups: one row per sequence
 
 
 def reference_attention(q, kc, vc, tables, lens, bs, scale):
@@ -58,14 +59,47 @@ def test_paged_decode_attention_matches_the_definition(D, KH, G, bs):
         pytest.skip(f"head_dim {D} is not a multiple of this machine's vector width")
     q, kc, vc, tables, lens = paged_case(D, KH, G, bs, seed=D)
     out = torch.full_like(q, float("nan"))
-    mod.paged_decode_attention(out, q, kc, vc, tables, lens, bs, D**-0.5)
+    mod.paged_decode_attention(out, q, kc, vc, tables, lens, NONE, bs, D**-0.5)
     assert (out.double() - reference_attention(q, kc, vc, tables, lens, bs, D**-0.5)).abs().max() < 1e-5
 
     kq, ks, kd = quantized(kc, bs)
     vq, vs, vd = quantized(vc, bs)
     out.fill_(float("nan"))
-    mod.paged_decode_attention_int8(out, q, kq, vq, ks, vs, tables, lens, bs, D**-0.5)
+    mod.paged_decode_attention_int8(out, q, kq, vq, ks, vs, tables, lens, NONE, bs, D**-0.5)
     assert (out.double() - reference_attention(q, kd, vd, tables, lens, bs, D**-0.5)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_sequences_draft_rows_attend_together_each_up_to_itself(int8):
+    """Speculative rows: a sequence's last token and its drafts at consecutive positions share its block
+    table and are attended in one pass over its K/V, each row seeing the context up to itself; the
+    result is what each row attended alone gives (and the definition)."""
+    mod = kernels.paged_attention()
+    D, KH, G, bs = 64, 3, 3, 16
+    q, kc, vc, tables, _ = paged_case(D, KH, G, bs, seed=5)
+    per_seq, first = [4, 1, 6], [30, 7, 281]  # rows of three sequences (lengths cross block edges), first rows' lengths
+    lens = torch.tensor([f + j for f, n in zip(first, per_seq) for j in range(n)])
+    rows = int(lens.numel())
+    tab = tables[:3].repeat_interleave(torch.tensor(per_seq), dim=0).contiguous()
+    qr = torch.randn(rows, KH * G, D, generator=torch.Generator().manual_seed(6))
+    groups = torch.tensor([0, 4, 5, 11])
+    if int8:
+        kq, ks, kd = quantized(kc, bs)
+        vq, vs, vd = quantized(vc, bs)
+        run = lambda out, gr: mod.paged_decode_attention_int8(out, qr, kq, vq, ks, vs, tab, lens, gr, bs, D**-0.5)  # noqa: E731
+        ref = reference_attention(qr, kd, vd, tab, lens, bs, D**-0.5)
+    else:
+        run = lambda out, gr: mod.paged_decode_attention(out, qr, kc, vc, tab, lens, gr, bs, D**-0.5)  # noqa: E731
+        ref = reference_attention(qr, kc, vc, tab, lens, bs, D**-0.5)
+    together, alone = torch.full_like(qr, float("nan")), torch.full_like(qr, float("nan"))
+    run(together, groups)
+    run(alone, NONE)
+    assert (together - alone).abs().max() < 1e-5
+    assert (together.double() - ref).abs().max() < 1e-5
+    with pytest.raises(RuntimeError, match="consecutive"):
+        run(together, torch.tensor([0, 5, 11]))  # rows 4 and 5 are not one sequence's
+    with pytest.raises(RuntimeError, match="row count"):
+        run(together, torch.tensor([0, 4, 5]))
 
 
 def test_a_head_size_the_kernel_does_not_take_is_refused_with_a_clear_error():
@@ -73,7 +107,7 @@ def test_a_head_size_the_kernel_does_not_take_is_refused_with_a_clear_error():
     assert not mod.supports_head_dim(12)  # no vector width divides it
     q, kc, vc, tables, lens = paged_case(12, 1, 2, 16, seed=1)
     with pytest.raises(RuntimeError, match="head_dim 12"):
-        mod.paged_decode_attention(torch.empty_like(q), q, kc, vc, tables, lens, 16, 0.3)
+        mod.paged_decode_attention(torch.empty_like(q), q, kc, vc, tables, lens, NONE, 16, 0.3)
 
 
 LANES = {"avx512vnni": 16, "avx2": 8, "generic": 4}  # fp32 lanes of vec.h's code path per build
@@ -97,13 +131,13 @@ def test_another_instruction_set_build_computes_what_the_native_one_computes(var
 
     q, kc, vc, tables, lens = paged_case(64, 3, 3, 16, seed=2)
     a, b = torch.empty_like(q), torch.empty_like(q)
-    pa.paged_decode_attention(a, q, kc, vc, tables, lens, 16, 0.125)
-    nat_pa.paged_decode_attention(b, q, kc, vc, tables, lens, 16, 0.125)
+    pa.paged_decode_attention(a, q, kc, vc, tables, lens, NONE, 16, 0.125)
+    nat_pa.paged_decode_attention(b, q, kc, vc, tables, lens, NONE, 16, 0.125)
     assert (a - b).abs().max() < 1e-5
     kq, ks, _ = quantized(kc, 16)
     vq, vs, _ = quantized(vc, 16)
-    pa.paged_decode_attention_int8(a, q, kq, vq, ks, vs, tables, lens, 16, 0.125)
-    nat_pa.paged_decode_attention_int8(b, q, kq, vq, ks, vs, tables, lens, 16, 0.125)
+    pa.paged_decode_attention_int8(a, q, kq, vq, ks, vs, tables, lens, NONE, 16, 0.125)
+    nat_pa.paged_decode_attention_int8(b, q, kq, vq, ks, vs, tables, lens, NONE, 16, 0.125)
     assert (a - b).abs().max() < 1e-5
 
     g = torch.Generator().manual_seed(3)

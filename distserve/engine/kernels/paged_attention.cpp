@@ -40,13 +40,15 @@ struct Block {
   float kscale, vscale;
 };
 
-// Decode attention of one (sequence, kv head) for its G query heads qb[G, D] (D = NC * W) over L
-// cached tokens: scores, softmax, weighted sum of V into ob[G, D]. `block(j)` gives the j-th block.
+// Decode attention of one (sequence, kv head) for its G queries qb[G, D] (D = NC * W) over L cached
+// tokens: scores, softmax, weighted sum of V into ob[G, D]. `block(j)` gives the j-th block. Query g
+// sees the first Lq[g] <= L tokens (Lq null: all L): a speculating sequence's rows each see the
+// context up to themselves, and all of them are served by one pass over its K and V.
 // Scores: each K row is loaded (and widened) once into registers and dotted with the G queries.
-// Sums: per block, each query head keeps its D outputs in registers while the block's V rows (widened
+// Sums: per block, each query keeps its D outputs in registers while the block's V rows (widened
 // once per block for int8) stream past.
 template <int NC, class T, class Blocks>
-void attend(const float* qb, int64_t G, int64_t L, int64_t bs, float sc, Blocks block,
+void attend(const float* qb, int64_t G, int64_t L, const int64_t* Lq, int64_t bs, float sc, Blocks block,
             std::vector<float>& scores, std::vector<float>& vtile, std::vector<float>& acc, std::vector<float>& inv,
             float* ob) {
   constexpr int64_t D = NC * W;
@@ -71,16 +73,17 @@ void attend(const float* qb, int64_t G, int64_t L, int64_t bs, float sc, Blocks 
   inv.resize(G);
   for (int64_t g = 0; g < G; ++g) {
     float* row = scores.data() + g * L;
-    const float m = *std::max_element(row, row + L);
+    const int64_t Lg = Lq ? Lq[g] : L;
+    const float m = *std::max_element(row, row + Lg);
     vf vsum{};
     int64_t t = 0;
-    for (; t + W <= L; t += W) {
+    for (; t + W <= Lg; t += W) {
       const vf e = vexp(load(row + t) - m);
       store(row + t, e);
       vsum += e;
     }
     float sum = hsum(vsum);
-    for (; t < L; ++t) {
+    for (; t < Lg; ++t) {
       row[t] = std::exp(row[t] - m);
       sum += row[t];
     }
@@ -102,9 +105,11 @@ void attend(const float* qb, int64_t G, int64_t L, int64_t bs, float sc, Blocks 
     }
     for (int64_t g = 0; g < G; ++g) {
       const float* p = scores.data() + g * L + t0;
+      const int64_t ng = Lq ? std::min(n, Lq[g] - t0) : n;  // this query's tokens in the block
+      if (ng <= 0) continue;
       vf a[NC];
       for (int c = 0; c < NC; ++c) a[c] = load(acc.data() + g * D + c * W);
-      for (int64_t r = 0; r < n; ++r) {
+      for (int64_t r = 0; r < ng; ++r) {
         const vf pr = splat(p[r] * B.vscale);
         for (int c = 0; c < NC; ++c) a[c] += pr * load(v + r * vstride + c * W);
       }
@@ -133,27 +138,58 @@ bool with_chunks(int64_t D, F f) {
 }
 
 // Every (sequence, kv head) in parallel: `blocks(kh, table)` gives the block loader of that head over
-// that sequence's block table, and `attend` does the rest.
+// that sequence's block table, and `attend` does the rest. `groups` (int64 [S + 1], or empty: one row
+// per sequence) gives the first row of each sequence: the rows of one sequence (its last token and its
+// speculative drafts, at consecutive positions, sharing the first row's block table) are attended
+// together, their G query heads each as one query of the group, so its K and V are read once.
 template <class T, class Blocks>
 void decode_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& block_tables,
-                      const torch::Tensor& lens, int64_t KH, int64_t block_size, double scale, Blocks blocks) {
+                      const torch::Tensor& lens, const torch::Tensor& groups, int64_t KH, int64_t block_size,
+                      double scale, Blocks blocks) {
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong &&
                   block_tables.is_contiguous() && lens.is_contiguous(), "int64 block tables and lengths expected");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), G = H / KH;
   const int64_t maxblocks = block_tables.size(1);
+  const bool grouped = groups.numel() > 0;
+  TORCH_CHECK(!grouped || (groups.scalar_type() == at::kLong && groups.is_contiguous()), "int64 row groups expected");
+  const int64_t S = grouped ? groups.numel() - 1 : B;
+  const int64_t* gp = grouped ? groups.data_ptr<int64_t>() : nullptr;
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  if (grouped) {
+    TORCH_CHECK(gp[0] == 0 && gp[S] == B, "row groups must start at 0 and end at the row count");
+    for (int64_t s = 0; s < S; ++s) {
+      TORCH_CHECK(gp[s + 1] > gp[s], "empty row group");
+      for (int64_t r = gp[s] + 1; r < gp[s + 1]; ++r) TORCH_CHECK(lp[r] == lp[r - 1] + 1, "a group's rows must be consecutive positions");
+    }
+  }
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t* bt = block_tables.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
   const float sc = static_cast<float>(scale);
   const bool ok = with_chunks(D, [&](auto nc) {
-    at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, vtile, acc, inv;  // scratch, reused over this thread's (sequence, head) pairs
+    at::parallel_for(0, S * KH, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores, vtile, acc, inv, qtile, otile;  // scratch, reused over this thread's pairs
+      std::vector<int64_t> lq;
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / KH, kh = idx % KH;
-        attend<decltype(nc)::value, T>(qp + (b * H + kh * G) * D, G, lp[b], block_size, sc, blocks(kh, bt + b * maxblocks),
-                                       scores, vtile, acc, inv, op + (b * H + kh * G) * D);
+        const int64_t s = idx / KH, kh = idx % KH;
+        const int64_t r0 = grouped ? gp[s] : s, nr = grouped ? gp[s + 1] - gp[s] : 1;
+        if (nr == 1) {
+          attend<decltype(nc)::value, T>(qp + (r0 * H + kh * G) * D, G, lp[r0], nullptr, block_size, sc,
+                                         blocks(kh, bt + r0 * maxblocks), scores, vtile, acc, inv, op + (r0 * H + kh * G) * D);
+          continue;
+        }
+        qtile.resize(nr * G * D);
+        otile.resize(nr * G * D);
+        lq.resize(nr * G);
+        for (int64_t r = 0; r < nr; ++r) {
+          std::memcpy(qtile.data() + r * G * D, qp + ((r0 + r) * H + kh * G) * D, G * D * sizeof(float));
+          for (int64_t g = 0; g < G; ++g) lq[r * G + g] = lp[r0 + r];
+        }
+        attend<decltype(nc)::value, T>(qtile.data(), nr * G, lp[r0 + nr - 1], lq.data(), block_size, sc,
+                                       blocks(kh, bt + r0 * maxblocks), scores, vtile, acc, inv, otile.data());
+        for (int64_t r = 0; r < nr; ++r)
+          std::memcpy(op + ((r0 + r) * H + kh * G) * D, otile.data() + r * G * D, G * D * sizeof(float));
       }
     });
   });
@@ -168,14 +204,14 @@ bool supports_head_dim(int64_t D) {
 
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor kcache,
                             torch::Tensor vcache, torch::Tensor block_tables, torch::Tensor lens,
-                            int64_t block_size, double scale) {
+                            torch::Tensor groups, int64_t block_size, double scale) {
   TORCH_CHECK(kcache.stride(2) == 1 && vcache.stride(2) == 1 && kcache.stride(1) == vcache.stride(1),
               "cache rows must be contiguous");
   TORCH_CHECK(q.scalar_type() == at::kFloat && kcache.scalar_type() == at::kFloat, "fp32 only");
   const int64_t ks = kcache.stride(0), vs = vcache.stride(0), r = kcache.stride(1);
   const float* kp = kcache.data_ptr<float>();
   const float* vp = vcache.data_ptr<float>();
-  decode_attention<float>(out, q, block_tables, lens, kcache.size(0), block_size, scale, [=](int64_t kh, const int64_t* table) {
+  decode_attention<float>(out, q, block_tables, lens, groups, kcache.size(0), block_size, scale, [=](int64_t kh, const int64_t* table) {
     return [=](int64_t j) {
       const int64_t row = table[j] * block_size * r;
       return Block<float>{kp + kh * ks + row, vp + kh * vs + row, r, 1.f, 1.f};
@@ -185,7 +221,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor kc
 
 void paged_decode_attention_int8(torch::Tensor out, torch::Tensor q, torch::Tensor kcache, torch::Tensor vcache,
                                  torch::Tensor kscale, torch::Tensor vscale, torch::Tensor block_tables,
-                                 torch::Tensor lens, int64_t block_size, double scale) {
+                                 torch::Tensor lens, torch::Tensor groups, int64_t block_size, double scale) {
   TORCH_CHECK(kcache.stride(2) == 1 && vcache.stride(2) == 1 && kcache.stride(1) == vcache.stride(1),
               "cache rows must be contiguous");
   TORCH_CHECK(q.scalar_type() == at::kFloat && kcache.scalar_type() == at::kChar && vcache.scalar_type() == at::kChar,
@@ -197,7 +233,7 @@ void paged_decode_attention_int8(torch::Tensor out, torch::Tensor q, torch::Tens
   const int8_t* vp = vcache.data_ptr<int8_t>();
   const float* ksp = kscale.data_ptr<float>();
   const float* vsp = vscale.data_ptr<float>();
-  decode_attention<int8_t>(out, q, block_tables, lens, kcache.size(0), block_size, scale, [=](int64_t kh, const int64_t* table) {
+  decode_attention<int8_t>(out, q, block_tables, lens, groups, kcache.size(0), block_size, scale, [=](int64_t kh, const int64_t* table) {
     return [=](int64_t j) {
       const int64_t blk = table[j], row = blk * block_size * r;
       return Block<int8_t>{kp + kh * ks + row, vp + kh * vs + row, r, ksp[kh * kss + blk], vsp[kh * vss + blk]};
