@@ -368,7 +368,9 @@ class LLMEngine:
         room = self.config.max_num_batched_tokens - len(sched.decode) - sum(c.end - c.start for c in sched.chunks)
         fit = self.step_times.fit
         fixed = fit.fixed_s if fit else 0.0
-        return spec.propose(sched.decode, room, fixed, max(fit.decode_s, 0.01 * fixed) if fit else 0.0)
+        # a draft row shares its sequence's pass over the KV (the kernel attends a sequence's rows
+        # together), so it costs what a prompt token of a chunk costs, not what a sequence's decode does
+        return spec.propose(sched.decode, room, fixed, max(fit.token_s, 0.01 * fixed) if fit else 0.0)
 
     def _verify(self, seqs: list[Sequence], drafts: list[list[int]], logits: torch.Tensor) -> list[RequestOutput]:
         """Keeps each sequence's accepted drafts and the token after them (see speculative.py); the
