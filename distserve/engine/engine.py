@@ -65,7 +65,7 @@ class EngineConfig:
     free_model_weights: bool = False  # drop the LoadedModel's own weights once the runner has its own (workers)
     prefix_caching: bool = False  # keep computed full blocks by prefix hash and reuse them for later prompts (workers: on by default, --prefix-cache; off here so engine benchmarks time every token)
     speculative: str = "none"  # decode/colocated: "ngram" drafts by prompt lookup, "draft" with a draft model; verified in the step (speculative.py)
-    speculative_k: int = 8  # most draft tokens per request and step (fewer when its drafts are rarely accepted)
+    speculative_k: int = 5  # most draft tokens per request and step (fewer when its drafts are rarely accepted)
     speculative_adaptive: bool = True  # False: verify every draft up to speculative_k (measures the drafts' own acceptance)
     draft_model: str = ""  # speculative="draft": a smaller model sharing the tokenizer ("": a self-draft of this model's first layers)
     draft_layers: int = 0  # self-draft: layers kept (0 = a quarter of the model's)

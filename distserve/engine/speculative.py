@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class SpecConfig:
     method: str = "none"  # none | ngram | draft (a draft model, distserve.engine.draft)
-    max_k: int = 8  # most drafts per request and step
+    max_k: int = 5  # most drafts per request and step
     ngram_max: int = 4  # longest suffix matched
     ngram_min: int = 2  # shortest suffix matched
     min_accept: float = 0.2  # a draft whose acceptance probability is predicted below this is not verified
@@ -116,35 +116,24 @@ class NgramIndex:
 
 @dataclass(slots=True)
 class Acceptance:
-    """Decayed counts of accepted drafts and of trials (accepted + first rejections) per match class
-    (the n-gram length a draft matched; 0 for a draft model's drafts), kept apart for a draft's first
-    token and for the tokens after it: acceptance comes in runs, so a token whose predecessor was
-    accepted is accepted more often than a first one (rewrite workload, 2-gram matches: 47% of first
-    tokens, 80% of the later ones given their predecessor).
-    Keys: (cls, 0) first tokens, (cls, 1) later tokens."""
+    """Decayed counts of accepted drafts and of trials (accepted + first rejections), per match class
+    (the n-gram length a draft matched; 0 for a draft model's drafts)."""
 
-    accepted: dict[tuple[int, int], float] = field(default_factory=dict)
-    trials: dict[tuple[int, int], float] = field(default_factory=dict)
-
-    def _add(self, key: tuple[int, int], accepted: int, trials: int, decay: float) -> None:
-        self.accepted[key] = self.accepted.get(key, 0.0) * decay + accepted
-        self.trials[key] = self.trials.get(key, 0.0) * decay + trials
+    accepted: dict[int, float] = field(default_factory=dict)
+    trials: dict[int, float] = field(default_factory=dict)
 
     def record(self, cls: int, accepted: int, rejected: bool, decay: float) -> None:
-        self._add((cls, 0), min(accepted, 1), 1, decay)
-        if accepted >= 1:
-            self._add((cls, 1), accepted - 1, accepted - 1 + rejected, decay)
+        self.accepted[cls] = self.accepted.get(cls, 0.0) * decay + accepted
+        self.trials[cls] = self.trials.get(cls, 0.0) * decay + accepted + rejected
 
     def fade(self, cls: int, decay: float) -> None:
-        for key in ((cls, 0), (cls, 1)):
-            if key in self.trials:
-                self.accepted[key] *= decay
-                self.trials[key] *= decay
+        if cls in self.trials:
+            self.accepted[cls] *= decay
+            self.trials[cls] *= decay
 
-    def prob(self, cls: int, prior: tuple[float, float], weight: float = 2.0) -> tuple[float, float]:
-        """(first, later) estimates, with `weight` pseudo-trials at `prior` each."""
-        return tuple((self.accepted.get((cls, i), 0.0) + weight * prior[i]) / (self.trials.get((cls, i), 0.0) + weight)
-                     for i in (0, 1))
+    def prob(self, cls: int, prior: float, weight: float = 2.0) -> float:
+        """The estimate, with `weight` pseudo-trials at `prior`."""
+        return (self.accepted.get(cls, 0.0) + weight * prior) / (self.trials.get(cls, 0.0) + weight)
 
 
 @dataclass(slots=True)
@@ -177,17 +166,12 @@ class Speculator:
     draft_ratio: float = 0.25  # a draft round's cost as a share of a target step's fixed cost, until measured
     seen: Acceptance = field(default_factory=Acceptance)  # every request's verifications, per match class
 
-    def accept_prob(self, st: SpecState) -> tuple[float, float]:
-        """Probabilities that a request's next draft's first token is accepted, and each later one given
-        its predecessor was: its own recent record for drafts of this match class, starting from what
-        the engine has seen for the class (a 4-gram match in copied text is accepted far more often than
-        a 2-gram one: 0.91 against 0.47 for the first draft token on the rewrite workload)."""
-        return st.seen.prob(st.cls, self.seen.prob(st.cls, (0.5, 0.5)))
-
-    def reach(self, st: SpecState, j: int) -> float:
-        """Probability that the request's draft token j (0-based) is reached and accepted."""
-        first, later = self.accept_prob(st)
-        return first * later ** j
+    def accept_prob(self, st: SpecState) -> float:
+        """Probability that the next draft token of a request is accepted: its own recent record for
+        drafts of this match class, starting from what the engine has seen for the class (a 4-gram
+        match in copied text is accepted far more often than a 2-gram one: 0.91 against 0.47 for the
+        first draft token on the rewrite workload)."""
+        return st.seen.prob(st.cls, self.seen.prob(st.cls, 0.5))
 
     def state(self, seq) -> SpecState:
         st = seq.spec
@@ -211,10 +195,10 @@ class Speculator:
         caps, alphas = [], []
         for seq in decodes:
             st = self.state(seq)
-            a = self.reach(st, 0)
+            a = self.accept_prob(st)
             cap = min(cfg.max_k, seq.params.max_tokens - len(seq.output_token_ids) - 1)
             caps.append(cap if (a >= cfg.min_accept or not cfg.adaptive) else 0)
-            alphas.append(self.accept_prob(st))
+            alphas.append(a)
             if cap > 0 and a < cfg.min_accept and cfg.adaptive:
                 st.seen.fade(st.cls, IDLE_DECAY)
         if not any(caps):
@@ -229,7 +213,7 @@ class Speculator:
             ks = [min(K, c) for c in caps]
             if sum(ks) > room:
                 break
-            expected = B + sum(sum(f * g ** j for j in range(k)) for (f, g), k in zip(alphas, ks))
+            expected = B + sum(sum(a ** j for j in range(1, k + 1)) for a, k in zip(alphas, ks))
             rate = expected / (fixed_s + row_s * (B + sum(ks)) + K * round_s)
             if not cfg.adaptive or rate > best * (1 + 0.05 * (K - best_k)):
                 best_k, best = K, rate
@@ -260,10 +244,10 @@ class Speculator:
             d = st.index.draft(k) if k > 0 else []
             found.append(d)
             st.cls = getattr(st.index, "last_n", 0)
-            first, later = self.accept_prob(st)
+            a = self.accept_prob(st)
             p = 1.0
             for j in range(len(d) if cfg.adaptive else 0):
-                p *= first if j == 0 else later
+                p *= a
                 if p < cfg.min_accept:
                     break
                 cands.append((p, i, j))
