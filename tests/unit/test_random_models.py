@@ -42,14 +42,19 @@ def test_built_in_the_asked_dtype_from_its_seed(small_shape):
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
 
 
-def test_the_engine_serves_it(small_shape):
-    lm = load_model(small_shape, device="cpu", dtype="float32")
-    eng = LLMEngine(lm, EngineConfig(kv_cache_bytes=8 << 20))
-    eng.add_request("a", list(range(10, 40)), SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+def serve_one(lm, kv_cache_bytes: int, prompt: list[int], max_tokens: int) -> list[int]:
+    """The greedy tokens the engine makes for one request on the model."""
+    eng = LLMEngine(lm, EngineConfig(kv_cache_bytes=kv_cache_bytes))
+    eng.add_request("a", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     got = []
     while eng.has_work():
         for o in eng.step():
             got.extend(o.new_token_ids)
+    return got
+
+
+def test_the_engine_serves_it(small_shape):
+    got = serve_one(load_model(small_shape, device="cpu", dtype="float32"), 8 << 20, list(range(10, 40)), 5)
     assert len(got) == 5 and all(0 <= t < SMALL["vocab_size"] for t in got)
 
 
@@ -62,10 +67,4 @@ def test_llama3_8b_shape_on_cuda():
     params = list(lm.model.parameters())
     assert {(p.device.type, p.dtype) for p in params} == {("cuda", torch.bfloat16)}
     assert 8.0e9 < sum(p.numel() for p in params) < 8.1e9
-    eng = LLMEngine(lm, EngineConfig(kv_cache_bytes=1 << 30))
-    eng.add_request("a", list(range(10, 74)), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-    got = []
-    while eng.has_work():
-        for o in eng.step():
-            got.extend(o.new_token_ids)
-    assert len(got) == 4
+    assert len(serve_one(lm, 1 << 30, list(range(10, 74)), 4)) == 4
