@@ -96,6 +96,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 log.info("prefilled %r: the caller left before the answer; its KV is freed", rid)
 
         context.add_done_callback(caller_gone)
+        caller_gone(context)  # a call that ended before the callback was added (its deadline passed while this
+        # task waited for the loop) never runs it: its KV would stay held until the lease ends
         handle = KvHandle(
             request_id=rid,
             worker_id=rt.worker_id,
