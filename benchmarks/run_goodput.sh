@@ -39,15 +39,9 @@ params() {
 
 mkdir -p "$out"
 run=$(mktemp -d)
-port=$(python -c "from distserve.state.redis_server import free_port; print(free_port())")
-: > "$run/up.out"
-python -m distserve.cli --log-level warning up --model "$model" --port "$port" --logs "$run/logs" "${up[@]}" > "$run/up.out" 2>&1 &
-up_pid=$!
-trap 'kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
-until grep -q "distserve is up" "$run/up.out"; do
-  kill -0 $up_pid 2>/dev/null || { cat "$run/up.out"; tail -n 30 "$run"/logs/*.log; exit 1; }
-  sleep 0.5
-done
+source benchmarks/up_suite.sh
+UP_CLI_ARGS=(--log-level warning)
+up_suite "$run" --model "$model" "${up[@]}"
 # the suite serves TLS with its own CA (docs/security.md): the bench's SDK finds it here
 ca=$(grep -o "DISTSERVE_TLS_CA=[^ ]*" "$run/up.out" | head -1 | cut -d= -f2)
 [ -n "$ca" ] && export DISTSERVE_TLS_CA="$ca"

@@ -14,18 +14,12 @@ out=${RESULTS:-benchmarks/results}
 n1=${REQUESTS_C1:-10}
 n8=${REQUESTS_C8:-32}
 mkdir -p "$out"
+source benchmarks/up_suite.sh
+UP_CLI_ARGS=()
 for spec in "${@:-none ngram}"; do
 for s in $spec; do
   run=$(mktemp -d)
-  port=$(python -c "from distserve.state.redis_server import free_port; print(free_port())")
-  python -m distserve.cli up --model "$model" --port "$port" --http-port -1 --tls off \
-    --logs "$run/logs" --prefill 1 --decode 1 --speculative "$s" > "$run/up.out" 2>&1 &
-  up_pid=$!
-  trap 'kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
-  until grep -q "distserve is up" "$run/up.out"; do
-    kill -0 $up_pid 2>/dev/null || { cat "$run/up.out"; tail -n 30 "$run"/logs/*.log; exit 1; }
-    sleep 0.5
-  done
+  up_suite "$run" --model "$model" --http-port -1 --tls off --prefill 1 --decode 1 --speculative "$s"
   for workload in rewrite chat; do
     for c in 1 8; do
       n=$([ "$c" = 1 ] && echo "$n1" || echo "$n8")
