@@ -296,3 +296,21 @@ def test_an_ahead_of_time_build_is_used_at_import_without_a_compiler(prebuilt, t
     status = subprocess.run([sys.executable, "-m", "distserve.cli", "kernels", "status"], capture_output=True, text=True, env=env, timeout=120)
     runs = [ln for ln in status.stdout.splitlines() if ln.endswith("<- runs")]
     assert len(runs) == 2 and all(ln.split()[0] == best and str(prebuilt) in ln for ln in runs), status.stdout
+
+
+@pytest.mark.kernel_build
+@pytest.mark.timeout(1000)
+def test_build_missing_compiles_only_what_no_root_has(prebuilt, tmp_path):
+    """`kernels build --missing` (what `distserve up` runs beside the model pull): nothing when a root
+    has this CPU's builds; else the kernels the first use would compile, into the lazy cache."""
+    home = tmp_path / "home"
+    env = {**{k: v for k, v in os.environ.items() if k != "DISTSERVE_KERNEL_VARIANT"}, "DISTSERVE_HOME": str(home), "CXX": "/nonexistent/c++"}
+    argv = [sys.executable, "-m", "distserve.cli", "kernels", "build", "--missing", "--jobs", "2"]
+    found = subprocess.run(argv, capture_output=True, text=True, env={**env, "DISTSERVE_KERNELS_DIR": str(prebuilt)}, timeout=120)
+    assert found.returncode == 0 and found.stdout == "" and not (home / "kernels").exists(), found.stdout + found.stderr
+    missing = subprocess.run(argv, capture_output=True, text=True, env={k: v for k, v in env.items() if k != "DISTSERVE_KERNELS_DIR"}, timeout=120)
+    assert missing.returncode == 1, missing.stdout + missing.stderr  # no compiler here: both builds fail, and say so
+    assert f"building 2 kernel builds into {home / 'kernels'}" in missing.stdout, missing.stdout
+    assert missing.stdout.count("FAILED: no C++ compiler") == 2, missing.stdout
+    off = subprocess.run(argv, capture_output=True, text=True, env={**env, "DISTSERVE_KERNELS": "0"}, timeout=120)
+    assert off.returncode == 0 and off.stdout == "", off.stdout

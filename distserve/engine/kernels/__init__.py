@@ -12,7 +12,7 @@ The first call for a kernel, in order:
 2. the best of them with a finished build (cache.py) in a prebuilt directory (DISTSERVE_KERNELS_DIR,
    `os.pathsep`-separated; what `distserve kernels build` fills at image build) or in the lazy cache
    $DISTSERVE_HOME/kernels is imported, no compiler needed;
-3. else the best variant is compiled into the lazy cache (about a minute a kernel, said on screen at WARNING), and
+3. else the best variant is compiled into the lazy cache (15-25 s a kernel on an idle core, said on screen at WARNING), and
    imported; a failure there leaves the torch path, with a warning.
 `status()` says what this process runs per kernel; metrics.py exports it as `distserve_native_kernels`.
 """
@@ -109,7 +109,7 @@ def choose(kernel: str, src: Path | None = None, variants: tuple[Variant, ...] |
 
 
 def _compile_on_screen(spec: Spec, out: Path) -> None:
-    log.warning("compiling native kernel %s for %s CPUs (about a minute; `distserve kernels build` ahead "
+    log.warning("compiling native kernel %s for %s CPUs (15-25 s; `distserve kernels build` ahead "
                 "of time avoids this)...", spec.kernel, spec.variant.name)
     compile_extension(spec, out)
 

@@ -46,8 +46,10 @@ from distserve.engine.kernels.variants import Variant
 # the flags every build shares; the variant's target flags follow
 COMMON_CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
 # what torch.utils.cpp_extension passes for an extension of this torch (2.13): C++20, position independent
-RECIPE = ("-fPIC", "-std=c++20", "-DTORCH_API_INCLUDE_EXTENSION_H")
-LOCK_S = 600.0  # longest wait for another process's build (one takes ~40 s on an idle core, minutes under load)
+# (not its -DTORCH_API_INCLUDE_EXTENSION_H: the kernels include ATen's core and torch's pybind11 casters,
+# not torch/extension.h, whose whole C++ frontend was 30 of a build's 40 s)
+RECIPE = ("-fPIC", "-std=c++20")
+LOCK_S = 600.0  # longest wait for another process's build (one takes 15-25 s on an idle core, a minute or more under load)
 
 
 class BuildError(RuntimeError):
@@ -182,7 +184,9 @@ class BuildLock:
             return self
 
     def __exit__(self, *exc) -> None:
-        os.close(self.fd)  # drops the flock
+        if self.fd >= 0:
+            os.close(self.fd)  # drops the flock
+            self.fd = -1
 
 
 def _owner() -> str:

@@ -23,7 +23,9 @@ def add_kernels_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     b.add_argument("--kernel", action="append", default=[], choices=sorted(kernels.KERNELS), help="only this kernel (repeat; default: all)")
     b.add_argument("--out", default="", help="root to write to (default: DISTSERVE_KERNELS_DIR's first entry, else "
                                             "$DISTSERVE_HOME/kernels, the lazy cache); runtime looks in DISTSERVE_KERNELS_DIR")
-    b.add_argument("--jobs", type=int, default=1, help="compiles at once (each takes a core and ~1 GB for a minute or two)")
+    b.add_argument("--missing", action="store_true", help="only the kernels this CPU would otherwise compile at first use "
+                                                         "(no usable build in any root), into the lazy cache; `distserve up` runs this")
+    b.add_argument("--jobs", type=int, default=1, help="compiles at once (each takes a core and ~1 GB for 15-25 s, longer under load)")
     sub.add_parser("status", help="this CPU's classes, what is built where, and which build each kernel would run")
     return p
 
@@ -35,10 +37,18 @@ def kernels_main(args) -> None:
 
 
 def build_main(args) -> int:
-    out = Path(args.out) if args.out else kernels.roots()[0]
-    chosen = [by_name(n) for n in args.variant] or (list(variants()) if args.all else [kernels.candidates()[0]])
-    jobs = [Spec(k, kernels.source(k), v) for v in chosen for k in (args.kernel or kernels.KERNELS)]
-    print(f"building {len(jobs)} kernel builds into {out} ({max(1, args.jobs)} at a time; about a minute each)", flush=True)
+    if args.missing:
+        if os.environ.get("DISTSERVE_KERNELS", "1") == "0":
+            return 0
+        out = Path(args.out) if args.out else kernels.cache_root()  # where the first use would compile it
+        jobs = [c.spec for k in (args.kernel or kernels.KERNELS) if (c := kernels.choose(k)).built is None]
+        if not jobs:
+            return 0
+    else:
+        out = Path(args.out) if args.out else kernels.roots()[0]
+        chosen = [by_name(n) for n in args.variant] or (list(variants()) if args.all else [kernels.candidates()[0]])
+        jobs = [Spec(k, kernels.source(k), v) for v in chosen for k in (args.kernel or kernels.KERNELS)]
+    print(f"building {len(jobs)} kernel builds into {out} ({max(1, args.jobs)} at a time; 15-25 s each on an idle core)", flush=True)
 
     def one(spec: Spec) -> bool:
         name = f"{spec.kernel:16} {spec.variant.name:11}"
@@ -79,7 +89,7 @@ def status_main() -> None:
         if disabled:
             print("  runs the torch path: DISTSERVE_KERNELS=0")
         elif choice.built is None:
-            print(f"  the first start compiles {choice.spec.variant.name} into the lazy cache (about a minute), "
+            print(f"  the first start compiles {choice.spec.variant.name} into the lazy cache (15-25 s a kernel), "
                   f"or run `distserve kernels build` now")
 
 

@@ -27,8 +27,10 @@
 // channels per step, one 32-bit broadcast of two activations per row, two vpmaddwd per row (AVX2),
 // or 8 rows per step and one vpdpwssd per row on a zmm holding the pair for all 16 channels (VNNI).
 // Which one is compiled follows -march=native on the machine that builds the kernel.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>  // not torch/extension.h: the whole C++ frontend doubled the compile
 
 #include <algorithm>
 #include <cmath>
@@ -246,7 +248,7 @@ inline void micro_any(int rows, const int16_t* tile, const Activations& a, int64
   }
 }
 
-void check(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& offset) {
+void check(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset) {
   TORCH_CHECK(codes.dim() == 3 && codes.size(2) == NB && codes.scalar_type() == at::kChar && codes.is_contiguous(),
               "codes: contiguous int8 [N/16, K, 16]");
   TORCH_CHECK(scale.dim() == 3 && scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
@@ -265,9 +267,9 @@ inline void widen_row(float* dst, const int8_t* codes, const float* scale, const
 
 }  // namespace
 
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor offset, int64_t n_out,
-                          c10::optional<torch::Tensor> bias, int64_t kind, c10::optional<torch::Tensor> norm_weight,
-                          double eps, c10::optional<torch::Tensor> residual) {
+at::Tensor int8_linear(at::Tensor x, at::Tensor codes, at::Tensor scale, at::Tensor offset, int64_t n_out,
+                          std::optional<at::Tensor> bias, int64_t kind, std::optional<at::Tensor> norm_weight,
+                          double eps, std::optional<at::Tensor> residual) {
   check(codes, scale, offset);
   const int64_t blocks = codes.size(0), K = codes.size(1), G = scale.size(1), Npad = blocks * NB;
   TORCH_CHECK(n_out > Npad - NB && n_out <= Npad, "n_out does not match the blocks");
@@ -276,10 +278,10 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   TORCH_CHECK(x.size(1) == (kind == SILU_MUL ? 2 * K : K), "x has the wrong width for this weight");
   x = x.contiguous();
   const int64_t M = x.size(0);
-  auto y = torch::empty({M, n_out}, x.options());
+  auto y = at::empty({M, n_out}, x.options());
   if (M == 0) return y;
   const float* b = nullptr;
-  torch::Tensor bt, rt, gt;
+  at::Tensor bt, rt, gt;
   if (bias.has_value() && bias->defined()) {
     bt = bias->contiguous();
     TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.numel() == n_out, "bias: fp32 [n_out]");
@@ -336,10 +338,10 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
 }
 
 // The fp32 weight [n_out, K] (for large batches, where a tuned fp32 GEMM on a transient copy wins).
-torch::Tensor int8_dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor offset, int64_t n_out) {
+at::Tensor int8_dequantize(at::Tensor codes, at::Tensor scale, at::Tensor offset, int64_t n_out) {
   check(codes, scale, offset);
   const int64_t K = codes.size(1), G = scale.size(1);
-  auto w = torch::empty({n_out, K}, scale.options());
+  auto w = at::empty({n_out, K}, scale.options());
   const int8_t* cp = codes.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* zp = offset.data_ptr<float>();
@@ -354,12 +356,12 @@ torch::Tensor int8_dequantize(torch::Tensor codes, torch::Tensor scale, torch::T
 }
 
 // Rows `ids` of an int8 table in the blocked layout, as fp32 [T, K].
-torch::Tensor int8_embedding(torch::Tensor ids, torch::Tensor codes, torch::Tensor scale, torch::Tensor offset, int64_t n_out) {
+at::Tensor int8_embedding(at::Tensor ids, at::Tensor codes, at::Tensor scale, at::Tensor offset, int64_t n_out) {
   check(codes, scale, offset);
   TORCH_CHECK(ids.scalar_type() == at::kLong, "ids: int64");
   ids = ids.contiguous();
   const int64_t T = ids.numel(), K = codes.size(1), G = scale.size(1);
-  auto out = torch::empty({T, K}, scale.options());
+  auto out = at::empty({T, K}, scale.options());
   const int64_t* ip = ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) TORCH_CHECK(ip[t] >= 0 && ip[t] < n_out, "token id out of range");
   const int8_t* cp = codes.data_ptr<int8_t>();

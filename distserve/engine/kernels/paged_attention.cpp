@@ -14,8 +14,9 @@
 // `kv_write_int8` quantises new K/V rows into their slots: a block's scale only grows (to the absmax of
 // what it holds / 127); when it grows, the rows already in the block are requantised to the new scale;
 // a block whose first slot is written in this call starts afresh (it was just allocated).
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>  // not torch/extension.h: the whole C++ frontend doubled the compile
 
 #include <algorithm>
 #include <cmath>
@@ -143,8 +144,8 @@ bool with_chunks(int64_t D, F f) {
 // speculative drafts, at consecutive positions, sharing the first row's block table) are attended
 // together, their G query heads each as one query of the group, so its K and V are read once.
 template <class T, class Blocks>
-void decode_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& block_tables,
-                      const torch::Tensor& lens, const torch::Tensor& groups, int64_t KH, int64_t block_size,
+void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& block_tables,
+                      const at::Tensor& lens, const at::Tensor& groups, int64_t KH, int64_t block_size,
                       double scale, Blocks blocks) {
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong &&
@@ -202,9 +203,9 @@ bool supports_head_dim(int64_t D) {
   return with_chunks(D, [](auto) {});
 }
 
-void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor kcache,
-                            torch::Tensor vcache, torch::Tensor block_tables, torch::Tensor lens,
-                            torch::Tensor groups, int64_t block_size, double scale) {
+void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kcache,
+                            at::Tensor vcache, at::Tensor block_tables, at::Tensor lens,
+                            at::Tensor groups, int64_t block_size, double scale) {
   TORCH_CHECK(kcache.stride(2) == 1 && vcache.stride(2) == 1 && kcache.stride(1) == vcache.stride(1),
               "cache rows must be contiguous");
   TORCH_CHECK(q.scalar_type() == at::kFloat && kcache.scalar_type() == at::kFloat, "fp32 only");
@@ -219,9 +220,9 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor kc
   });
 }
 
-void paged_decode_attention_int8(torch::Tensor out, torch::Tensor q, torch::Tensor kcache, torch::Tensor vcache,
-                                 torch::Tensor kscale, torch::Tensor vscale, torch::Tensor block_tables,
-                                 torch::Tensor lens, torch::Tensor groups, int64_t block_size, double scale) {
+void paged_decode_attention_int8(at::Tensor out, at::Tensor q, at::Tensor kcache, at::Tensor vcache,
+                                 at::Tensor kscale, at::Tensor vscale, at::Tensor block_tables,
+                                 at::Tensor lens, at::Tensor groups, int64_t block_size, double scale) {
   TORCH_CHECK(kcache.stride(2) == 1 && vcache.stride(2) == 1 && kcache.stride(1) == vcache.stride(1),
               "cache rows must be contiguous");
   TORCH_CHECK(q.scalar_type() == at::kFloat && kcache.scalar_type() == at::kChar && vcache.scalar_type() == at::kChar,
@@ -247,9 +248,9 @@ void paged_decode_attention_int8(torch::Tensor out, torch::Tensor q, torch::Tens
 // then KH value heads; cos / sin [max_len, D] are the rotary tables (the rotate-half convention:
 // x' = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2])).
 // kcache / vcache [KH, slots, D] fp32, or undefined to rotate only (an int8 cache quantises on write).
-void rope_kv_write(torch::Tensor qkv, int64_t H, int64_t KH, torch::Tensor cos, torch::Tensor sin,
-                   torch::Tensor positions, c10::optional<torch::Tensor> kcache, c10::optional<torch::Tensor> vcache,
-                   c10::optional<torch::Tensor> slots_arg) {
+void rope_kv_write(at::Tensor qkv, int64_t H, int64_t KH, at::Tensor cos, at::Tensor sin,
+                   at::Tensor positions, std::optional<at::Tensor> kcache, std::optional<at::Tensor> vcache,
+                   std::optional<at::Tensor> slots_arg) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.scalar_type() == at::kFloat, "qkv: contiguous fp32 [n, (H + 2KH) * D]");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat && sin.sizes() == cos.sizes(),
               "cos, sin: contiguous fp32 [max_len, D]");
@@ -304,7 +305,7 @@ void rope_kv_write(torch::Tensor qkv, int64_t H, int64_t KH, torch::Tensor cos, 
 }
 
 // cache [KH, slots, D] int8, scales [KH, blocks] fp32, src [n, KH, D] fp32, slots [n] int64.
-static void write_int8(torch::Tensor cache, torch::Tensor scales, const torch::Tensor& src, const int64_t* slots,
+static void write_int8(at::Tensor cache, at::Tensor scales, const at::Tensor& src, const int64_t* slots,
                        const std::vector<int64_t>& order, const std::vector<int64_t>& group_start, int64_t block_size) {
   const int64_t n = src.size(0), KH = src.size(1), D = src.size(2);
   const int64_t cs = cache.stride(0), cr = cache.stride(1), ss = scales.stride(0);
@@ -351,8 +352,8 @@ static void write_int8(torch::Tensor cache, torch::Tensor scales, const torch::T
   });
 }
 
-void kv_write_int8(torch::Tensor kcache, torch::Tensor vcache, torch::Tensor kscale, torch::Tensor vscale,
-                   torch::Tensor slots, torch::Tensor k, torch::Tensor v, int64_t block_size) {
+void kv_write_int8(at::Tensor kcache, at::Tensor vcache, at::Tensor kscale, at::Tensor vscale,
+                   at::Tensor slots, at::Tensor k, at::Tensor v, int64_t block_size) {
   TORCH_CHECK(kcache.scalar_type() == at::kChar && vcache.scalar_type() == at::kChar, "int8 cache expected");
   TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "fp32 K/V expected");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "int64 slots expected");
