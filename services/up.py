@@ -1,9 +1,10 @@
 """`distserve up`: the whole suite on this machine, as separate processes (`Suite`).
 
-Order: pull the model once -> start our own Redis (free port, no persistence) -> start the workers,
-each pinned to its share of the cores with a matching torch thread count -> start the router -> wait
-until every process reports SERVING on gRPC health -> print the address -> supervise. SIGINT/SIGTERM
-stops everything in reverse: routers, workers (each drains), Redis.
+Order: pull the model once (compiling meanwhile the native kernels this CPU has no build of) -> start
+our own Redis (free port, no persistence) -> start the workers, each pinned to its share of the cores
+with a matching torch thread count -> start the router -> wait until every process reports SERVING on
+gRPC health -> print the address -> supervise. SIGINT/SIGTERM stops everything in reverse: routers,
+workers (each drains), Redis.
 
 Supervision (distserve.supervisor: `Supervisor`, one `Watch` per process): each tick polls every process without blocking.
 One that exits while the suite serves is logged (name, exit code or signal, restart n of the limit),
@@ -265,8 +266,13 @@ class Suite:
             raise SystemExit("--routers must be at least 1 and --restart-limit at least 0")
         self.logs.mkdir(parents=True, exist_ok=True)
         # pull/convert once, before the workers race for it, in a subprocess: converting runs torch
-        # here otherwise, and a process whose OpenMP pool has started must not fork workers
-        pulled = subprocess.run([sys.executable, "-m", "distserve.cli", "model", "pull", a.model], stdout=subprocess.DEVNULL)
+        # here otherwise, and a process whose OpenMP pool has started must not fork workers. Meanwhile
+        # the native kernels this CPU lacks compile, both at once (a first start: ~20 s on 2 idle cores)
+        kernel_build = subprocess.Popen([sys.executable, "-m", "distserve.cli", "kernels", "build", "--missing", "--jobs", "2"])
+        try:
+            pulled = subprocess.run([sys.executable, "-m", "distserve.cli", "model", "pull", a.model], stdout=subprocess.DEVNULL)
+        finally:
+            kernel_build.wait()  # a failed build is no error here: the workers warn and run the torch path
         if pulled.returncode != 0:
             raise SystemExit(f"could not resolve model {a.model!r} (its error is above)")
         fork = a.preload == "on"
