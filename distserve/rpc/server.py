@@ -5,6 +5,10 @@ Lifecycle: `build_server(...)` binds host:port (port 0 picks one) and adds the s
 servicers, `await server.start()`, and calls `await health.set_serving()` once the model is warm.
 On shutdown: `await health.enter_graceful_shutdown()` (NOT_SERVING for good), then
 `await server.stop(grace)`.
+A worker starts its server before it loads the model (`late=True`), so that health answers NOT_SERVING
+while the model loads and its kernels build: its servicers go into `BuiltServer.handlers` (a
+`LateServices`, one handler gRPC knows from the start), and a call to a listed service that has none
+yet gets UNAVAILABLE. gRPC itself takes handlers only before the server starts.
 
 Every server also runs `MalformedRequests`: a request whose bytes do not parse as its message
 (truncated or garbage protobuf, invalid UTF-8 in a string field) gets INVALID_ARGUMENT naming the
@@ -65,12 +69,49 @@ class Health:
         self.serving = False
 
 
+class LateServices(grpc.GenericRpcHandler):
+    """Servicers added after the server started. It takes the two calls a generated
+    `add_XServicer_to_server(servicer, server)` makes, so it stands in for the server there."""
+
+    def __init__(self, service_names: Sequence[str]):
+        self.service_names = frozenset(service_names)
+        self.methods: dict[str, grpc.RpcMethodHandler] = {}  # "/package.Service/Method" -> handler
+        self.generic: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.methods.update({f"/{service}/{name}": h for name, h in handlers.items()})
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if (handler := self.methods.get(details.method)) is not None:
+            return handler
+        for g in self.generic:
+            if (handler := g.service(details)) is not None:
+                return handler
+        _, service, _ = details.method.split("/", 2) if details.method.count("/") >= 2 else ("", "", "")
+        if service in self.service_names:
+            return grpc.unary_unary_rpc_method_handler(_starting)  # aborts before reading or answering
+        return None
+
+
+async def _starting(request: bytes, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, "this worker is still starting (loading its model); its health says NOT_SERVING")
+
+
 @dataclass(slots=True)
 class BuiltServer:
     server: grpc.aio.Server  # not started yet
     port: int  # the bound port (the chosen one when 0 was asked)
     address: str  # host:port as peers should dial it
     health: Health
+    late: LateServices | None = None  # with build_server(late=True): where servicers go, before or after start
+
+    @property
+    def handlers(self) -> grpc.aio.Server | LateServices:
+        """What to pass to `add_XServicer_to_server`."""
+        return self.late if self.late is not None else self.server
 
 
 class _Malformed:
@@ -139,8 +180,10 @@ async def build_server(
     extra_options: Sequence[tuple[str, Any]] = (),
     tls: "Tls | None" = None,
     require_client_auth: bool = True,
+    late: bool = False,
 ) -> BuiltServer:
-    """A bound, not yet started grpc.aio server with health (all NOT_SERVING) and reflection."""
+    """A bound, not yet started grpc.aio server with health (all NOT_SERVING) and reflection; with
+    `late`, servicers go into `handlers` and may be added after it starts."""
     server = grpc.aio.server(
         interceptors=[MalformedRequests(), ErrorTable(), *interceptors], options=[*server_options(max_message_bytes), *extra_options]
     )
@@ -148,6 +191,9 @@ async def build_server(
     health = Health(servicer, service_names)
     await health.set_not_serving()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    late_services = LateServices(service_names) if late else None
+    if late_services is not None:
+        server.add_generic_rpc_handlers((late_services,))
     reflection.enable_server_reflection(
         (*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME), server
     )
@@ -161,4 +207,4 @@ async def build_server(
     dial_host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(bind_host, bind_host)
     logger.info("gRPC server for %s bound to %s:%d (%s)", ", ".join(service_names), bind_host, bound,
                 "plaintext" if tls is None else "mutual TLS" if require_client_auth else "TLS")
-    return BuiltServer(server=server, port=bound, address=f"{dial_host}:{bound}", health=health)
+    return BuiltServer(server=server, port=bound, address=f"{dial_host}:{bound}", health=health, late=late_services)

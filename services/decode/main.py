@@ -40,7 +40,7 @@ def attach(rt: WorkerRuntime, settings: WorkerSettings) -> DecodeRole:
                                        idle_s=settings.kv_idle_s, buffer_bytes=settings.kv_buffer_bytes,
                                        advertise_host=rt.advertise().rpartition(":")[0], bind_host=settings.host)
     puller = KvPuller(transports, rt.metrics, host_id(), forced=settings.kv_transport)
-    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(rt, LeaseClient(pool), puller, KnownHolders(rt.registry, settings.model)), rt.built.server)
+    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(rt, LeaseClient(pool), puller, KnownHolders(rt.registry, settings.model)), rt.built.handlers)
     return DecodeRole(transports.names(), transports, pool)
 
 

@@ -40,8 +40,8 @@ def attach(rt: WorkerRuntime, settings: WorkerSettings) -> PrefillRole:
     kv = KvTransferServer(leases, senders, block_size=settings.block_size)
     transports = ("grpc", *(s.name for s in senders))
     transports = tuple(n for n in offers if n in transports)
-    prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(rt, leases, transports, kv.transport_params()), rt.built.server)
-    add_kv_transfer(kv, rt.built.server)
+    prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(rt, leases, transports, kv.transport_params()), rt.built.handlers)
+    add_kv_transfer(kv, rt.built.handlers)
     tasks = (asyncio.create_task(leases.run_reaper(0.5)), asyncio.create_task(kv.run_reaper(min(5.0, settings.kv_idle_s / 2))))
     rt.on_stop = leases.release_all
     orig = rt.load_now

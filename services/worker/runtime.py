@@ -1,9 +1,10 @@
 """The process every model worker (prefill, decode, colocated) runs: engine thread, gRPC server,
 registry heartbeat, metrics, and shutdown in order (its settings: `distserve.runtime.WorkerSettings`).
 
-Start: load the model -> start the engine thread -> warm it with one request and calibrate its step
-times with a few prompts of other sizes (so the step-time fit it publishes has points) -> bind the gRPC server
-(health NOT_SERVING) -> register in Redis and start the heartbeat -> health SERVING.
+Start: bind and start the gRPC server (health NOT_SERVING; the role's calls get UNAVAILABLE) -> load the
+model (off the event loop) -> start the engine thread -> warm it with one request and calibrate its step
+times with a few prompts of other sizes (so the step-time fit it publishes has points) -> add the role's
+servicers -> register in Redis and start the heartbeat -> health SERVING.
 Stop (SIGTERM/SIGINT): health NOT_SERVING (routers watching it stop sending at once) -> leave the
 registry -> keep serving for `leave_s` what routers with an older view still send -> wait up to `drain_s`
 for in-flight requests and for held KV to be pulled -> stop the server -> release what is still held ->
@@ -97,12 +98,17 @@ class WorkerRuntime:
         self.prefix_version = 0  # version of the prefix filter last handed to the heartbeat
 
     # -- start -------------------------------------------------------------------------------
-    def load(self) -> None:
+    def pin(self) -> None:
+        """This process's cores and torch threads (on the main thread: affinity is per thread, and the
+        engine thread inherits it)."""
         s = self.settings
         if s.cpus:
             os.sched_setaffinity(0, parse_cpus(s.cpus))
         if s.threads:
             torch.set_num_threads(s.threads)
+
+    def load(self) -> None:
+        s = self.settings
         # without the transformers model's weights: the runner reads its weight file (or loads them itself)
         lm = load_model(s.model, device=s.device, dtype=s.dtype, seed=s.seed, weights=False)
         mode = "prefill" if s.role == "prefill" else "decode"
@@ -155,12 +161,26 @@ class WorkerRuntime:
 
     async def start(self) -> None:
         s = self.settings
-        self.load()
-        self.worker.start()
-        await self.warm_up()
-        # with TLS, callers need a certificate of the CA, and each service admits only its callers' roles
-        self.built = await build_server(self.services, host=s.host, port=s.port, tls=self.tls,
+        # the server answers first, health NOT_SERVING, while the model loads (its native kernels may
+        # compile: a first start without builds) and warms up; the role's servicers are added after
+        # (`built.handlers`), and until then its calls get UNAVAILABLE. With TLS, callers need a
+        # certificate of the CA, and each service admits only its callers' roles
+        self.built = await build_server(self.services, host=s.host, port=s.port, tls=self.tls, late=True,
                                         interceptors=[PeerRoles(WORKER_CALLERS)] if self.tls else ())
+        await self.built.server.start()
+        log.info("%s starting on %s: loading %s", self.worker_id, self.advertise(), s.model)
+        started = False
+        try:
+            self.pin()
+            await asyncio.to_thread(self.load)  # off the event loop, which answers health meanwhile
+            self.worker.start()
+            started = True
+            await self.warm_up()
+        except BaseException:
+            await self.built.server.stop(None)
+            if started:
+                self.worker.stop()
+            raise
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_port, host=s.host)
         self.metrics.set_info(s.model, self.worker_id)
@@ -223,8 +243,7 @@ class WorkerRuntime:
         return {"prefix": bloom.bits}
 
     async def serve(self, transports: tuple[str, ...] = ("grpc",)) -> None:
-        """Starts serving and registers; returns when a stop signal arrives and shutdown is done."""
-        await self.built.server.start()
+        """Registers and serves (health SERVING); returns when a stop signal arrives and shutdown is done."""
         self.heartbeat = Heartbeat(self.registry, self.info(transports), self.load_now, interval_s=self.settings.heartbeat_s, ttl_s=self.settings.ttl_s,
                                    extra_fn=self.prefix_fields)
         await self.heartbeat.start()
