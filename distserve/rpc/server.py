@@ -90,8 +90,8 @@ class LateServices(grpc.GenericRpcHandler):
         for g in self.generic:
             if (handler := g.service(details)) is not None:
                 return handler
-        _, service, _ = details.method.split("/", 2) if details.method.count("/") >= 2 else ("", "", "")
-        if service in self.service_names:
+        parts = details.method.split("/")  # "", "package.Service", "Method"
+        if len(parts) == 3 and parts[1] in self.service_names:
             return grpc.unary_unary_rpc_method_handler(_starting)  # aborts before reading or answering
         return None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -47,9 +48,8 @@ def test_health_is_not_serving_while_a_kernel_builds_then_serving(tmp_path, monk
     final.parent.mkdir(parents=True)
     port = free_port()
     address = f"127.0.0.1:{port}"
-    lock = BuildLock(final.with_name(final.name + ".lock"), 0).__enter__()
-    assert lock.held
-    try:
+    with ExitStack() as held:  # the build lock, let go of in the middle of the test
+        assert held.enter_context(BuildLock(final.with_name(final.name + ".lock"), 0)).held
         with RedisServer() as redis, Cluster(tmp_path) as c:
             worker = c.start("decode", "decode", ["--redis-url", redis.url, "--model", "tiny-llama", "--num-blocks", "64",
                                                   "--threads", "1", "--port", str(port), "--worker-id", "decode-s"])
@@ -70,10 +70,7 @@ def test_health_is_not_serving_while_a_kernel_builds_then_serving(tmp_path, monk
             assert "READY" not in worker.text()
 
             shutil.copytree(Path(built.where).parent, final)  # "the other process" finishes its build...
-            lock.__exit__(None, None, None)  # ...and lets go of the lock
+            held.close()  # ...and lets go of the lock
             worker.wait_ready(120)
             assert health(address) == health_pb2.HealthCheckResponse.SERVING
             assert "compiled native kernel" not in worker.text()  # it took the finished build
-    finally:
-        if lock.fd >= 0:
-            lock.__exit__(None, None, None)

@@ -55,6 +55,11 @@ def status() -> dict[str, Status]:
     return dict(_status)
 
 
+def disabled() -> bool:
+    """DISTSERVE_KERNELS=0: every kernel runs its torch path, and nothing is built."""
+    return os.environ.get("DISTSERVE_KERNELS", "1") == "0"
+
+
 def cache_root() -> Path:
     """Where lazy builds go (and `distserve kernels build` without --out or DISTSERVE_KERNELS_DIR)."""
     from distserve.models import home
@@ -117,7 +122,7 @@ def _compile_on_screen(spec: Spec, out: Path) -> None:
 def load(kernel: str, src: Path | None = None, variant: str | None = None):
     """The extension module of `kernel` (a KERNELS name, or any name with `src`), per the order in the
     module docstring; `variant` forces one (it must run on this CPU), without recording a status."""
-    if os.environ.get("DISTSERVE_KERNELS", "1") == "0":
+    if disabled():
         return _fallback(kernel, "disabled by DISTSERVE_KERNELS=0", record=variant is None)
     try:
         if variant is not None:

@@ -184,9 +184,7 @@ class BuildLock:
             return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # drops the flock
-            self.fd = -1
+        os.close(self.fd)  # drops the flock
 
 
 def _owner() -> str:

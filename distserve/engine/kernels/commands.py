@@ -38,7 +38,7 @@ def kernels_main(args) -> None:
 
 def build_main(args) -> int:
     if args.missing:
-        if os.environ.get("DISTSERVE_KERNELS", "1") == "0":
+        if kernels.disabled():
             return 0
         out = Path(args.out) if args.out else kernels.cache_root()  # where the first use would compile it
         jobs = [c.spec for k in (args.kernel or kernels.KERNELS) if (c := kernels.choose(k)).built is None]
@@ -74,7 +74,7 @@ def status_main() -> None:
     if env:
         print("environment: " + " ".join(f"{k}={v}" for k, v in env.items()))
     print("looked up in: " + ", ".join(str(r) for r in kernels.roots()) + " (the last is the lazy cache)")
-    disabled = os.environ.get("DISTSERVE_KERNELS", "1") == "0"
+    disabled = kernels.disabled()
     for kernel in kernels.KERNELS:
         choice = kernels.choose(kernel)
         print(f"\n{kernel}:")
