@@ -73,7 +73,7 @@ def cmd_bench(args) -> None:
         result = run(model=args.model, speculative=args.speculative, batches=tuple(int(b) for b in args.spec_batches.split(",")),
                      prompts=args.prompts, batch1_prompts=args.batch1_prompts, threads=args.threads or None,
                      weights=args.weights, kv_dtype=args.kv_dtype, draft_model=args.draft_model, draft_layers=args.draft_layers,
-                     adaptive=not args.fixed_k, workloads=tuple(args.workloads.split(",")))
+                     adaptive=not args.fixed_k, workloads=tuple(args.workloads.split(",")), ignore_eos=args.ignore_eos)
         print(json.dumps(result) if args.json else "\n".join(f"{k:>20}: {v}" for k, v in result.items()))
     elif args.what == "engine":
         from distserve.bench.engine_bench import run
@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--draft-layers", type=int, default=0, help="with --speculative draft and no --draft-model: the self-draft's layers (0 = a quarter)")
     be.add_argument("--fixed-k", action="store_true", help="with --speculative: verify every draft up to k (no adaptive k), to measure the drafts' own acceptance")
     be.add_argument("--workloads", default="rewrite,chat", help="with --speculative: workloads, comma-separated")
+    be.add_argument("--ignore-eos", action="store_true", help="with --speculative: every request to its full output length (rewrite's answers otherwise end at the model's end of turn)")
     be.add_argument("--spec-batches", default="1,8", help="with --speculative: batch sizes, comma-separated")
     be.add_argument("--prompts", type=int, default=56, help="with --speculative: requests per workload at batch > 1")
     be.add_argument("--batch1-prompts", type=int, default=8, help="with --speculative: requests per workload at batch 1")

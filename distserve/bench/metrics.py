@@ -26,6 +26,7 @@ class RequestResult:
     phases: dict[str, float] | None = None  # distserve's per-phase timings (router_s, prefill_queue_s, ...)
     cached_tokens: int = 0  # prompt tokens the server took from its prefix cache (where it says)
     output_ids: list[int] = field(default_factory=list)  # the answer's token ids, for the next turn's history (not saved)
+    ignore_eos: bool = True  # asked for exactly output_len tokens (False: the answer may end at the model's end of turn)
 
     @property
     def ok(self) -> bool:
@@ -53,12 +54,14 @@ class RequestResult:
             "send_s": self.send_s, "end_s": self.end_s, "token_times": self.token_times,
             "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason,
             "error": self.error, "phases": self.phases, "cached_tokens": self.cached_tokens,
+            "ignore_eos": self.ignore_eos,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> RequestResult:
         return cls(d["index"], d["prompt_len"], d["output_len"], d["send_s"], list(d["token_times"]), d["end_s"],
-                   d["completion_tokens"], d.get("finish_reason"), d.get("error", ""), d.get("phases"), d.get("cached_tokens", 0))
+                   d["completion_tokens"], d.get("finish_reason"), d.get("error", ""), d.get("phases"), d.get("cached_tokens", 0),
+                   ignore_eos=d.get("ignore_eos", True))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -119,7 +122,7 @@ def summarize(results: list[RequestResult], slo_ttft: float, slo_tpot: float, du
         "ttft_attainment": sum(r.ok and r.ttft <= slo_ttft for r in results) / max(1, len(results)),
         "tpot_attainment": sum(r.ok and r.tpot <= slo_tpot for r in results) / max(1, len(results)),
         "slo_scale": slo_scale(results, slo_ttft, slo_tpot),
-        "short_outputs": sum(r.ok and r.completion_tokens < r.output_len for r in results),
+        "short_outputs": sum(r.ok and r.ignore_eos and r.completion_tokens < r.output_len for r in results),
         "prompt_tokens": sum(r.prompt_len for r in ok),
         # share of prompt tokens the server took from its prefix cache (0 where it does not say)
         "cache_hit_rate": sum(r.cached_tokens for r in ok) / max(1, sum(r.prompt_len for r in ok)),

@@ -5,7 +5,8 @@ Written on asyncio streams so the load generator needs no HTTP library: one conn
 with a choice counts as one token (vLLM, llama.cpp and transformers stream one token per event); when
 the server reports `usage.completion_tokens` (asked for with `stream_options.include_usage`), that
 count is the real one. The output is forced to its length with `ignore_eos` and `min_tokens` (vLLM's
-extensions; servers that do not know them ignore them, and the real count shows it).
+extensions; servers that do not know them ignore them, and the real count shows it), except for a
+workload whose answers end at the model's end of turn (rewrite).
 """
 
 from __future__ import annotations
@@ -86,16 +87,17 @@ class OpenAITarget:
 
     def _request(self, spec: RequestSpec) -> bytes:
         prompt = spec.prompt_ids if self.send_token_ids and spec.prompt_ids is not None else spec.prompt_text
-        body = json.dumps({
-            "model": self.model, "prompt": prompt, "max_tokens": spec.output_len, "min_tokens": spec.output_len,
-            "ignore_eos": True, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
-        }).encode()
+        body = {"model": self.model, "prompt": prompt, "max_tokens": spec.output_len, "temperature": 0.0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        if spec.ignore_eos:
+            body.update(min_tokens=spec.output_len, ignore_eos=True)
+        body = json.dumps(body).encode()
         head = (f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                 f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
         return head.encode() + body
 
     async def send(self, spec: RequestSpec, t0: float) -> RequestResult:
-        res = RequestResult(spec.index, spec.prompt_len, spec.output_len, time.monotonic() - t0)
+        res = RequestResult(spec.index, spec.prompt_len, spec.output_len, time.monotonic() - t0, ignore_eos=spec.ignore_eos)
         try:
             await asyncio.wait_for(self._stream(spec, t0, res), self.timeout_s)
         except Exception as exc:  # a failed request is a result, not a crash of the run

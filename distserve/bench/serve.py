@@ -38,10 +38,10 @@ class DistserveTarget:
         return (await self.client.models())[0].name
 
     async def send(self, spec: RequestSpec, t0: float) -> RequestResult:
-        res = RequestResult(spec.index, spec.prompt_len, spec.output_len, time.monotonic() - t0)
+        res = RequestResult(spec.index, spec.prompt_len, spec.output_len, time.monotonic() - t0, ignore_eos=spec.ignore_eos)
         prompt = spec.prompt_ids if spec.prompt_ids is not None else spec.prompt_text
         try:
-            c = await self.client.generate(prompt, max_tokens=spec.output_len, temperature=0.0, ignore_eos=True,
+            c = await self.client.generate(prompt, max_tokens=spec.output_len, temperature=0.0, ignore_eos=spec.ignore_eos,
                                            request_id=f"bench-{self.run_id}-{spec.index}")
         except Exception as exc:  # a failed request is a result, not a crash of the run
             res.error = f"{type(exc).__name__}: {exc}"[:300]

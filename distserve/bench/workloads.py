@@ -14,7 +14,9 @@ Length mixes are scaled to what a 135M model on 2 CPU cores serves (DESIGN.md se
   the Python standard library's own source files, which every machine with Python has: "add type
   hints to this function" over functions taken with `ast` from Lib/*.py (two in three requests), and
   "rewrite this documentation as a list, keeping its wording" over their docstrings (one in three);
-  prompts go through the model's chat template, outputs are about as long as the text they rework;
+  prompts go through the model's chat template, outputs end at the model's end of turn (no
+  ignore_eos: what a model writes after its answer ends is a new, made-up conversation, which
+  draws on nothing in the prompt), at most about as long as the text they rework;
 - a JSONL file of `{"prompt": str, "output_len": int}` per line.
 
 Two workloads that repeat themselves, as real traffic does (prefix caching, docs/prefix-caching.md):
@@ -84,7 +86,8 @@ class RequestSpec:
     prompt_ids: list[int] | None  # exact token ids (None for a JSONL prompt sent as text)
     prompt_text: str  # the same prompt as text
     prompt_len: int  # tokens in the prompt (as tokenized here)
-    output_len: int  # tokens asked for (max_tokens, with ignore_eos)
+    output_len: int  # tokens asked for (max_tokens; exactly this many with ignore_eos)
+    ignore_eos: bool = True  # False: the answer ends at the model's end of turn, output_len at most (rewrite)
     arrival_s: float = 0.0  # offset from the run's start (open loop only; of its conversation's start for a turn)
     conversation: int = -1  # multiturn: the conversation it belongs to (-1: a lone request)
     turn: int = 0  # multiturn: its turn in the conversation (0 first)
@@ -251,7 +254,7 @@ def rewrite_requests(n: int, tokenizer, seed: int = 0) -> list[RequestSpec]:
             text, body = REWRITE_DOC.format(name=name, doc=doc), doc
         ids = chat_prompt(tokenizer, text)
         body_tokens = len(tokenizer(body, add_special_tokens=False)["input_ids"])
-        out.append(RequestSpec(i, ids, tokenizer.decode(ids), len(ids), int(min(256, max(32, body_tokens * 1.1 + 16)))))
+        out.append(RequestSpec(i, ids, tokenizer.decode(ids), len(ids), int(min(256, max(32, body_tokens * 1.1 + 16))), ignore_eos=False))
     return out
 
 

@@ -391,6 +391,25 @@ def test_rewrite_workload_draws_on_the_standard_library(tiny):
     assert sum("type hints" in t and "def " in t for t in texts) == 4
     assert sum("bulleted list" in t for t in texts) == 2
     assert all(32 <= r.output_len <= 256 and r.prompt_len == len(r.prompt_ids) for r in a)
+    # the answers end at the model's end of turn: past it a model writes a new, made-up conversation
+    assert not any(r.ignore_eos for r in a) and all(r.ignore_eos for r in build_requests("chat", 3, tiny.tokenizer))
+
+
+def test_answers_that_end_at_eos_are_asked_for_so_and_not_counted_short():
+    import json
+
+    from distserve.bench.metrics import RequestResult, summarize
+    from distserve.bench.openai_target import OpenAITarget
+    from distserve.bench.workloads import RequestSpec
+
+    target = OpenAITarget("127.0.0.1", 1, "m")
+    forced, free = RequestSpec(0, [1, 2], "a b", 2, 40), RequestSpec(1, [1, 2], "a b", 2, 40, ignore_eos=False)
+    body = lambda spec: json.loads(target._request(spec).split(b"\r\n\r\n", 1)[1])  # noqa: E731
+    assert body(forced)["ignore_eos"] is True and body(forced)["min_tokens"] == 40
+    assert "ignore_eos" not in body(free) and "min_tokens" not in body(free) and body(free)["max_tokens"] == 40
+    rs = [RequestResult(i, 2, 40, 0.0, [0.1, 0.2], 0.3, 2, "stop", ignore_eos=i == 0) for i in range(2)]
+    assert summarize(rs, 1.0, 1.0)["short_outputs"] == 1  # only the one asked for 40 tokens exactly
+    assert RequestResult.from_dict(rs[1].to_dict()).ignore_eos is False
 
 
 # -- draft-model drafting ------------------------------------------------------------------------
