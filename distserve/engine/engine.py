@@ -357,7 +357,10 @@ class LLMEngine:
         logits = self.runner.forward(batch)
         self.last_forward_s = time.perf_counter() - t0
         outs = self._postprocess(sched, to_sample, logits, drafts)
-        self.step_times.observe(batch.num_decode, sum(c.end - c.start for c in sched.chunks), time.perf_counter() - t_step)
+        # draft rows count as what they cost, prompt tokens (see _drafts): a decode-only worker learns
+        # their price from its own speculative steps instead of charging each the attention pass of a sequence
+        drafted = batch.num_decode - len(sched.decode)
+        self.step_times.observe(len(sched.decode), sum(c.end - c.start for c in sched.chunks) + drafted, time.perf_counter() - t_step)
         return outs
 
     def _drafts(self, sched: SchedulerOutput) -> list[list[int]] | None:

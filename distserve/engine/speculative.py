@@ -48,7 +48,7 @@ METHODS = ("none", "ngram", "draft")
 DECAY = 0.8  # weight of past verifications in a request's acceptance estimate, per verification
 ENGINE_DECAY = 0.99  # ... in the engine's estimate per match class (every request's), the prior of a request's
 IDLE_DECAY = 0.98  # ... per step where it drafted nothing although it had a draft (drift back to the prior)
-MARGIN = 1.5  # a draft must bring this many times its row's cost (safety against an optimistic fit)
+MARGIN = 1.1  # a draft must bring this many times its row's cost (its price is measured: draft rows are fitted as prompt tokens)
 DEFAULT_ROW_FRACTION = 0.05  # before the step-time fit exists: a row's cost as a share of the fixed cost
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,8 @@ TPOT target leaves in a step of running decodes.
 
 Lifecycle: the engine calls `StepTimes.observe(decodes, prompt_tokens, seconds)` after every step it
 runs (decodes: running sequences that got one token each; prompt_tokens: the prompt-chunk tokens of
-the step; seconds: schedule to sampled tokens), and `chunk_budget` before every chunked step that
+the step and its speculative draft rows, which cost what a chunk's token does; seconds: schedule to
+sampled tokens), and `chunk_budget` before every chunked step that
 carries running decodes. A worker publishes the fit (`StepFit`) in its registry load, so routers can
 predict how long a prompt takes there.
 

@@ -133,6 +133,31 @@ def test_greedy_output_is_identical_with_speculation_over_56_prompts(tiny, chunk
     assert_spec_ran(eng)
 
 
+def test_step_times_price_draft_rows_as_prompt_tokens(tiny):
+    """A speculative step is observed as its sequences' decodes plus its draft rows as prompt tokens,
+    so a decode-only worker (no prompt chunks of its own) learns what a draft row costs."""
+    ps = repetitive_prompts(4, seed=5)
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    plain = {k: v[0] for k, v in run_all(engine(tiny), ps, params).items()}
+    eng = engine(tiny, ALWAYS)
+    seen = []
+    observe = eng.step_times.observe
+    eng.step_times.observe = lambda d, p, s: (seen.append((d, p)), observe(d, p, s))
+    drafted_before = []
+    step = eng.step
+
+    def counted_step():
+        drafted_before.append(eng.speculator.counters.drafted)
+        return step()
+
+    eng.step = counted_step
+    run_all(eng, ps, params, plain)
+    drafted = [b - a for a, b in zip(drafted_before, drafted_before[1:] + [eng.speculator.counters.drafted])]
+    decode_steps = [(d, p, n) for (d, p), n in zip(seen, drafted) if n]
+    assert decode_steps and all(p == n and 1 <= d <= len(ps) for d, p, n in decode_steps)
+    assert eng.step_times.fit.token_s > 0
+
+
 def test_greedy_identity_matches_transformers(tiny):
     ps = repetitive_prompts(6, seed=8)
     eng = engine(tiny, ALWAYS)
