@@ -6,7 +6,8 @@
 # For each SPECULATIVE (default: none ngram) starts `distserve up --prefill 1 --decode 1 --tls off
 # --speculative S` (one core per worker, the defaults: int8 weights), then runs `distserve bench serve`
 # closed-loop at concurrency 1 and 8 on the rewrite workload and the chat workload. One JSON line per
-# run goes to stdout and benchmarks/results/spec_serve_<S>_<workload>_c<N>.json.
+# run goes to stdout and benchmarks/results/spec_serve_<S>_<workload>_c<N>.json. Environment: WORKLOADS, CONCURRENCIES,
+# REQUESTS_C1 and REQUESTS_C8 (requests at concurrency 1 and at the other), MODEL, RESULTS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${MODEL:-smollm2-135m}
@@ -20,8 +21,8 @@ for spec in "${@:-none ngram}"; do
 for s in $spec; do
   run=$(mktemp -d)
   up_suite "$run" --model "$model" --http-port -1 --tls off --prefill 1 --decode 1 --speculative "$s"
-  for workload in rewrite chat; do
-    for c in 1 8; do
+  for workload in ${WORKLOADS:-rewrite chat}; do
+    for c in ${CONCURRENCIES:-1 8}; do
       n=$([ "$c" = 1 ] && echo "$n1" || echo "$n8")
       f="$out/spec_serve_${s}_${workload}_c${c}.json"
       python -m distserve.cli bench serve --target "distserve://127.0.0.1:$port" --model "$model" --workload "$workload" \
