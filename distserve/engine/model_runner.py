@@ -244,8 +244,15 @@ class ModelRunner:
         h = quant.embedding(b.input_ids, self.embed)
         cache = self.cache
         fp32_cache = cache.scales is None
+        glue = native and h.dtype == torch.float32  # fp32 layers: residual add + norm, gate product in one pass each
+        pending = None  # (glue) the previous layer's MLP output, which the next norm adds to h first
         for li, L in enumerate(self.layers):
-            qkv = L.qkv(h) if L.fused else L.qkv(self._rms(h, L.ln1))
+            if L.fused:
+                qkv = L.qkv(h)
+            elif glue:
+                qkv = L.qkv(self.kernel.add_rms_norm(h, pending, L.ln1, self.eps))
+            else:
+                qkv = L.qkv(self._rms(h, L.ln1))
             if native:  # rotary in place, and the fp32 cache written, in one pass
                 kv = (cache.data[li, 0], cache.data[li, 1]) if fp32_cache else (None, None)
                 self.kernel.rope_kv_write(qkv, H, KH, self.cos, self.sin, b.positions, *kv, b.write_slots)
@@ -265,12 +272,17 @@ class ModelRunner:
             if L.fused:  # norms, gate product and residual adds inside the int8 linears
                 h = L.o(out.view(n, H * D), h)
                 h = L.down(L.gate_up(h), h)
+            elif glue:
+                gu = L.gate_up(self.kernel.add_rms_norm(h, L.o(out.view(n, H * D)), L.ln2, self.eps))
+                pending = L.down(self.kernel.silu_mul(gu))
             else:
                 h = h + L.o(out.view(n, H * D))
                 gu = L.gate_up(self._rms(h, L.ln2))
                 m = gu.shape[-1] // 2
                 h = h + L.down(F.silu(gu[:, :m]) * gu[:, m:])
         h = h[b.logits_index]
+        if pending is not None:
+            return self.lm_head(self.kernel.add_rms_norm(h, pending[b.logits_index], self.norm, self.eps)).float()
         return self.lm_head(h if self.head_fused else self._rms(h, self.norm)).float()
 
     def _decode_attention(self, q, li: int, b: ForwardBatch) -> torch.Tensor:

@@ -148,6 +148,12 @@ def test_another_instruction_set_build_computes_what_the_native_one_computes(var
     nat_pa.rope_kv_write(other, 6, 3, cos, sin, pos)
     assert (qkv - other).abs().max() < 1e-5
 
+    h, x, nw = torch.randn(5, 37, generator=g), torch.randn(5, 37, generator=g), torch.rand(37, generator=g)
+    h2 = h.clone()
+    assert (pa.add_rms_norm(h, x, nw, 1e-5) - nat_pa.add_rms_norm(h2, x, nw, 1e-5)).abs().max() < 1e-5 and torch.equal(h, h2)
+    gu = torch.randn(5, 2 * 37, generator=g)
+    assert (pa.silu_mul(gu) - nat_pa.silu_mul(gu)).abs().max() < 1e-5
+
     w = quant.quantize_weight(torch.randn(300, 576, generator=g) * 0.02)  # 300: a padded last block
     res, norm = torch.randn(13, 300, generator=g), torch.rand(576, generator=g) + 0.5
     w2 = quant.quantize_weight(torch.randn(64, 288, generator=g) * 0.02)
@@ -191,3 +197,25 @@ def test_rope_kv_write_rotates_q_and_k_in_place_and_stores_k_and_v_at_their_slot
     assert torch.allclose(again[:, : H * D].view(n, H, D), ref, atol=1e-6)
     with pytest.raises(RuntimeError, match="position out of the rotary table"):
         mod.rope_kv_write(again, H, KH, cos, sin, torch.tensor([0, 1, 2, 3, 4, 5, 100]))
+
+
+@pytest.mark.parametrize("K", [576, 37])  # 37: lanes and a tail
+def test_fp32_layer_glue_adds_the_residual_in_place_and_norms_and_gates_as_llama_does(K):
+    mod = kernels.paged_attention()
+    g = torch.Generator().manual_seed(5)
+    h, x, w = torch.randn(9, K, generator=g), torch.randn(9, K, generator=g), torch.rand(K, generator=g) + 0.5
+    want_h = h.double() + x.double()
+    want = w.double() * want_h * torch.rsqrt(want_h.pow(2).mean(-1, keepdim=True) + 1e-5)
+    y = mod.add_rms_norm(h, x, w, 1e-5)
+    assert torch.allclose(h.double(), want_h, atol=1e-6) and torch.allclose(y.double(), want, atol=1e-5)
+    before = h.clone()
+    y = mod.add_rms_norm(h, None, w, 1e-6)  # no residual: h is left as it is
+    assert torch.equal(h, before)
+    assert torch.allclose(y.double(), w.double() * before.double() * torch.rsqrt(before.double().pow(2).mean(-1, keepdim=True) + 1e-6), atol=1e-5)
+    gu = torch.randn(9, 2 * K, generator=g) * 4
+    gd = gu.double()
+    assert torch.allclose(mod.silu_mul(gu).double(), torch.nn.functional.silu(gd[:, :K]) * gd[:, K:], atol=1e-5)
+    with pytest.raises(RuntimeError, match="the shape of h"):
+        mod.add_rms_norm(h, torch.randn(9, K + 1), w, 1e-5)
+    with pytest.raises(RuntimeError, match=r"gu: contiguous fp32 \[n, 2m\]"):
+        mod.silu_mul(torch.randn(3, 5))

@@ -16,6 +16,7 @@
 // a block whose first slot is written in this call starts afresh (it was just allocated).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>  // not torch/extension.h: the whole C++ frontend doubled the compile
 
 #include <algorithm>
@@ -373,6 +374,70 @@ void kv_write_int8(at::Tensor kcache, at::Tensor vcache, at::Tensor kscale, at::
   write_int8(vcache, vscale, v, sl, order, group_start, block_size);
 }
 
+// The fp32 decoder layer's glue between its linears, one pass each instead of a handful of tensor ops
+// (at batch 16 those ops took 15% of an fp32 decode step). add_rms_norm: h += x in place (x may be
+// undefined), then rms_norm(h) * w into a new tensor, as the Llama norms compute it (mean of squares,
+// 1 / sqrt(. + eps), times the row, times the weight). silu_mul: silu(gu[:, :m]) * gu[:, m:].
+at::Tensor add_rms_norm(at::Tensor h, std::optional<at::Tensor> x, at::Tensor w, double eps) {
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == at::kFloat, "h: contiguous fp32 [n, K]");
+  const int64_t n = h.size(0), K = h.size(1);
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kFloat && w.numel() == K, "w: contiguous fp32 [K]");
+  const bool add = x.has_value() && x->defined();
+  at::Tensor xt;
+  if (add) {
+    xt = x->contiguous();
+    TORCH_CHECK(xt.scalar_type() == at::kFloat && xt.sizes() == h.sizes(), "x: fp32, the shape of h");
+  }
+  auto y = at::empty({n, K}, h.options());
+  float* hp = h.data_ptr<float>();
+  const float* xp = add ? xt.data_ptr<float>() : nullptr;
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t Kv = K - K % W;
+  at::parallel_for(0, n, 8, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float* r = hp + i * K;
+      vf ss{};
+      for (int64_t k = 0; k < Kv; k += W) {
+        vf v = load(r + k);
+        if (add) store(r + k, v = v + load(xp + i * K + k));
+        ss += v * v;
+      }
+      float tail = 0.f;
+      for (int64_t k = Kv; k < K; ++k) {
+        if (add) r[k] += xp[i * K + k];
+        tail += r[k] * r[k];
+      }
+      const float inv = 1.f / std::sqrt((hsum(ss) + tail) / float(K) + float(eps));
+      float* o = yp + i * K;
+      for (int64_t k = 0; k < Kv; k += W) store(o + k, load(wp + k) * (load(r + k) * inv));
+      for (int64_t k = Kv; k < K; ++k) o[k] = wp[k] * (r[k] * inv);
+    }
+  });
+  return y;
+}
+
+at::Tensor silu_mul(at::Tensor gu) {
+  TORCH_CHECK(gu.dim() == 2 && gu.is_contiguous() && gu.scalar_type() == at::kFloat && gu.size(1) % 2 == 0,
+              "gu: contiguous fp32 [n, 2m]");
+  const int64_t n = gu.size(0), m = gu.size(1) / 2, mv = m - m % W;
+  auto y = at::empty({n, m}, gu.options());
+  const float* gp = gu.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n, 8, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* g = gp + i * 2 * m;
+      float* o = yp + i * m;
+      for (int64_t k = 0; k < mv; k += W) {
+        const vf v = load(g + k);
+        store(o + k, v / (1.f + vexp(-v)) * load(g + m + k));
+      }
+      for (int64_t k = mv; k < m; ++k) o[k] = g[k] / (1.f + std::exp(-g[k])) * g[m + k];
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supports_head_dim", &supports_head_dim, "whether the decode attention kernels take this head size");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
@@ -381,4 +446,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qkv"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("cos"), py::arg("sin"), py::arg("positions"),
         py::arg("kcache") = py::none(), py::arg("vcache") = py::none(), py::arg("slots") = py::none());
   m.def("kv_write_int8", &kv_write_int8, "quantise new K/V rows into an int8 paged cache with per-block scales");
+  m.def("add_rms_norm", &add_rms_norm, "h += x in place (x optional), then rms_norm(h) * w", py::arg("h"), py::arg("x"),
+        py::arg("w"), py::arg("eps"));
+  m.def("silu_mul", &silu_mul, "silu(gu[:, :m]) * gu[:, m:]");
 }
