@@ -376,7 +376,7 @@ def reference_main(args) -> None:
     folder = Path(args.dir)
     rows, notes = ref.compare(folder, args.mode, args.slo_ttft, args.slo_tpot, args.only)
     out = {"mode": args.mode, "slo_ttft": args.slo_ttft, "slo_tpot": args.slo_tpot,
-           "overheads": {e: {"step_s": n["step_s"], "seq_s": n["seq_s"]} for e, n in notes.items()},
+           "overheads": {e: {"step_s": n["step_s"], "seq_s": n["seq_s"], "prefill_scale": n["prefill_scale"]} for e, n in notes.items()},
            "mean_abs_error_points": {e: ref.mean_abs_error(rows, e) for e in ("distserve", "vllm")},
            "runs": [{"run": c.run.name, "engine": c.run.engine, "placement": c.run.placement, "labelled": c.run.labelled,
                      "real": asdict(c.real), "sim": asdict(c.sim), "error_points": c.error_points} for c in rows]}
@@ -392,7 +392,8 @@ def reference_main(args) -> None:
     for e in ("distserve", "vllm"):
         if e in notes:
             o = notes[e]
-            extra = "" if args.mode == "raw" else f"; overheads fitted to all its runs: {o['step_s'] * 1e3:g} ms per step, {o['seq_s'] * 1e3:g} ms per sequence per step"
+            extra = "" if args.mode == "raw" else (f"; fitted to all its runs: {o['step_s'] * 1e3:g} ms per step, {o['seq_s'] * 1e3:g} ms per "
+                                                   f"sequence per step, prefill at {o['prefill_scale']:g}x the coefficients")
             loo = "" if args.mode != "loo" else " (each run with overheads fitted to the others)"
             print(f"{e}: mean |attainment error| {out['mean_abs_error_points'][e]:.1f} points over its labelled runs{loo}{extra}")
     if "goodput" in out:

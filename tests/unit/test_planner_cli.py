@@ -71,3 +71,18 @@ def test_plan_reference_replays_a_real_run(capsys):
     (run,) = doc["runs"]
     assert run["placement"] == "c21d11" and abs(run["error_points"]) <= 10
     assert run["real"]["attainment"] == pytest.approx(0.96, abs=0.01)
+
+
+def test_reference_prefill_factor_scales_the_prefill_coefficients_only():
+    from distserve.planner.profile import from_reference
+    from distserve.planner.reference import with_overheads
+
+    coef = {"facebook/opt-13b": {"1": {"prefill": [10.0, 0.1, 1e-5], "decoding_smallbs": [5.0, 0.02, 1e-4],
+                              "decoding_largebs": [6.0, 0.02, 1e-4], "decoding_large_small_bs_threshold": 95}}}
+    base = from_reference(coef, "facebook/opt-13b")
+    p = with_overheads(base, 0.002, 0.0001, 0.8)
+    (e,), (b,) = p.engines, base.engines
+    assert e.step.prefill == pytest.approx(tuple(0.8 * c for c in b.step.prefill))
+    assert e.step.decode == b.step.decode and e.step.decode_large == b.step.decode_large
+    assert (p.costs.step_s, p.costs.seq_s) == (0.002, 0.0001)
+    assert with_overheads(base, 0.0, 0.0).engines[0].step == b.step  # the default factor leaves it alone
