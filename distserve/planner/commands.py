@@ -184,7 +184,7 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
 def add_reference_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default=str(DEFAULT_REFERENCE), help="the reference folder (README.md, latency-coefficients-*.json, runs/)")
     p.add_argument("--mode", default="raw", choices=("raw", "fitted", "loo"),
-                   help="raw: the coefficients alone; fitted: plus engine overheads fitted to all runs; loo: fitted to the other runs")
+                   help="raw: the coefficients alone; fitted: plus engine overheads and a prefill factor fitted to all runs; loo: fitted to the other runs")
     p.add_argument("--slo-ttft", type=float, default=0.2)
     p.add_argument("--slo-tpot", type=float, default=0.1)
     p.add_argument("--only", default="", help="runs whose name contains this")
@@ -394,7 +394,7 @@ def reference_main(args) -> None:
             o = notes[e]
             extra = "" if args.mode == "raw" else (f"; fitted to all its runs: {o['step_s'] * 1e3:g} ms per step, {o['seq_s'] * 1e3:g} ms per "
                                                    f"sequence per step, prefill at {o['prefill_scale']:g}x the coefficients")
-            loo = "" if args.mode != "loo" else " (each run with overheads fitted to the others)"
+            loo = "" if args.mode != "loo" else " (each run with overheads and prefill factor fitted to the others)"
             print(f"{e}: mean |attainment error| {out['mean_abs_error_points'][e]:.1f} points over its labelled runs{loo}{extra}")
     if "goodput" in out:
         g = out["goodput"]
