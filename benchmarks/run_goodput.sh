@@ -4,11 +4,14 @@
 #   flock /tmp/distserve-cpu.lock benchmarks/run_goodput.sh CONFIG WORKLOAD...
 #   flock /tmp/distserve-cpu.lock benchmarks/run_goodput.sh coloc1 calibrate
 #
-# CONFIG: disagg (1 prefill + 1 decode worker, one core each), coloc2 (2 colocated workers, one core
+# CONFIG: disagg (1 prefill + 1 decode worker, one core each), disagg-cond (the same, the router
+# choosing per request where to prefill: docs/conditional-disaggregation.md), coloc2 (2 colocated workers, one core
 # each), coloc1 (1 colocated worker with both cores and 2 threads), and coloc2-chunked / coloc1-chunked
 # (the same with chunked prefill). `distserve up` divides and pins the
 # cores; the pinning of every worker is printed from /proc before the runs. WORKLOAD: chat, code,
 # summarize, or `calibrate` (one request at a time, for the SLOs). Results go to benchmarks/results/.
+# Environment: REQUESTS per point, BISECT steps, <W>_TTFT / <W>_TPOT / <W>_RATES (W = CHAT, CODE, SUM)
+# over slo.env, ALSO_SLO=TTFT,TPOT for a second SLO pair searched over the same runs, SUFFIX on the file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=$1; shift
@@ -17,6 +20,7 @@ requests=${REQUESTS:-30}
 out=${RESULTS:-benchmarks/results}
 case $config in
   disagg) up=(--prefill 1 --decode 1); label="disaggregated 1P+1D, 1 core each" ;;
+  disagg-cond) up=(--prefill 1 --decode 1 --router-arg=--disagg-mode=conditional); label="conditional 1P+1D, 1 core each" ;;
   coloc2) up=(--colocated 2 --prefill 0 --decode 0); label="colocated x2, 1 core each" ;;
   coloc1) up=(--colocated 1 --prefill 0 --decode 0); label="colocated x1, 2 cores" ;;
   coloc2-chunked) up=(--colocated 2 --prefill 0 --decode 0 --worker-arg=--chunked-prefill=true); label="colocated x2 chunked, 1 core each" ;;
@@ -84,7 +88,7 @@ PY
   fi
   # shellcheck disable=SC2046
   python -m distserve.cli --log-level warning bench goodput --target "distserve://127.0.0.1:$port" --label "$label" \
-    --workload "$w" --num-requests "$requests" --bisect-steps "${BISECT:-2}" $(params "$w") \
-    --note "distserve up ${up[*]} --model $model" --out "$out/goodput_${w}_${config}.json"
+    --workload "$w" --num-requests "$requests" --bisect-steps "${BISECT:-2}" $(params "$w") ${ALSO_SLO:+--also-slo "$ALSO_SLO"} \
+    --note "distserve up ${up[*]} --model $model" --out "$out/goodput_${w}_${config}${SUFFIX:-}.json"
 done
 others

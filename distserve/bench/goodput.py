@@ -103,6 +103,15 @@ async def measure_system(target_spec: str, label: str, args, progress_factory) -
         while (rate := search.next_rate()) is not None:
             runs[rate] = await run_at(rate)
             search.record(rate, runs[rate]["summary"]["attainment"])
+        also = []
+        for slo_ttft, slo_tpot in args.also_slo:  # more SLO pairs, each its own search over the same runs
+            other = GoodputSearch(rates, TARGET_ATTAINMENT, args.bisect_steps)
+            while (rate := other.next_rate()) is not None:
+                if rate not in runs:
+                    runs[rate] = await run_at(rate)
+                other.record(rate, attainment([RequestResult.from_dict(d) for d in runs[rate]["requests"]], slo_ttft, slo_tpot))
+            also.append({"slo_ttft": slo_ttft, "slo_tpot": slo_tpot, "goodput_rps": other.goodput, "bounded": other.bounded,
+                         "points": [{"rate": r, "attainment": a} for r, a in other.points]})
         scale_rate = args.scale_rate or min(rates)
         if scale_rate not in runs:
             runs[scale_rate] = await run_at(scale_rate)
@@ -114,6 +123,7 @@ async def measure_system(target_spec: str, label: str, args, progress_factory) -
         "label": label, "target": target_spec, "model": model,
         "goodput_rps": search.goodput, "bounded": search.bounded,
         "points": [{"rate": r, "attainment": a, "summary": runs[r]["summary"]} for r, a in search.points],
+        "also_slo": also,
         "scale": {
             "rate": scale_rate,
             "factor": _finite(slo_scale(at_scale, args.slo_ttft, args.slo_tpot)),
@@ -169,6 +179,19 @@ def main(args) -> None:
     print(json.dumps(out) if args.json else goodput_table(out))
 
 
+def slo_pair(text: str) -> tuple[float, float]:
+    """`4,0.08` -> (4.0, 0.08): TTFT and TPOT objectives in seconds, both > 0."""
+    import argparse
+
+    try:
+        ttft, tpot = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want TTFT,TPOT in seconds (e.g. 8,0.2), got {text!r}") from None
+    if not (ttft > 0 and tpot > 0 and math.isfinite(ttft) and math.isfinite(tpot)):
+        raise argparse.ArgumentTypeError(f"SLOs must be finite and > 0, got {text!r}")
+    return ttft, tpot
+
+
 def add_goodput_arguments(p) -> None:
     from distserve.bench.serve import add_common_arguments
 
@@ -176,6 +199,8 @@ def add_goodput_arguments(p) -> None:
     p.add_argument("--label", action="append", default=[], help="a name per --target, in order")
     p.add_argument("--rates", default="0.25,0.5,1,2", help="coarse sweep, req/s, comma-separated")
     p.add_argument("--bisect-steps", type=int, default=3)
+    p.add_argument("--also-slo", type=slo_pair, action="append", default=[], metavar="TTFT,TPOT",
+                   help="another SLO pair (seconds), searched over the same runs and measuring only the rates they lack; repeatable")
     p.add_argument("--scale-rate", type=float, default=0.0, help="fixed rate of the SLO-scale variant (default: the lowest coarse rate)")
     add_common_arguments(p)
     p.add_argument("--note", default="", help="free text recorded in the JSON (e.g. the suite's configuration)")

@@ -105,6 +105,11 @@ def goodput_table(doc: dict) -> str:
         for s in doc["systems"][1:]:
             if s["goodput_rps"] > 0:
                 lines.append(f"{first['label']} / {s['label']}: {first['goodput_rps'] / s['goodput_rps']:.2f}x goodput")
+    for s in doc["systems"]:
+        for a in s.get("also_slo", []):
+            pts = ", ".join(f"{p['rate']:g}: {p['attainment']:.0%}" for p in sorted(a["points"], key=lambda p: p["rate"]))
+            gp = f"{a['goodput_rps']:.3f}" + ("" if a["bounded"] else "+")
+            lines.append(f"{s['label'][:33]:34}{gp:>14} at TTFT <= {a['slo_ttft']:g}s, TPOT <= {a['slo_tpot'] * 1000:g}ms   {pts}")
     lines.append("('+': no failing rate found above it, so goodput is at least this)")
     lines += ["", "at the fixed rate: latency and mean server-side phases (s)",
               f"{'system':34}{'req/s':>6}{'TTFT p90':>9}{'TPOT p90':>9}" + "".join(f"{h:>10}" for h in PHASE_HEADS)]

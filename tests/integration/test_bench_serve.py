@@ -166,11 +166,16 @@ def test_goodput_runs_sweep_and_writes_json_and_plots(suite, tmp_path, capsys):
     out_path = tmp_path / "g.json"
     text = cli(["bench", "goodput", "--target", f"distserve://{suite}", "--label", "disagg", "--workload", "code",
                 "--rates", "5", "--bisect-steps", "1", "--num-requests", "5", "--slo-ttft", "30", "--slo-tpot", "5",
-                "--no-progress", "--out", str(out_path)], capsys)
+                "--also-slo", "0.0001,0.0001", "--no-progress", "--out", str(out_path)], capsys)
     doc = json.loads(out_path.read_text())
     (sys_,) = doc["systems"]
     assert sys_["label"] == "disagg" and "disagg" in text and doc["commit"]
     assert [p["rate"] for p in sys_["points"]] == [5.0] and sys_["goodput_rps"] == 5.0 and not sys_["bounded"]
+    # the unreachable SLO pair reuses the run at 5 req/s (failing there) and bisects down to 2.5, which it runs
+    (also,) = sys_["also_slo"]
+    assert (also["slo_ttft"], also["goodput_rps"], also["bounded"]) == (0.0001, 0.0, True)
+    assert [(p["rate"], p["attainment"]) for p in also["points"]] == [(5.0, 0.0), (2.5, 0.0)]
+    assert "0.000 at TTFT <= 0.0001s, TPOT <= 0.1ms" in text
     assert sys_["scale"]["rate"] == 5.0 and 0 < sys_["scale"]["factor"] <= 1.0 and len(sys_["scale"]["ttft"]) == 5
     pytest.importorskip("matplotlib")
     second = tmp_path / "g2.json"

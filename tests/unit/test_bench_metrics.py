@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from distserve.bench.goodput import GoodputSearch, scale_curve
+from distserve.bench.goodput import GoodputSearch, scale_curve, slo_pair
 from distserve.bench.metrics import RequestResult, attainment, percentile, required_scale, slo_scale, summarize
 from distserve.bench.openai_target import sse_events
 from distserve.bench.workloads import MIXES, arrival_times, build_requests, lengths, with_arrivals
@@ -113,6 +113,15 @@ def test_goodput_edge_cases():
     with pytest.raises(ValueError):
         GoodputSearch([], 0.9)
     assert GoodputSearch([1, 2], 0.9, 3, rel_tol=0.6).next_rate() == 1  # tolerance only ends the bisection
+
+
+def test_also_slo_pairs_parse_or_say_what_is_wrong():
+    import argparse
+
+    assert slo_pair("8,0.2") == (8.0, 0.2)
+    for bad in ("8", "8,0.2,1", "a,b", "0,0.2", "8,-1", "inf,0.2", "nan,1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            slo_pair(bad)
 
 
 def test_summary_phases_and_throughput():
