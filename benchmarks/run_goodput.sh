@@ -11,7 +11,7 @@
 # cores; the pinning of every worker is printed from /proc before the runs. WORKLOAD: chat, code,
 # summarize, or `calibrate` (one request at a time, for the SLOs). Results go to benchmarks/results/.
 # Environment: REQUESTS per point, BISECT steps, <W>_TTFT / <W>_TPOT / <W>_RATES (W = CHAT, CODE, SUM)
-# over slo.env, ALSO_SLO=TTFT,TPOT for a second SLO pair searched over the same runs, SUFFIX on the file.
+# over slo.env, ALSO_SLO="TTFT,TPOT ..." for more SLO pairs searched over the same runs, SUFFIX on the file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=$1; shift
@@ -88,7 +88,7 @@ PY
   fi
   # shellcheck disable=SC2046
   python -m distserve.cli --log-level warning bench goodput --target "distserve://127.0.0.1:$port" --label "$label" \
-    --workload "$w" --num-requests "$requests" --bisect-steps "${BISECT:-2}" $(params "$w") ${ALSO_SLO:+--also-slo "$ALSO_SLO"} \
+    --workload "$w" --num-requests "$requests" --bisect-steps "${BISECT:-2}" $(params "$w") $(for a in ${ALSO_SLO:-}; do echo --also-slo "$a"; done) \
     --note "distserve up ${up[*]} --model $model" --out "$out/goodput_${w}_${config}${SUFFIX:-}.json"
 done
 others
