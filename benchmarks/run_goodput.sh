@@ -9,7 +9,7 @@
 # each), coloc1 (1 colocated worker with both cores and 2 threads), and coloc2-chunked / coloc1-chunked
 # (the same with chunked prefill). `distserve up` divides and pins the
 # cores; the pinning of every worker is printed from /proc before the runs. WORKLOAD: chat, code,
-# summarize, or `calibrate` (one request at a time, for the SLOs). Results go to benchmarks/results/.
+# summarize, `calibrate` (one request at a time, for the SLOs), or saturate-W (CLIENTS=16 closed-loop clients). Results go to benchmarks/results/.
 # Environment: REQUESTS per point, BISECT steps, <W>_TTFT / <W>_TPOT / <W>_RATES (W = CHAT, CODE, SUM)
 # over slo.env, ALSO_SLO="TTFT,TPOT ..." for more SLO pairs searched over the same runs, SUFFIX on the file.
 set -euo pipefail
@@ -84,6 +84,11 @@ for w, key in (("chat", "CHAT"), ("code", "CODE"), ("summarize", "SUM")):
     print(f"{key}_TTFT={sig2(5 * s['ttft']['p50'])} {key}_TPOT={sig2(3 * s['tpot']['p50'])}")
 PY
     cat "$out/slo.env"
+    continue
+  fi
+  if [ "${w%%-*}" = saturate ]; then  # saturate-chat: closed loop, 16 clients, output tok/s and where the time goes
+    python -m distserve.cli --log-level warning bench serve --target "distserve://127.0.0.1:$port" --workload "${w#saturate-}" \
+      --concurrency "${CLIENTS:-16}" --num-requests "${SAT_REQUESTS:-96}" --warmup 2 --no-progress --out "$out/${w}_${config}${SUFFIX:-}.json"
     continue
   fi
   # shellcheck disable=SC2046
