@@ -27,6 +27,7 @@ class RequestResult:
     cached_tokens: int = 0  # prompt tokens the server took from its prefix cache (where it says)
     output_ids: list[int] = field(default_factory=list)  # the answer's token ids, for the next turn's history (not saved)
     ignore_eos: bool = True  # asked for exactly output_len tokens (False: the answer may end at the model's end of turn)
+    disagg: str = ""  # where distserve prefilled it: "local" (on its decode worker) or "remote"; "" where not said
 
     @property
     def ok(self) -> bool:
@@ -54,14 +55,14 @@ class RequestResult:
             "send_s": self.send_s, "end_s": self.end_s, "token_times": self.token_times,
             "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason,
             "error": self.error, "phases": self.phases, "cached_tokens": self.cached_tokens,
-            "ignore_eos": self.ignore_eos,
+            "ignore_eos": self.ignore_eos, "disagg": self.disagg,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> RequestResult:
         return cls(d["index"], d["prompt_len"], d["output_len"], d["send_s"], list(d["token_times"]), d["end_s"],
                    d["completion_tokens"], d.get("finish_reason"), d.get("error", ""), d.get("phases"), d.get("cached_tokens", 0),
-                   ignore_eos=d.get("ignore_eos", True))
+                   ignore_eos=d.get("ignore_eos", True), disagg=d.get("disagg", ""))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -135,6 +136,9 @@ def summarize(results: list[RequestResult], slo_ttft: float, slo_tpot: float, du
     if with_phases:
         out["phases_mean"] = {p: sum(ph.get(p, 0.0) for ph in with_phases) / len(with_phases) for p in PHASES}
         out["phases_p90"] = {p: percentile([ph.get(p, 0.0) for ph in with_phases], 90) for p in PHASES}
+    decisions = [r.disagg for r in ok if r.disagg]
+    if decisions:  # conditional disaggregation: how many were prefilled where
+        out["disagg_decisions"] = {d: decisions.count(d) for d in sorted(set(decisions))}
     errors = sorted({r.error for r in results if r.error})
     if errors:
         out["errors"] = errors[:5]

@@ -69,7 +69,8 @@ def serve_table(run: dict) -> str:
         f"throughput {s['throughput_rps']:.3f} req/s, {s['output_tok_s']:.1f} output tok/s over {s['duration_s']:.1f}s",
         f"SLO attainment {s['attainment']:.1%} (TTFT <= {cfg['slo_ttft']:g}s: {s['ttft_attainment']:.1%}, "
         f"TPOT <= {cfg['slo_tpot'] * 1000:g}ms: {s['tpot_attainment']:.1%}); SLO scale for 90%: {_s(s['slo_scale'])}x",
-        f"prefix cache: {s.get('cache_hit_rate', 0.0):.1%} of {s.get('prompt_tokens', 0)} prompt tokens cached",
+        f"prefix cache: {s.get('cache_hit_rate', 0.0):.1%} of {s.get('prompt_tokens', 0)} prompt tokens cached"
+        + ("; prefilled " + ", ".join(f"{k} {v}" for k, v in s["disagg_decisions"].items()) if s.get("disagg_decisions") else ""),
         "",
         f"{'':8}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}",
     ]

@@ -57,6 +57,7 @@ class DistserveTarget:
             res.phases = {p: getattr(c.metrics.phases, p) for p in PHASES}
         if c.metrics is not None:
             res.cached_tokens = c.metrics.cached_tokens
+            res.disagg = c.metrics.disagg_decision
         return res
 
     async def close(self) -> None:

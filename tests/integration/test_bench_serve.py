@@ -112,6 +112,9 @@ def test_serve_distserve_target_records_tokens_and_phases(suite, tmp_path, capsy
         assert r.phases["prefill_compute_s"] > 0 and r.phases["decode_s"] > 0 and r.phases["kv_transfer_s"] > 0
     assert out["summary"]["attainment"] == 1.0  # SLOs far above anything tiny-llama takes
     assert set(out["summary"]["phases_mean"]) >= {"router_s", "prefill_queue_s", "kv_transfer_s", "decode_queue_s"}
+    # the router's default mode prefills every prompt on the prefill pool, and says so per request
+    assert [r.disagg for r in rs] == ["remote"] * 6 and out["summary"]["disagg_decisions"] == {"remote": 6}
+    assert "prefilled remote 6" in text
 
 
 def test_serve_multiturn_resends_each_conversation_with_its_answers(suite, tmp_path, capsys):

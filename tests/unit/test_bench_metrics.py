@@ -132,6 +132,10 @@ def test_summary_phases_and_throughput():
     assert s["phases_mean"]["prefill_compute_s"] == pytest.approx(0.3)
     assert s["tpot"]["p50"] == pytest.approx(0.05) and s["attainment"] == 1.0
     assert RequestResult.from_dict(rs[0].to_dict()) == rs[0]
+    assert "disagg_decisions" not in s  # a target that does not say where it prefilled
+    rs[0].disagg, rs[1].disagg, rs[2].disagg = "local", "remote", "local"
+    assert summarize(rs, 1.0, 0.1, duration_s=10.0)["disagg_decisions"] == {"local": 2, "remote": 1}
+    assert RequestResult.from_dict(rs[0].to_dict()).disagg == "local"
 
 
 def test_arrivals_rate_cv_and_seed():
