@@ -38,7 +38,7 @@ def goodput_args(o: Objective, rates: list[float], model: str, requests: int) ->
     return argparse.Namespace(
         model=model, timeout=600.0, token_ids=False, workload=o.workload, num_requests=requests, seed=o.seed, warmup=1,
         arrival=o.arrival, cv=o.cv, slo_ttft=o.slo_ttft, slo_tpot=o.slo_tpot, rates=",".join(f"{r:g}" for r in rates),
-        bisect_steps=0 if len(rates) > 1 else 2, scale_rate=rates[0],
+        bisect_steps=0 if len(rates) > 1 else 2, scale_rate=rates[0], also_slo=[],
     )
 
 

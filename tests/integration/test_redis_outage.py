@@ -93,6 +93,12 @@ def test_serving_survives_a_redis_outage_and_everyone_re_registers_after_a_resta
                 # Redis stops while 8 requests are in flight; then 8 more with Redis gone
                 done, failed = generate_all(client, 8, stop_redis=redis.stop)
                 assert not redis.running()
+                # the router notices within its idle re-read (1 s); on a fast host the batch above can finish
+                # inside one refresh_s of the last read and never touch Redis, so wait for it to be seen
+                seen = time.monotonic() + 10
+                while "worker registry unreadable" not in router.text():
+                    assert time.monotonic() < seen, "the router never noticed Redis was gone"
+                    time.sleep(0.1)
                 more, failed_more = generate_all(client, 8)
                 failed += failed_more
                 codes = [getattr(e, "grpc_code", None) for e in failed]
