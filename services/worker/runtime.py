@@ -96,6 +96,7 @@ class WorkerRuntime:
         self.kv_pulls = PullEstimate()  # a decode worker's recent KV pulls (published for routers' transfer estimates)
         self.stop_event = asyncio.Event()
         self.prefix_version = 0  # version of the prefix filter last handed to the heartbeat
+        self._prefix_call: asyncio.Future | None = None  # the engine's prefix hashes, asked for and not yet taken
 
     # -- start -------------------------------------------------------------------------------
     def pin(self) -> None:
@@ -233,11 +234,25 @@ class WorkerRuntime:
 
     async def prefix_fields(self, force: bool) -> dict[str, bytes]:
         """The heartbeat's extra entry field: the Bloom filter of the cached block hashes, rebuilt only
-        when the cache changed since the last one (or `force`: the entry was lost); {} otherwise."""
+        when the cache changed since the last one (or `force`: the entry was lost); {} otherwise.
+
+        The hashes are read on the engine thread, between steps, and a step can outlast the entry's TTL
+        (a 2048-token prefill step on one core takes seconds): the heartbeat waits for them only
+        half an interval and otherwise publishes the load alone, taking the filter at a later tick.
+        Waiting longer let a busy prefill worker's entry expire, and routers refused requests with
+        'no prefill worker is available' while it computed (56 of 96 in a saturated 1P+1D chat run)."""
         e = self.engine
-        if not e.config.prefix_caching or (not force and self.worker.stats.prefix_version + 1 == self.prefix_version):
+        if not e.config.prefix_caching:
             return {}
-        version, hashes = await self.worker.call(lambda eng: eng.prefix_hashes())
+        if self._prefix_call is None:
+            if not force and self.worker.stats.prefix_version + 1 == self.prefix_version:
+                return {}
+            self._prefix_call = asyncio.ensure_future(self.worker.call(lambda eng: eng.prefix_hashes()))
+        done, _ = await asyncio.wait({self._prefix_call}, timeout=self.settings.heartbeat_s / 2)
+        if not done:
+            return {}
+        call, self._prefix_call = self._prefix_call, None
+        version, hashes = call.result()
         bloom = BlockBloom.build(hashes, capacity=e.blocks.num_blocks)
         self.prefix_version = version + 1  # 0 means "none published"
         return {"prefix": bloom.bits}
