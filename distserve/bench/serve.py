@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from distserve.bench.metrics import PHASES, RequestResult, summarize
-from distserve.bench.workloads import RequestSpec, build_requests, conversations, with_arrivals
+from distserve.bench.workloads import MIXES, RequestSpec, build_requests, conversations, with_arrivals
 
 
 class DistserveTarget:
@@ -200,10 +200,10 @@ async def measure(target, base: list[RequestSpec], cfg: RunConfig, progress=None
 
 
 def warm_up_list(workload: str, base: list[RequestSpec], n: int, tokenizer, seed: int) -> list[RequestSpec]:
-    """What `warm_up` sends: the list's first requests; for the workloads that repeat prefixes, requests
-    of another seed (another system prompt), so the warm-up leaves nothing in a prefix cache that the
-    measured requests could use."""
-    if workload in ("shared-prefix", "multiturn"):
+    """What `warm_up` sends: for the synthetic workloads the first requests in other words (variant -1),
+    so the warm-up leaves nothing in a prefix cache that the measured requests could use; else the
+    list's first requests."""
+    if workload in MIXES or workload in ("shared-prefix", "multiturn"):
         base = build_requests(workload, max(n, 1) * 8, tokenizer, seed, variant=-1)
     return [s for s in base if s.prompt_ids is not None or not s.user_ids][:n]
 

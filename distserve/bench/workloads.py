@@ -124,8 +124,9 @@ def lengths(workload: str, n: int, seed: int) -> list[tuple[int, int]]:
 
 def build_requests(workload: str, n: int, tokenizer, seed: int = 0, variant: int = 0) -> list[RequestSpec]:
     """The request list (no arrival times yet): identical for identical (workload, n, seed, tokenizer).
-    `variant` (shared-prefix, multiturn): other words of the same lengths, so runs at several rates
-    against one server do not find each other's prompts in its prefix cache."""
+    `variant` (chat, code, summarize, shared-prefix, multiturn): other words of the same lengths, so runs at several rates
+    against one server do not find each other's prompts in its prefix cache (variant 0: the words
+    runs before variants had)."""
     if workload.startswith("jsonl:"):
         return _from_jsonl(Path(workload[len("jsonl:"):]), n, tokenizer)
     if workload == "shared-prefix":
@@ -136,7 +137,7 @@ def build_requests(workload: str, n: int, tokenizer, seed: int = 0, variant: int
         return rewrite_requests(n, tokenizer, seed)
     if workload not in MIXES:
         raise ValueError(f"unknown workload {workload!r}: use one of {', '.join(WORKLOADS)}")
-    rng = random.Random(f"prompts:{workload}:{seed}")
+    rng = random.Random(f"prompts:{workload}:{seed}" + (f":{variant}" if variant else ""))
     out = []
     for i, (p, o) in enumerate(lengths(workload, n, seed)):
         ids = synthetic_ids(tokenizer, p, rng)
