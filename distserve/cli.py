@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-dtype", default="", choices=("", "auto", "int8"), help="every worker's --kv-dtype (default: theirs, auto)")
     up.add_argument("--speculative", default="", choices=("", "none", "ngram", "draft"), help="decode and colocated workers' --speculative (default: theirs, none; a --draft-model goes through --worker-arg)")
     up.add_argument("--share-weights", default="", choices=("", "auto", "on", "off"), help="every worker's --share-weights (default: theirs, auto)")
+    up.add_argument("--prefill-gemm", default="", choices=("", "auto", "native", "fp32", "bf16"), help="every worker's --prefill-gemm (default: theirs, auto)")
     up.add_argument("--tls", default="on", choices=("on", "off"),
                     help="on: mutual TLS between the services and TLS (HTTPS) to the router, with certificates made once in --tls-dir; "
                          "clients then need DISTSERVE_TLS_CA=<tls-dir>/ca.pem. off: plaintext")

@@ -55,6 +55,7 @@ class WorkerSettings(TlsSettings):
     kv_idle_s: float = setting(60.0, "pairwise KV channels (torch.distributed groups, shared-memory segments) idle this long are closed")
     kv_buffer_bytes: int = setting(1 << 30, "warm KV receive buffers kept for reuse (decode), bytes")
     weights: str = setting("auto", "linear-layer weights: fp32 (the --dtype), int8, or auto (int8 on CPU for checkpoints, fp32 on CUDA and for tiny-llama; docs/quantization.md)", ("auto", "fp32", "int8"))
+    prefill_gemm: str = setting("auto", "int8 weights on CPU, batches of 512 rows and more (prefill): native (the int8 kernel), fp32 or bf16 (a transient weight through oneDNN's GEMM; bf16 does not keep fp32's greedy tokens), or auto (native on AVX-512 VNNI CPUs, fp32 on the others; docs/quantization.md)", ("auto", "native", "fp32", "bf16"))
     kv_dtype: str = setting("auto", "KV cache dtype: auto (the --dtype) or int8 with per-block scales (prefill and decode workers must agree)", ("auto", "int8"))
     elastic: bool = setting(False, "prefill or decode worker: serve both roles' services and change role when asked (distserve role set, or the want_role field of its registry entry); it then needs the decode role's certificate and Redis user (docs/conditional-disaggregation.md)")
     prefix_cache: str = setting("on", "automatic prefix caching: keep computed KV blocks by the hash of their prefix and prefill only the uncached end of a prompt; the worker publishes what it holds so routers send prompts where their prefix is (docs/prefix-caching.md)", ("on", "off"))
@@ -111,6 +112,7 @@ class WorkerSettings(TlsSettings):
             seed=self.seed,
             weights=self.weights,
             kv_dtype=self.kv_dtype,
+            prefill_gemm=self.prefill_gemm,
             share_weights={"on": True, "off": False}.get(self.share_weights, "auto"),
             free_model_weights=True,  # the worker's LoadedModel serves nothing else
             prefix_caching=self.prefix_cache == "on",

@@ -287,7 +287,7 @@ class Suite:
         plan = core_plan(len(roles), a.threads, not a.no_pin)
         common = ["--model", a.model, "--host", a.host]
         engine_flags = []  # workers only, when given
-        for flag in ("weights", "kv_dtype", "share_weights"):
+        for flag in ("weights", "kv_dtype", "share_weights", "prefill_gemm"):
             if getattr(a, flag, ""):
                 engine_flags += ["--" + flag.replace("_", "-"), getattr(a, flag)]
         spec_flags = ["--speculative", a.speculative] if getattr(a, "speculative", "") else []  # decode/colocated only

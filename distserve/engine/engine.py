@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from distserve.engine import quant
 from distserve.engine.block_manager import BlockManager, blocks_needed
 from distserve.errors import InvalidRequest, NotFound, ResourceExhausted
 from distserve.engine.kv_cache import PagedKVCache
@@ -61,6 +62,7 @@ class EngineConfig:
     seed: int | None = None  # seeds sampling of requests that bring no seed
     weights: str = "fp32"  # linear layers: "fp32" (the model's dtype), "int8" or "auto" (weights.resolve_format)
     kv_dtype: str = "auto"  # KV cache: "auto" (the model's dtype) or "int8" (per-block scales)
+    prefill_gemm: str = "auto"  # CPU int8 weights, batches of 512+ rows: "native" kernel, "fp32" or "bf16" GEMM, "auto" (quant.prefill_gemm_dtype)
     share_weights: bool | str = False  # weights from a read-only map of a file the host's workers share; "auto": int8 only
     free_model_weights: bool = False  # drop the LoadedModel's own weights once the runner has its own (workers)
     prefix_caching: bool = False  # keep computed full blocks by prefix hash and reuse them for later prompts (workers: on by default, --prefix-cache; off here so engine benchmarks time every token)
@@ -83,6 +85,8 @@ class EngineConfig:
             raise ValueError(f"speculative_k must be >= 1, got {self.speculative_k}")
         if self.draft_layers < 0:
             raise ValueError(f"draft_layers must be >= 0, got {self.draft_layers}")
+        if self.prefill_gemm not in quant.PREFILL_GEMMS:
+            raise ValueError(f"prefill_gemm must be one of {quant.PREFILL_GEMMS}, got {self.prefill_gemm!r}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if not self.tpot_target_s >= 0:
@@ -154,13 +158,17 @@ class LLMEngine:
         fmt = resolve_format(config.weights, loaded)
         share = fmt == "int8" if config.share_weights == "auto" else config.share_weights
         runner_weights = load_weights(loaded, fmt, share)
-        self.runner = ModelRunner(model, self.cache, self.max_model_len, runner_weights)
+        self.runner = ModelRunner(model, self.cache, self.max_model_len, runner_weights, config.prefill_gemm)
         if config.free_model_weights:
             loaded.drop_weights()
-        log.info("%s weights (%s, %.0f MB), %s KV cache of %d blocks", fmt,
+        gemm = {None: "native", torch.float32: "fp32", torch.bfloat16: "bf16"}[self.runner.gemm_dtype]
+        cpu_int8 = fmt == "int8" and loaded.device.type == "cpu"  # elsewhere the weight is widened per call
+        bf16_gemm = cpu_int8 and gemm == "bf16"
+        log.info("%s weights (%s, %.0f MB%s), %s KV cache of %d blocks", fmt,
                  f"mapped read-only from {runner_weights.path}" if runner_weights.mapped else "private",
-                 runner_weights.nbytes / 1e6, "int8" if layout.quantized else str(dtype).removeprefix("torch."), num_blocks)
-        self.prefix_root = root_hash(f"{loaded.name}|{loaded.fingerprint}|seed={loaded.seed}|weights={fmt}",
+                 runner_weights.nbytes / 1e6, f", prefill batches: {gemm}" if cpu_int8 else "", "int8" if layout.quantized else str(dtype).removeprefix("torch."), num_blocks)
+        tag = "|gemm=bf16" if bf16_gemm else ""  # its KV is not the fp32 path's to the last bits
+        self.prefix_root = root_hash(f"{loaded.name}|{loaded.fingerprint}|seed={loaded.seed}|weights={fmt}{tag}",
                                      str(dtype).removeprefix("torch."), config.block_size)  # names this engine's cached blocks
         self.sampler = Sampler(config.seed, tuple(loaded.eos_token_ids))
         self.speculator = build_speculator(config, loaded, self.runner, fmt, share, num_blocks, dtype)

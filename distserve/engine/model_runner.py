@@ -12,7 +12,8 @@ Linear layers, by weights format:
 - fp32 in private memory: on CPU through oneDNN with weights packed once at start (MKL's fp32 GEMM is
   several times slower for the skinny matrices of a decode step on this class of machine);
 - fp32 mapped from a shared file: `F.linear` on the mapped weight (a packed copy would be private);
-- int8 (mapped or not): `quant.Int8Linear`, which reads the int8 codes in place.
+- int8 (mapped or not): `quant.Int8Linear`, which reads the int8 codes in place (or, for prefill
+  batches, a transient copy through oneDNN's GEMM where that is faster: `prefill_gemm`).
 On CPU decode attention runs the native paged kernel (`distserve.engine.kernels`, fp32 or int8 cache)
 that reads each sequence's blocks in place; without a compiler it falls back to a gather in torch.
 """
@@ -81,10 +82,11 @@ class _Linear:
         return F.linear(x, self.weight, self.bias)
 
 
-def _linear(w: torch.Tensor | quant.QuantizedWeight, bias: torch.Tensor | None, pack: bool, **prologue):
+def _linear(w: torch.Tensor | quant.QuantizedWeight, bias: torch.Tensor | None, pack: bool,
+            gemm_dtype: torch.dtype | None = torch.float32, **prologue):
     """An fp32 linear, or an int8 one that also applies `prologue` (see quant.Int8Linear)."""
     if isinstance(w, quant.QuantizedWeight):
-        return quant.Int8Linear(w, bias, **prologue)
+        return quant.Int8Linear(w, bias, gemm_dtype=gemm_dtype, **prologue)
     return _Linear(w, bias, pack)
 
 
@@ -94,7 +96,7 @@ class _Layer:
 
     __slots__ = ("ln1", "ln2", "fused", *LINEARS)
 
-    def __init__(self, w: ModelWeights, i: int, pack: bool, eps: float):
+    def __init__(self, w: ModelWeights, i: int, pack: bool, eps: float, gemm_dtype: torch.dtype | None = torch.float32):
         p = f"layers.{i}"
         self.ln1 = w.tensors[f"{p}.ln1"]
         self.ln2 = w.tensors[f"{p}.ln2"]
@@ -106,7 +108,7 @@ class _Layer:
         }
         for name in LINEARS:
             extra = pro.get(name, {}) if self.fused else {}
-            setattr(self, name, _linear(w.matrix(f"{p}.{name}"), w.bias(f"{p}.{name}"), pack, **extra))
+            setattr(self, name, _linear(w.matrix(f"{p}.{name}"), w.bias(f"{p}.{name}"), pack, gemm_dtype, **extra))
 
 
 def _rotary(model: torch.nn.Module, max_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +122,8 @@ def _rotary(model: torch.nn.Module, max_len: int, device: torch.device, dtype: t
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, max_model_len: int, weights: ModelWeights | None = None):
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, max_model_len: int, weights: ModelWeights | None = None,
+                 prefill_gemm: str = "auto"):
         cfg = model.config
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported activation {cfg.hidden_act!r} (Llama-family models use silu)")
@@ -140,8 +143,10 @@ class ModelRunner:
         head = w.matrix(w.head_name())
         self.head_fused = isinstance(head, quant.QuantizedWeight)  # applies the final norm itself
         norm = dict(prologue="rms_norm", norm_weight=self.norm, eps=self.eps) if self.head_fused else {}
+        # what the int8 layers run prefill batches on (quant.prefill_gemm_dtype); the head sees few rows
+        self.gemm_dtype = quant.prefill_gemm_dtype(prefill_gemm)
         self.lm_head = _linear(head, w.bias("lm_head"), pack, **norm)
-        self.layers = [_Layer(w, i, pack, self.eps) for i in range(w.num_layers)]
+        self.layers = [_Layer(w, i, pack, self.eps, self.gemm_dtype) for i in range(w.num_layers)]
         self.dtype = self.norm.dtype
         native = self.device.type == "cpu" and self.dtype == torch.float32
         self.kernel = kernels.paged_attention() if native else None

@@ -12,10 +12,11 @@ agreement with fp32 than they saved time on this CPU (docs/quantization.md has t
 Linear layer: on CPU the native kernel (`kernels.int8_linear`) quantises the activations to int16
 per (row, group of 32) and multiplies with vpmaddwd against a tile of the codes widened in L1 (the
 RMS norm before it, the SiLU gate product before the down projection and the residual add after it
-fused into its passes); for large batches (prefill) a transient fp32 copy of the weight goes through
-the tuned fp32 GEMM instead. On CUDA the weight is widened to the activation dtype
-per call (torch's own int8 matmuls want per-channel scales or int8 activations; see
-docs/quantization.md). Without a compiler the CPU path does the same as CUDA, in torch.
+fused into its passes). For large batches (prefill) a transient copy of the weight can go through
+oneDNN's fp32 or bf16 GEMM instead (`prefill_gemm`): on an AVX2 CPU the fp32 GEMM wins from 512 rows,
+on an AVX-512 VNNI one the kernel wins at every size (docs/quantization.md has the figures). On CUDA
+the weight is widened to the activation dtype per call (torch's own int8 matmuls want per-channel
+scales or int8 activations; see docs/quantization.md). Without a compiler the CPU path does the same as CUDA, in torch.
 
 KV ("int8"): see `distserve.engine.kv_cache` for the layout; `kv_write_int8_torch` and
 `dequantize_kv` are the torch paths of the native write and attention kernels.
@@ -32,7 +33,8 @@ from distserve.engine import kernels
 
 GROUP = 32  # inputs per scale/offset group
 BLOCK = 16  # output channels per block of the stored layout
-PREFILL_ROWS = 512  # from this many rows on, a transient fp32 weight and the fp32 GEMM win (measured)
+PREFILL_ROWS = 512  # from this many rows on, the GEMM of prefill_gemm "fp32" or "bf16" takes over (measured)
+PREFILL_GEMMS = ("auto", "native", "fp32", "bf16")
 PROLOGUES = {"none": 0, "rms_norm": 1, "silu_mul": 2}  # what the native kernel applies to x first
 
 
@@ -114,6 +116,19 @@ def dequantize_weight(q: QuantizedWeight, dtype: torch.dtype = torch.float32) ->
     return w.view(q.n_out, K).to(dtype)
 
 
+def prefill_gemm_dtype(name: str, flags: frozenset[str] | None = None) -> torch.dtype | None:
+    """What the CPU int8 layers run batches of PREFILL_ROWS rows and more on: None for the native
+    kernel ("native"), or the dtype of a transient weight for oneDNN's GEMM ("fp32", "bf16": bf16
+    operands, fp32 accumulation, 1.1x the kernel at 2048 rows on AVX512_BF16 but not the fp32 greedy
+    tokens). "auto": the kernel on AVX-512 VNNI CPUs, where it beats the fp32 GEMM 1.5x at 2048 rows
+    (2026-12-04, Zen 4), the fp32 GEMM on the others (measured on AVX2)."""
+    if name not in PREFILL_GEMMS:
+        raise ValueError(f"prefill_gemm must be one of {PREFILL_GEMMS}, got {name!r}")
+    if name == "auto":
+        name = "native" if "avx512_vnni" in (kernels.cpu_flags() if flags is None else flags) else "fp32"
+    return {"native": None, "fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
 class Int8Linear:
     """y = prologue(x) W^T + b with W held as int8 codes (read in place: a mapped file stays shared).
 
@@ -121,16 +136,18 @@ class Int8Linear:
     the native kernel's pass over x; the other paths apply it in torch first.
     """
 
-    __slots__ = ("q", "bias", "native", "prologue", "norm_weight", "eps")
+    __slots__ = ("q", "bias", "native", "prologue", "norm_weight", "eps", "gemm_dtype", "gemm_rows")
 
     def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None = None, prologue: str = "none",
-                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6):
+                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gemm_dtype: torch.dtype | None = torch.float32):
         self.q = q
         self.bias = bias
         self.native = kernels.int8_linear() if q.codes.device.type == "cpu" else None
         self.prologue = prologue
         self.norm_weight = norm_weight
         self.eps = eps
+        self.gemm_dtype = gemm_dtype  # of the CPU's large-batch GEMM (prefill_gemm_dtype; None: the kernel)
+        self.gemm_rows = PREFILL_ROWS if gemm_dtype is not None else 1 << 62
 
     def _prologue(self, x: torch.Tensor) -> torch.Tensor:
         if self.prologue == "rms_norm":
@@ -146,10 +163,15 @@ class Int8Linear:
         """prologue(x) W^T + b, plus `residual` when given (fused into the kernel's output pass)."""
         q = self.q
         if self.native is not None and x.dtype == torch.float32:
-            if x.shape[0] < PREFILL_ROWS:
+            if x.shape[0] < self.gemm_rows:
                 return self.native.int8_linear(x, q.codes, q.scale, q.offset, q.n_out, self.bias,
                                                PROLOGUES[self.prologue], self.norm_weight, self.eps, residual)
-            y = F.linear(self._prologue(x), self.native.int8_dequantize(q.codes, q.scale, q.offset, q.n_out), self.bias)
+            w = self.native.int8_dequantize(q.codes, q.scale, q.offset, q.n_out)
+            if self.gemm_dtype == torch.bfloat16:  # bf16 operands, fp32 accumulation and output
+                y = F.linear(self._prologue(x).to(torch.bfloat16), w.to(torch.bfloat16)).to(torch.float32)
+                y = y if self.bias is None else y + self.bias
+            else:
+                y = F.linear(self._prologue(x), w, self.bias)
         else:
             y = F.linear(self._prologue(x), dequantize_weight(q, x.dtype), self.bias)
         return y if residual is None else residual + y

@@ -62,6 +62,52 @@ def test_native_int8_linear_matches_its_definition_with_each_prologue(rows):
     assert torch.equal(table, w[[0, 7, 49, 16]])
 
 
+def test_prefill_gemm_auto_is_the_native_kernel_on_vnni_cpus_and_the_fp32_gemm_elsewhere():
+    assert quant.prefill_gemm_dtype("auto", frozenset({"avx512f", "avx512_vnni", "avx512_bf16"})) is None
+    assert quant.prefill_gemm_dtype("auto", frozenset({"avx512f", "avx2", "fma"})) == torch.float32
+    assert quant.prefill_gemm_dtype("native", frozenset()) is None
+    assert quant.prefill_gemm_dtype("fp32", frozenset({"avx512_vnni"})) == torch.float32
+    assert quant.prefill_gemm_dtype("bf16", frozenset()) == torch.bfloat16  # asked for: emulated if need be
+    with pytest.raises(ValueError, match="prefill_gemm must be one of"):
+        quant.prefill_gemm_dtype("fp16")
+    with pytest.raises(ValueError, match="prefill_gemm must be one of"):
+        EngineConfig(prefill_gemm="int8")
+
+
+@pytest.mark.skipif(kernels.int8_linear() is None, reason="no C++ compiler here")
+def test_each_prefill_gemm_takes_over_at_its_row_threshold_within_its_error():
+    g = torch.Generator().manual_seed(5)
+    N, K = 72, 128
+    q = quant.quantize_weight(torch.randn(N, K, generator=g) * 0.1)
+    w = quant.dequantize_weight(q)
+    bias, norm = torch.randn(N, generator=g), torch.rand(K, generator=g) + 0.5
+    lin = {d: quant.Int8Linear(q, bias, "rms_norm", norm, 1e-5, gemm_dtype=d) for d in (None, torch.float32, torch.bfloat16)}
+    for rows in (quant.PREFILL_ROWS - 1, quant.PREFILL_ROWS):
+        x, res = torch.randn(rows, K, generator=g), torch.randn(rows, N, generator=g)
+        want = res + (norm * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))) @ w.T + bias
+        native, fp32, bf16 = (lin[d](x, res) for d in (None, torch.float32, torch.bfloat16))
+        for got in (native, fp32, bf16):
+            assert got.dtype == torch.float32 and got.shape == (rows, N)
+        assert (native - want).abs().max() <= 1e-4 * want.abs().max()
+        assert (fp32 - want).abs().max() <= 1e-4 * want.abs().max()
+        if rows < quant.PREFILL_ROWS:  # below the threshold every setting runs the kernel
+            assert torch.equal(fp32, native) and torch.equal(bf16, native)
+        else:  # from it, the GEMMs: fp32 off the kernel in the last bits, bf16 by bf16 rounding
+            assert not torch.equal(fp32, native) and not torch.equal(bf16, fp32)
+            assert (bf16 - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_prefill_gemm_settings_keep_the_first_tokens_and_bf16_names_its_cache_apart(tiny):
+    ps = prompts(8, seed=3, lo=70, hi=120)  # one prefill step of >= 560 rows: the GEMMs take it
+    seen = {}
+    for gemm in ("native", "fp32", "bf16"):
+        eng = LLMEngine(tiny, EngineConfig(num_blocks=100, weights="int8", prefill_gemm=gemm))
+        seen[gemm] = (eng.prefix_root, run_prompts(eng, ps, SamplingParams(max_tokens=1, temperature=0.0)))
+    assert seen["native"][0] == seen["fp32"][0] != seen["bf16"][0]  # bf16's cached blocks answer only bf16
+    assert seen["native"][1] == seen["fp32"][1]
+    assert sum(seen["fp32"][1][k] == seen["bf16"][1][k] for k in seen["fp32"][1]) >= 7, seen
+
+
 def test_int8_engine_matches_transformers_on_the_dequantised_weights(tiny):
     fake = load_model("tiny-llama", device="cpu")
     with torch.no_grad():
@@ -69,7 +115,7 @@ def test_int8_engine_matches_transformers_on_the_dequantised_weights(tiny):
             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
                 m.weight.copy_(quant.dequantize_weight(quant.quantize_weight(m.weight)))
     ps = prompts(6, seed=11, hi=90)
-    eng = LLMEngine(tiny, EngineConfig(num_blocks=100, weights="int8"))
+    eng = LLMEngine(tiny, EngineConfig(num_blocks=100, weights="int8", prefill_gemm="fp32"))  # the exact path
     assert eng.runner.weights.fmt == "int8"
     outs = run_prompts(eng, ps, GREEDY)
     for i, p in enumerate(ps):
