@@ -10,33 +10,15 @@ greedy agreement (52 chat prompts x 64 tokens, batched) and perplexity of each s
 """
 
 import argparse
-import time
 
 import torch
 
 from distserve.bench import engine_bench as eb
 from distserve.engine.engine import EngineConfig, LLMEngine
 from distserve.engine.models import load_model
-from distserve.engine.sampling import SamplingParams
 
 SETTINGS = ("fp32", "native", "bf16")
 SHAPES = ((8, 256), (2, 256), (1, 2048), (1, 176))  # (prompts a step, tokens each)
-
-
-def prefill_tok_s(lm, n: int, length: int, reps: int, gemm: str) -> float:
-    eng = LLMEngine(lm, EngineConfig(mode="prefill", max_num_batched_tokens=n * length, max_num_seqs=64,
-                                     weights="int8", share_weights=True, prefill_gemm=gemm))
-    ps = eb._prompts(n * (reps + 1), length, lm.model.config.vocab_size, 1)
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    for i in range(n):  # a warm-up step
-        eng.add_request(f"w{i}", ps[i], params)
-    eng.step()
-    for i, p in enumerate(ps[n:]):
-        eng.add_request(str(i), p, params)
-    t = time.perf_counter()
-    while eng.has_work():
-        eng.step()
-    return reps * n * length / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -50,7 +32,8 @@ def main() -> None:
     print(f"{a.model}, int8 weights, {torch.get_num_threads()} thread(s); prompt tokens/s, best of 2")
     print(f"{'step':>12} " + " ".join(f"{s:>8}" for s in SETTINGS))
     for n, length in SHAPES:
-        row = [max(prefill_tok_s(lm, n, length, 3, s) for _ in range(2)) for s in SETTINGS]
+        row = [max(eb.engine_prefill_tok_s(lm, length, 3, n, weights="int8", share_weights=True, prefill_gemm=s)
+                   for _ in range(2)) for s in SETTINGS]
         print(f"{f'{n} x {length}':>12} " + " ".join(f"{r:8.0f}" for r in row), flush=True)
     if a.no_quality:
         return

@@ -66,18 +66,20 @@ def hf_decode_tok_s(lm: LoadedModel, batch: int, context: int, steps: int) -> fl
     return batch * steps / (time.perf_counter() - t)
 
 
-def engine_prefill_tok_s(lm: LoadedModel, length: int, reps: int, **engine_kw) -> float:
-    eng = LLMEngine(lm, EngineConfig(mode="prefill", max_num_batched_tokens=length, **engine_kw))
-    prompts = _prompts(reps + 1, length, lm.model.config.vocab_size, 1)
+def engine_prefill_tok_s(lm: LoadedModel, length: int, reps: int, per_step: int = 1, **engine_kw) -> float:
+    """Prompt tokens/s over `reps` steps of `per_step` prompts of `length` tokens, after one such step."""
+    eng = LLMEngine(lm, EngineConfig(mode="prefill", max_num_batched_tokens=per_step * length, **engine_kw))
+    prompts = _prompts((reps + 1) * per_step, length, lm.model.config.vocab_size, 1)
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    eng.add_request("warm", prompts[0], params)
+    for i, p in enumerate(prompts[:per_step]):
+        eng.add_request(f"warm{i}", p, params)
     eng.step()
-    for i, p in enumerate(prompts[1:]):
+    for i, p in enumerate(prompts[per_step:]):
         eng.add_request(str(i), p, params)
     t = time.perf_counter()
     while eng.has_work():
         eng.step()
-    return reps * length / (time.perf_counter() - t)
+    return reps * per_step * length / (time.perf_counter() - t)
 
 
 def decode_engine(lm: LoadedModel, batch: int, context: int, steps: int, **engine_kw) -> LLMEngine:

@@ -143,10 +143,11 @@ class ModelRunner:
         head = w.matrix(w.head_name())
         self.head_fused = isinstance(head, quant.QuantizedWeight)  # applies the final norm itself
         norm = dict(prologue="rms_norm", norm_weight=self.norm, eps=self.eps) if self.head_fused else {}
-        # what the int8 layers run prefill batches on (quant.prefill_gemm_dtype); the head sees few rows
-        self.gemm_dtype = quant.prefill_gemm_dtype(prefill_gemm)
+        # what the int8 layers run prefill batches on (quant.resolve_prefill_gemm); the head sees few rows
+        self.prefill_gemm = quant.resolve_prefill_gemm(prefill_gemm)
         self.lm_head = _linear(head, w.bias("lm_head"), pack, **norm)
-        self.layers = [_Layer(w, i, pack, self.eps, self.gemm_dtype) for i in range(w.num_layers)]
+        gemm_dtype = quant.GEMM_DTYPES[self.prefill_gemm]
+        self.layers = [_Layer(w, i, pack, self.eps, gemm_dtype) for i in range(w.num_layers)]
         self.dtype = self.norm.dtype
         native = self.device.type == "cpu" and self.dtype == torch.float32
         self.kernel = kernels.paged_attention() if native else None

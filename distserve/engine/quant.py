@@ -16,7 +16,8 @@ fused into its passes). For large batches (prefill) a transient copy of the weig
 oneDNN's fp32 or bf16 GEMM instead (`prefill_gemm`): on an AVX2 CPU the fp32 GEMM wins from 512 rows,
 on an AVX-512 VNNI one the kernel wins at every size (docs/quantization.md has the figures). On CUDA
 the weight is widened to the activation dtype per call (torch's own int8 matmuls want per-channel
-scales or int8 activations; see docs/quantization.md). Without a compiler the CPU path does the same as CUDA, in torch.
+scales or int8 activations; see docs/quantization.md). Without a compiler the CPU path does the same
+as CUDA, in torch.
 
 KV ("int8"): see `distserve.engine.kv_cache` for the layout; `kv_write_int8_torch` and
 `dequantize_kv` are the torch paths of the native write and attention kernels.
@@ -34,7 +35,8 @@ from distserve.engine import kernels
 GROUP = 32  # inputs per scale/offset group
 BLOCK = 16  # output channels per block of the stored layout
 PREFILL_ROWS = 512  # from this many rows on, the GEMM of prefill_gemm "fp32" or "bf16" takes over (measured)
-PREFILL_GEMMS = ("auto", "native", "fp32", "bf16")
+GEMM_DTYPES = {"native": None, "fp32": torch.float32, "bf16": torch.bfloat16}  # None: the kernel at every size
+PREFILL_GEMMS = ("auto", *GEMM_DTYPES)
 PROLOGUES = {"none": 0, "rms_norm": 1, "silu_mul": 2}  # what the native kernel applies to x first
 
 
@@ -116,17 +118,17 @@ def dequantize_weight(q: QuantizedWeight, dtype: torch.dtype = torch.float32) ->
     return w.view(q.n_out, K).to(dtype)
 
 
-def prefill_gemm_dtype(name: str, flags: frozenset[str] | None = None) -> torch.dtype | None:
-    """What the CPU int8 layers run batches of PREFILL_ROWS rows and more on: None for the native
-    kernel ("native"), or the dtype of a transient weight for oneDNN's GEMM ("fp32", "bf16": bf16
+def resolve_prefill_gemm(name: str, flags: frozenset[str] | None = None) -> str:
+    """What the CPU int8 layers run batches of PREFILL_ROWS rows and more on (a GEMM_DTYPES key):
+    "native", the kernel; "fp32" or "bf16", a transient weight through oneDNN's GEMM (bf16: bf16
     operands, fp32 accumulation, 1.1x the kernel at 2048 rows on AVX512_BF16 but not the fp32 greedy
     tokens). "auto": the kernel on AVX-512 VNNI CPUs, where it beats the fp32 GEMM 1.5x at 2048 rows
     (2026-12-04, Zen 4), the fp32 GEMM on the others (measured on AVX2)."""
     if name not in PREFILL_GEMMS:
         raise ValueError(f"prefill_gemm must be one of {PREFILL_GEMMS}, got {name!r}")
     if name == "auto":
-        name = "native" if "avx512_vnni" in (kernels.cpu_flags() if flags is None else flags) else "fp32"
-    return {"native": None, "fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        return "native" if "avx512_vnni" in (kernels.cpu_flags() if flags is None else flags) else "fp32"
+    return name
 
 
 class Int8Linear:
@@ -136,7 +138,7 @@ class Int8Linear:
     the native kernel's pass over x; the other paths apply it in torch first.
     """
 
-    __slots__ = ("q", "bias", "native", "prologue", "norm_weight", "eps", "gemm_dtype", "gemm_rows")
+    __slots__ = ("q", "bias", "native", "prologue", "norm_weight", "eps", "gemm_dtype")
 
     def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None = None, prologue: str = "none",
                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gemm_dtype: torch.dtype | None = torch.float32):
@@ -146,8 +148,7 @@ class Int8Linear:
         self.prologue = prologue
         self.norm_weight = norm_weight
         self.eps = eps
-        self.gemm_dtype = gemm_dtype  # of the CPU's large-batch GEMM (prefill_gemm_dtype; None: the kernel)
-        self.gemm_rows = PREFILL_ROWS if gemm_dtype is not None else 1 << 62
+        self.gemm_dtype = gemm_dtype  # of the CPU's large-batch GEMM (GEMM_DTYPES; None: the kernel)
 
     def _prologue(self, x: torch.Tensor) -> torch.Tensor:
         if self.prologue == "rms_norm":
@@ -163,7 +164,7 @@ class Int8Linear:
         """prologue(x) W^T + b, plus `residual` when given (fused into the kernel's output pass)."""
         q = self.q
         if self.native is not None and x.dtype == torch.float32:
-            if x.shape[0] < self.gemm_rows:
+            if self.gemm_dtype is None or x.shape[0] < PREFILL_ROWS:
                 return self.native.int8_linear(x, q.codes, q.scale, q.offset, q.n_out, self.bias,
                                                PROLOGUES[self.prologue], self.norm_weight, self.eps, residual)
             w = self.native.int8_dequantize(q.codes, q.scale, q.offset, q.n_out)

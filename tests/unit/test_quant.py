@@ -63,13 +63,14 @@ def test_native_int8_linear_matches_its_definition_with_each_prologue(rows):
 
 
 def test_prefill_gemm_auto_is_the_native_kernel_on_vnni_cpus_and_the_fp32_gemm_elsewhere():
-    assert quant.prefill_gemm_dtype("auto", frozenset({"avx512f", "avx512_vnni", "avx512_bf16"})) is None
-    assert quant.prefill_gemm_dtype("auto", frozenset({"avx512f", "avx2", "fma"})) == torch.float32
-    assert quant.prefill_gemm_dtype("native", frozenset()) is None
-    assert quant.prefill_gemm_dtype("fp32", frozenset({"avx512_vnni"})) == torch.float32
-    assert quant.prefill_gemm_dtype("bf16", frozenset()) == torch.bfloat16  # asked for: emulated if need be
+    assert quant.resolve_prefill_gemm("auto", frozenset({"avx512f", "avx512_vnni", "avx512_bf16"})) == "native"
+    assert quant.resolve_prefill_gemm("auto", frozenset({"avx512f", "avx2", "fma"})) == "fp32"
+    assert quant.resolve_prefill_gemm("native", frozenset()) == "native"
+    assert quant.resolve_prefill_gemm("fp32", frozenset({"avx512_vnni"})) == "fp32"
+    assert quant.resolve_prefill_gemm("bf16", frozenset()) == "bf16"  # asked for: emulated if need be
+    assert quant.GEMM_DTYPES == {"native": None, "fp32": torch.float32, "bf16": torch.bfloat16}
     with pytest.raises(ValueError, match="prefill_gemm must be one of"):
-        quant.prefill_gemm_dtype("fp16")
+        quant.resolve_prefill_gemm("fp16")
     with pytest.raises(ValueError, match="prefill_gemm must be one of"):
         EngineConfig(prefill_gemm="int8")
 
