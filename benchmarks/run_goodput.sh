@@ -11,7 +11,7 @@
 # cores; the pinning of every worker is printed from /proc before the runs. WORKLOAD: chat, code,
 # summarize, `calibrate` (one request at a time, for the SLOs), or saturate-W (CLIENTS=16 closed-loop clients). Results go to benchmarks/results/.
 # Environment: REQUESTS per point, BISECT steps, <W>_TTFT / <W>_TPOT / <W>_RATES (W = CHAT, CODE, SUM)
-# over slo.env, ALSO_SLO="TTFT,TPOT ..." for more SLO pairs searched over the same runs, SUFFIX on the file.
+# over slo.env, UP_ARGS (more `distserve up` flags), ALSO_SLO="TTFT,TPOT ..." for more SLO pairs searched over the same runs, SUFFIX on the file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=$1; shift
@@ -45,6 +45,8 @@ mkdir -p "$out"
 run=$(mktemp -d)
 source benchmarks/up_suite.sh
 UP_CLI_ARGS=(--log-level warning)
+# shellcheck disable=SC2206
+up+=(${UP_ARGS:-})  # more `distserve up` flags, e.g. UP_ARGS=--worker-arg=--max-num-batched-tokens=512
 up_suite "$run" --model "$model" "${up[@]}"
 # the suite serves TLS with its own CA (docs/security.md): the bench's SDK finds it here
 ca=$(grep -o "DISTSERVE_TLS_CA=[^ ]*" "$run/up.out" | head -1 | cut -d= -f2)

@@ -28,6 +28,9 @@ class RequestResult:
     output_ids: list[int] = field(default_factory=list)  # the answer's token ids, for the next turn's history (not saved)
     ignore_eos: bool = True  # asked for exactly output_len tokens (False: the answer may end at the model's end of turn)
     disagg: str = ""  # where distserve prefilled it: "local" (on its decode worker) or "remote"; "" where not said
+    disagg_reason: str = ""  # why (services/router/disagg.py's REASONS), with the router's two estimates of the TTFT
+    local_estimate_s: float = 0.0
+    remote_estimate_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -55,14 +58,17 @@ class RequestResult:
             "send_s": self.send_s, "end_s": self.end_s, "token_times": self.token_times,
             "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason,
             "error": self.error, "phases": self.phases, "cached_tokens": self.cached_tokens,
-            "ignore_eos": self.ignore_eos, "disagg": self.disagg,
+            "ignore_eos": self.ignore_eos, "disagg": self.disagg, "disagg_reason": self.disagg_reason,
+            "local_estimate_s": self.local_estimate_s, "remote_estimate_s": self.remote_estimate_s,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> RequestResult:
         return cls(d["index"], d["prompt_len"], d["output_len"], d["send_s"], list(d["token_times"]), d["end_s"],
                    d["completion_tokens"], d.get("finish_reason"), d.get("error", ""), d.get("phases"), d.get("cached_tokens", 0),
-                   ignore_eos=d.get("ignore_eos", True), disagg=d.get("disagg", ""))
+                   ignore_eos=d.get("ignore_eos", True), disagg=d.get("disagg", ""),
+                   disagg_reason=d.get("disagg_reason", ""), local_estimate_s=d.get("local_estimate_s", 0.0),
+                   remote_estimate_s=d.get("remote_estimate_s", 0.0))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -139,6 +145,9 @@ def summarize(results: list[RequestResult], slo_ttft: float, slo_tpot: float, du
     decisions = [r.disagg for r in ok if r.disagg]
     if decisions:  # conditional disaggregation: how many were prefilled where
         out["disagg_decisions"] = {d: decisions.count(d) for d in sorted(set(decisions))}
+        why = [f"{r.disagg}:{r.disagg_reason}" for r in ok if r.disagg and r.disagg_reason]
+        if why:
+            out["disagg_reasons"] = {w: why.count(w) for w in sorted(set(why))}
     errors = sorted({r.error for r in results if r.error})
     if errors:
         out["errors"] = errors[:5]

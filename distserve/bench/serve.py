@@ -57,7 +57,8 @@ class DistserveTarget:
             res.phases = {p: getattr(c.metrics.phases, p) for p in PHASES}
         if c.metrics is not None:
             res.cached_tokens = c.metrics.cached_tokens
-            res.disagg = c.metrics.disagg_decision
+            res.disagg, res.disagg_reason = c.metrics.disagg_decision, c.metrics.disagg_reason
+            res.local_estimate_s, res.remote_estimate_s = c.metrics.local_estimate_s, c.metrics.remote_estimate_s
         return res
 
     async def close(self) -> None:

@@ -38,6 +38,12 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.stats: EngineStats = engine.stats()  # refreshed after every step and command
         self.steps = 0
+        self.step_started = 0.0  # time.time() when the step in flight began (0: between steps)
+        # prompt tokens handed to the engine thread (asyncio side), and those its add commands ran for
+        # (engine thread), the latter as of the last stats: queued_tokens counts what lies in between
+        self._sent_tokens = 0
+        self._taken_tokens = 0
+        self._queue_view = (self.stats.queued_tokens, 0)
         self._room_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()  # wait_for_room callers
         self._room_version = 0
 
@@ -62,13 +68,35 @@ class EngineWorker:
         self._commands.put((fn, loop, fut))
         return await fut
 
+    @property
+    def queued_tokens(self) -> int:
+        """Prompt tokens to compute here before a prompt sent now starts: the engine's queue as of its
+        last stats (taken between steps: they count the prompts of the step in flight) plus the prompts
+        handed over since. The stats alone miss what arrives during a step, and a prefill step of 2048
+        tokens takes four seconds on one core."""
+        queued, taken = self._queue_view
+        return queued + self._sent_tokens - taken
+
+    def step_elapsed_s(self) -> float:
+        """Seconds the step in flight has run (0 between steps)."""
+        started = self.step_started
+        return max(0.0, time.time() - started) if started else 0.0
+
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Adds a request to be prefilled here; yields its outputs until it finishes (or is held)."""
         q = self._open(request_id)
         submitted = time.monotonic()
+        n = len(prompt)
+
+        def add(e: LLMEngine) -> float:
+            self._taken_tokens += n  # counted before it can fail: the add is over either way
+            e.add_request(request_id, prompt, params)
+            return time.monotonic()
+
+        self._sent_tokens += n
         try:
             # the engine stamps arrival when the command runs, after the step in flight; count that wait too
-            taken = await self.call(lambda e: (e.add_request(request_id, prompt, params), time.monotonic())[1])
+            taken = await self.call(add)
         except BaseException:
             self._close(request_id)
             raise
@@ -205,6 +233,7 @@ class EngineWorker:
             if item is None or self._stopped.is_set():
                 break
             if engine.has_work():
+                self.step_started = time.time()
                 try:
                     outs = engine.step()
                 except Exception:
@@ -214,7 +243,13 @@ class EngineWorker:
                         self._close(rid)
                     outs = []
                 self.steps += 1
+                self.step_started = 0.0
                 for out in outs:
                     self._deliver(out)
-            self.stats = engine.stats()
+            self._refresh()
             self._wake_room_waiters(before)
+
+    def _refresh(self) -> None:
+        taken = self._taken_tokens
+        self.stats = stats = self.engine.stats()
+        self._queue_view = (stats.queued_tokens, taken)

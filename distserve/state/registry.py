@@ -74,7 +74,7 @@ class WorkerLoad:
     """What a worker publishes at every heartbeat."""
 
     queued_requests: int = 0  # waiting for admission
-    queued_tokens: int = 0  # prompt tokens waiting (prefill) or tokens to admit (decode)
+    queued_tokens: int = 0  # prompt tokens to compute before a new prompt's turn: waiting, and in the step in flight
     running_requests: int = 0  # in the running batch
     free_blocks: int = 0  # free KV blocks
     total_blocks: int = 0  # KV blocks in all
@@ -86,6 +86,7 @@ class WorkerLoad:
     step_token_s: float = 0.0  # per prompt token
     step_decode_s: float = 0.0  # per running sequence's decode token
     max_step_tokens: int = 0  # token budget of one step (0 = unknown)
+    step_elapsed_s: float = 0.0  # seconds the step in flight had run at updated_at (0 = between steps)
     prefill_budget_tokens: int = 0  # decode: prompt tokens one step may carry now within its TPOT target (0 = none now, or it does not prefill in chunks)
     kv_bytes_per_s: float = 0.0  # decode: bandwidth of its recent KV pulls (0 = none yet)
     kv_bytes_per_token: float = 0.0  # decode: KV wire bytes per prompt token of its recent pulls

@@ -10,11 +10,14 @@ lost twice on its way to decode prefills locally (services/router/generation.py'
 The rule, for a prompt of P tokens, the decode worker D the picker would choose for it and the
 prefill worker R it would choose (the least queued tokens):
 
-    remote_s = prefill_s(R, Q_R + P) + transfer_s(R -> D, P)
+    remote_s = prefill_s(R, Q_R + P) - e_R + transfer_s(R -> D, P)
         prefill_s(R, n) = ceil(n / M_R) * a_R + b_R * n   R's published step fit (a, and b per prompt token),
-                          its step budget M_R, and n: the tokens queued there (its last published queue
-                          plus what this router sent since) and this prompt's; without R's fit, n over
-                          the prefill rate this router measured on its prefill legs
+                          its step budget M_R, and n: the tokens queued there (its last published queue,
+                          which counts the prompts of its step in flight, plus what this router sent
+                          since) and this prompt's; without R's fit, n over the prefill rate this router
+                          measured on its prefill legs
+        e_R               how long R's step in flight has run (published, plus the sample's age); at
+                          least prefill_s(R, P) remains
         transfer_s(P)   = P * bytes_per_token / bytes_per_s  of the pair R -> D, from the pulls this router's
                           requests reported; before any, D's published pull estimate; before that, 0
     local_s  = ceil(n_D / T_D) * (a_D + d_D * B_D) + b_D * n_D
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -61,6 +65,7 @@ MODES = ("conditional", "remote", "local")
 # side; no prefill worker; no decode worker to weigh; the KV of this request got lost twice
 REASONS = ("mode", "estimate", "long_prompt", "no_budget", "unmeasured", "no_prefill_worker", "no_decode_worker", "kv_lost")
 MAX_PAIRS = 4096  # transfer estimates kept (least recently used dropped)
+MAX_SAMPLE_AGE_S = 1.0  # a load sample's age counted into its step in flight (heartbeats come every 0.5 s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,16 +107,29 @@ def local_seconds(prompt_tokens: int, decode: WorkerLoad) -> float | None:
     return math.ceil(n / budget) * (a + decode.step_decode_s * decode.running_requests) + b * n
 
 
-def prefill_seconds(prompt_tokens: int, prefill: WorkerLoad, observed_rate: float | None = None) -> float | None:
-    """Expected seconds until a prefill worker prefilled this prompt behind its queue; None when
-    neither its fit nor an observed rate is known."""
+def in_flight_s(load: WorkerLoad, now: float | None = None) -> float:
+    """Seconds the worker's step in flight has run by `now` (unix time): its published figure plus the
+    sample's age (at most MAX_SAMPLE_AGE_S, against clocks that disagree between hosts); 0 between steps."""
+    if load.step_elapsed_s <= 0:
+        return 0.0
+    age = (time.time() if now is None else now) - load.updated_at if load.updated_at else 0.0
+    return load.step_elapsed_s + min(max(0.0, age), MAX_SAMPLE_AGE_S)
+
+
+def prefill_seconds(prompt_tokens: int, prefill: WorkerLoad, observed_rate: float | None = None,
+                    now: float | None = None) -> float | None:
+    """Expected seconds until a prefill worker prefilled this prompt behind its queue (the step in
+    flight counted, less what of it has run); None when neither its fit nor an observed rate is known."""
     n = prefill.queued_tokens + prompt_tokens
     a, b = prefill.step_fixed_s, prefill.step_token_s
     if fitted(prefill):
-        return math.ceil(n / max(1, prefill.max_step_tokens or n)) * a + b * n
-    if observed_rate and observed_rate > 0 and math.isfinite(observed_rate):
-        return n / observed_rate
-    return None
+        budget = max(1, prefill.max_step_tokens or n)
+        total, alone = math.ceil(n / budget) * a + b * n, math.ceil(prompt_tokens / budget) * a + b * prompt_tokens
+    elif observed_rate and observed_rate > 0 and math.isfinite(observed_rate):
+        total, alone = n / observed_rate, prompt_tokens / observed_rate
+    else:
+        return None
+    return max(total - in_flight_s(prefill, now), alone)
 
 
 def decide(prompt_tokens: int, decode: WorkerLoad, prefill: WorkerLoad | None, policy: DisaggPolicy,

@@ -215,7 +215,7 @@ class WorkerRuntime:
         self.metrics.observe_engine(st, self.inflight, self.draining)
         return WorkerLoad(
             queued_requests=st.queued_requests,
-            queued_tokens=st.queued_tokens,
+            queued_tokens=self.worker.queued_tokens,
             running_requests=st.running_requests,
             free_blocks=st.free_blocks,
             total_blocks=st.total_blocks,
@@ -225,6 +225,7 @@ class WorkerRuntime:
             step_token_s=st.step_token_s,
             step_decode_s=st.step_decode_s,
             max_step_tokens=st.max_step_tokens,
+            step_elapsed_s=self.worker.step_elapsed_s(),
             prefill_budget_tokens=st.prefill_budget_tokens,
             kv_bytes_per_s=self.kv_pulls.bytes_per_s,
             kv_bytes_per_token=self.kv_pulls.bytes_per_token,

@@ -136,6 +136,12 @@ def test_summary_phases_and_throughput():
     rs[0].disagg, rs[1].disagg, rs[2].disagg = "local", "remote", "local"
     assert summarize(rs, 1.0, 0.1, duration_s=10.0)["disagg_decisions"] == {"local": 2, "remote": 1}
     assert RequestResult.from_dict(rs[0].to_dict()).disagg == "local"
+    assert "disagg_reasons" not in summarize(rs, 1.0, 0.1, duration_s=10.0)  # none said why
+    rs[0].disagg_reason, rs[1].disagg_reason, rs[2].disagg_reason = "estimate", "estimate", "kv_lost"
+    rs[0].local_estimate_s, rs[0].remote_estimate_s = 0.4, 1.5
+    assert summarize(rs, 1.0, 0.1, duration_s=10.0)["disagg_reasons"] == {"local:estimate": 1, "local:kv_lost": 1, "remote:estimate": 1}
+    back = RequestResult.from_dict(rs[0].to_dict())
+    assert (back.disagg_reason, back.local_estimate_s, back.remote_estimate_s) == ("estimate", 0.4, 1.5)
 
 
 def test_arrivals_rate_cv_and_seed():

@@ -12,7 +12,7 @@ from distserve.kv.estimate import PullEstimate
 from distserve.metrics import Metrics
 from distserve.state.registry import WorkerInfo, WorkerLoad, WorkerView, _decode_load
 from services.router.disagg import (
-    Disaggregation, DisaggPolicy, PairTransfers, decide, local_seconds, prefill_seconds,
+    MAX_SAMPLE_AGE_S, Disaggregation, DisaggPolicy, PairTransfers, decide, local_seconds, prefill_seconds,
 )
 from services.router.ejection import OutlierEjector
 from services.router.picker import WorkerPicker
@@ -45,6 +45,20 @@ def test_prefill_estimate_from_the_fit_or_the_observed_rate():
     unfitted = WorkerLoad(queued_tokens=900)
     assert prefill_seconds(100, unfitted, observed_rate=1000.0) == pytest.approx(1.0)
     assert prefill_seconds(100, unfitted) is None and prefill_seconds(100, unfitted, math.inf) is None
+
+
+def test_prefill_estimate_takes_off_what_the_step_in_flight_has_run():
+    # 2000 queued tokens, the first 2000-token step (2.005 s) running for 1.5 s when published, 0.3 s ago
+    busy = _load(PREFILL, queued_tokens=2000, step_elapsed_s=1.5, updated_at=1000.0)
+    assert prefill_seconds(100, busy, now=1000.3) == pytest.approx(2 * 0.005 + 2.1 - 1.8)
+    # a sample's age counts at most MAX_SAMPLE_AGE_S (another host's clock may disagree)
+    assert prefill_seconds(100, _load(busy, step_elapsed_s=0.5), now=1100.0) == pytest.approx(2 * 0.005 + 2.1 - 0.5 - MAX_SAMPLE_AGE_S)
+    assert prefill_seconds(100, busy, now=999.0) == pytest.approx(2 * 0.005 + 2.1 - 1.5)  # a clock behind: no age
+    # between steps nothing is taken off; and however long the step ran, the prompt's own step remains
+    assert prefill_seconds(100, _load(busy, step_elapsed_s=0.0), now=1000.3) == pytest.approx(2 * 0.005 + 2.1)
+    assert prefill_seconds(100, _load(busy, step_elapsed_s=60.0), now=1000.3) == pytest.approx(0.005 + 0.100)
+    unfitted = WorkerLoad(queued_tokens=900, step_elapsed_s=0.5, updated_at=1000.0)
+    assert prefill_seconds(100, unfitted, observed_rate=1000.0, now=1000.0) == pytest.approx(0.5)
 
 
 def test_an_idle_prefill_pool_keeps_prompts_remote():

@@ -99,3 +99,47 @@ def test_reservations_honour_max_num_seqs_and_waiters_wake_when_room_frees(tiny)
             w.stop()
 
     asyncio.run(go())
+
+
+def test_the_queue_counts_the_step_in_flight_and_what_arrives_during_it(tiny):
+    """A prefill step can take seconds: the published queue keeps its prompts, and those sent while it runs,
+    until it ends (the router's remote estimate reads this); the step's elapsed time is readable meanwhile."""
+    import threading
+    import time
+
+    async def go():
+        eng = LLMEngine(tiny, EngineConfig(mode="prefill", num_blocks=64, max_num_batched_tokens=64))
+        gate, stepping = threading.Event(), threading.Event()
+        real_step = eng.step
+
+        def held_step():  # the real step, once the test lets it run
+            stepping.set()
+            assert gate.wait(20)
+            return real_step()
+
+        eng.step = held_step
+        w = EngineWorker(eng)
+        w.start()
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        try:
+            assert w.queued_tokens == 0 and w.step_elapsed_s() == 0.0
+            a = await w.generate("a", [5] * 40, params)
+            assert await asyncio.to_thread(stepping.wait, 20)
+            time.sleep(0.05)
+            assert w.queued_tokens == 40 and w.step_elapsed_s() >= 0.05  # in the step, not done
+            task = asyncio.ensure_future(w.generate("b", [6] * 30, params))  # its add waits for the step
+            await asyncio.sleep(0.05)
+            assert not task.done() and w.queued_tokens == 70  # handed over, behind the step in flight
+            gate.set()
+            b = await task
+            assert [len(o.new_token_ids) async for o in a] == [1] and [len(o.new_token_ids) async for o in b] == [1]
+            for _ in range(100):
+                if w.queued_tokens == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert w.queued_tokens == 0 and w.step_elapsed_s() == 0.0
+        finally:
+            gate.set()
+            w.stop()
+
+    asyncio.run(go())
