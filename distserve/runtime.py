@@ -38,7 +38,7 @@ class WorkerSettings(TlsSettings):
     block_size: int = setting(16, "tokens per KV block")
     kv_cache_bytes: int = setting(1 << 30, "KV cache capacity in bytes")
     num_blocks: int = setting(0, "KV cache capacity in blocks (overrides kv_cache_bytes when > 0)")
-    max_num_batched_tokens: int = setting(2048, "token budget of one engine step")
+    max_num_batched_tokens: int = setting(0, "token budget of one engine step; 0 = by role and device: 256 for a prefill worker on CPU (whose prefill rate is flat from about 200 tokens a step, so larger steps only delay first tokens), 2048 otherwise")
     max_num_seqs: int = setting(64, "most sequences in one engine step")
     chunked_prefill: bool = setting(False, "mix prompt chunks into decode steps (decode/colocated)")
     tpot_slo_ms: float = setting(60.0, "TPOT target of steps that carry prompt chunks (decode, and colocated with --chunked-prefill): a step with running decodes takes only the prompt tokens that keep its predicted time within it; decode workers then prefill the prompts routers send them without KV in such chunks (conditional disaggregation). Leave margin below the SLO you measure against; 0 = no cap, and decode workers prefill whole prompts unless --chunked-prefill")
@@ -77,7 +77,7 @@ class WorkerSettings(TlsSettings):
             ("block_size", self.block_size >= 1, ">= 1"),
             ("kv_cache_bytes", self.kv_cache_bytes >= 1, ">= 1"),
             ("num_blocks", self.num_blocks >= 0, ">= 0"),
-            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= 0, ">= 0 (0 = by role and device)"),
             ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
             ("lease_s", self.lease_s > 0, "> 0"),
             ("heartbeat_s", self.heartbeat_s > 0, "> 0"),
@@ -98,14 +98,17 @@ class WorkerSettings(TlsSettings):
             raise ValueError("; ".join(bad))
 
     def engine_config(self, mode: str) -> "EngineConfig":
-        from distserve.engine.engine import EngineConfig  # torch: only where an engine is built
+        import torch  # only where an engine is built
 
+        from distserve.engine.engine import EngineConfig
+
+        on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
         return EngineConfig(
             mode=mode,
             block_size=self.block_size,
             num_blocks=self.num_blocks or None,
             kv_cache_bytes=self.kv_cache_bytes,
-            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_batched_tokens=self.max_num_batched_tokens or step_tokens(mode, "cpu" if on_cpu else "cuda"),
             max_num_seqs=self.max_num_seqs,
             chunked_prefill=self.chunked_prefill or (self.role == "decode" and self.tpot_slo_ms > 0),
             tpot_target_s=self.tpot_slo_ms / 1000,
@@ -122,6 +125,23 @@ class WorkerSettings(TlsSettings):
             draft_model=self.draft_model,
             draft_layers=self.draft_layers,
         )
+
+
+STEP_TOKENS = 2048  # an engine step's token budget unless the role and device set another
+CPU_PREFILL_STEP_TOKENS = 256  # a prefill worker's on CPU (benchmarks/README.md, "Prefill step budget")
+
+
+def step_tokens(role: str, device: str) -> int:
+    """The default token budget of an engine step (`--max-num-batched-tokens 0`) for a role ("prefill":
+    a prefill worker's engine, anything else: one that decodes) on a device ("cpu", or a GPU's).
+
+    A prefill worker on CPU takes 256 tokens a step: from about 200 prompt tokens a step its prefill
+    rate is flat (one core of the AVX-512 EPYC: 584 tokens/s for one 176-token prompt a step, 559 for
+    eight 256-token ones), so a larger budget only holds every prompt of a step until the last one is
+    done: with 2048 a chat prompt waited for seven others. A longer prompt still goes alone in one
+    step. A GPU gains from large batches up to thousands of tokens, and decoding engines' steps are cut
+    by their TPOT target: they keep 2048."""
+    return CPU_PREFILL_STEP_TOKENS if role == "prefill" and device == "cpu" else STEP_TOKENS
 
 
 def parse_cpus(spec: str) -> set[int]:

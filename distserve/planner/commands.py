@@ -113,7 +113,7 @@ def _objective_arguments(p: argparse.ArgumentParser) -> None:
 def _profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=str(DEFAULT_PROFILE), help="a `distserve profile` JSON, or reference coefficients (latency-coefficients-*.json)")
     p.add_argument("--model", default="", help="with reference coefficients: which model (default: the file's first)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step (the workers' default)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=0, help="engine token budget per step (0 = the workers' default: 256 for prefill workers on CPU, else 2048)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine sequences per step (the workers' default)")
     p.add_argument("--kv-dtype", default="auto", choices=("auto", "int8"))
 

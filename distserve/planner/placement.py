@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from distserve.planner.profile import Profile
 from distserve.planner.sim_engine import EngineSpec
 from distserve.planner.simulator import SuiteSpec
+from distserve.runtime import step_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,7 @@ def parse_placement(text: str, **settings) -> Placement:
 class EngineLimits:
     """The engine settings a simulated worker runs with (WorkerSettings' defaults)."""
 
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 0  # 0 = the workers' default by role and device (distserve/runtime.py's step_tokens)
     max_num_seqs: int = 64
     kv_dtype: str = "auto"
     tpot_target_s: float = 0.06  # --tpot-slo-ms: chunked steps with running decodes keep within it (0 = no cap)
@@ -123,7 +124,8 @@ def engine_spec(profile: Profile, placement: Placement, role: str, limits: Engin
     blocks = profile.num_blocks(tp, pp, limits.kv_dtype)
     if blocks <= 0:
         raise ValueError(f"{profile.model.name} does not fit on tp={tp} x pp={pp} (no memory left for KV)")
-    return EngineSpec(eng.step.with_pp(pp), blocks, profile.block_size, limits.max_num_batched_tokens, limits.max_num_seqs,
+    budget = limits.max_num_batched_tokens or step_tokens(role, profile.device)
+    return EngineSpec(eng.step.with_pp(pp), blocks, profile.block_size, budget, limits.max_num_seqs,
                       chunked_prefill=placement.chunked and role == "colocated", tpot_target_s=limits.tpot_target_s)
 
 

@@ -91,8 +91,10 @@ def test_forced_modes_prefill_where_told_and_give_the_same_tokens(suite, tiny):
         loads = asyncio.run(registry_loads(suite.redis_url))
         dec, pre = loads["decode-c"], loads["prefill-c"]
         # what routers weigh: both step fits (from the start-up calibration on), the decode worker's chunk
-        # budget (idle: its whole step budget) and its KV pulls; a prefill worker offers no chunk budget
-        assert fitted(dec) and fitted(pre) and dec.max_step_tokens == pre.max_step_tokens == 2048
+        # budget (idle: its whole step budget) and its KV pulls; a prefill worker offers no chunk budget,
+        # and on CPU steps 256 tokens at a time (distserve/runtime.py's step_tokens); both idle again
+        assert fitted(dec) and fitted(pre) and (dec.max_step_tokens, pre.max_step_tokens) == (2048, 256)
+        assert dec.queued_tokens == pre.queued_tokens == 0 and dec.step_elapsed_s == pre.step_elapsed_s == 0
         assert dec.prefill_budget_tokens == 2048 and pre.prefill_budget_tokens == 0
         assert dec.kv_bytes_per_s > 0 and dec.kv_bytes_per_token == pytest.approx(sum(o.metrics.kv_bytes for o in remote) / sum(map(len, PROMPTS)), rel=0.5)
     except BaseException:

@@ -124,6 +124,10 @@ def test_suite_spec_takes_memory_and_limits_from_the_profile():
     assert s.decode[0].max_num_batched_tokens == 1024 and s.decode[0].max_num_seqs == 16
     assert s.decode[0].num_blocks == p.num_blocks()
     assert s.transfer_s(100) == pytest.approx(0.002 + 100 * 30 * 2 * 3 * 64 * 4 / 1e9)
+    # by default the workers' step budgets: 256 tokens for a prefill worker on CPU, 2048 for the others
+    d = suite_spec(p, Placement(prefill=1, decode=1))
+    assert (d.prefill[0].max_num_batched_tokens, d.decode[0].max_num_batched_tokens) == (256, 2048)
+    assert suite_spec(p, Placement(colocated=2)).colocated[0].max_num_batched_tokens == 2048
 
 
 def test_gpu_search_balances_phase_instances_within_the_budget(tmp_path):

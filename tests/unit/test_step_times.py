@@ -198,3 +198,20 @@ def test_warm_up_runs_decode_batches_of_several_sizes_where_the_worker_decodes(r
         rt.worker.stop()
     want = {b.bit_length() for b in CALIBRATION_DECODES}
     assert want <= sizes if decodes_seen else not sizes - {0, 1}
+
+
+def test_the_step_budget_defaults_by_role_and_device():
+    """0 (the default) = 256 tokens a step for a prefill engine on CPU, 2048 elsewhere; a set budget wins,
+    and an elastic worker's budget follows the role it takes."""
+    import dataclasses
+
+    from distserve.runtime import WorkerSettings, step_tokens
+
+    prefill = WorkerSettings(role="prefill", device="cpu")
+    assert prefill.engine_config("prefill").max_num_batched_tokens == 256
+    assert dataclasses.replace(prefill, role="decode").engine_config("decode").max_num_batched_tokens == 2048
+    assert WorkerSettings(role="colocated", device="cpu").engine_config("decode").max_num_batched_tokens == 2048
+    assert WorkerSettings(role="prefill", device="cpu", max_num_batched_tokens=1024).engine_config("prefill").max_num_batched_tokens == 1024
+    assert step_tokens("prefill", "cuda") == step_tokens("prefill", "gpu") == step_tokens("decode", "cpu") == 2048
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        WorkerSettings(max_num_batched_tokens=-1)
