@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import faulthandler
 import logging
 import os
 import signal
@@ -109,6 +110,9 @@ class WorkerRuntime:
             torch.set_num_threads(s.threads)
 
     def load(self) -> None:
+        # a native crash (a kernel, torch, a mapped weight written to) ends the process with no Python
+        # error; this leaves every thread's Python stack in the worker's log first
+        faulthandler.enable()
         s = self.settings
         # without the transformers model's weights: the runner reads its weight file (or loads them itself)
         lm = load_model(s.model, device=s.device, dtype=s.dtype, seed=s.seed, weights=False)

@@ -215,3 +215,25 @@ def test_the_step_budget_defaults_by_role_and_device():
     assert step_tokens("prefill", "cuda") == step_tokens("prefill", "gpu") == step_tokens("decode", "cpu") == 2048
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         WorkerSettings(max_num_batched_tokens=-1)
+
+
+def test_a_native_crash_leaves_the_python_stacks_in_the_worker_log():
+    """A worker that dies of a signal (a kernel's bad read, a write to mapped weights) says where it was:
+    the chaos suite once lost a decode worker to SIGSEGV with nothing in its log to say why."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import os, signal\n"
+            "from distserve.runtime import WorkerSettings\n"
+            "from services.worker.runtime import WorkerRuntime\n"
+            "rt = WorkerRuntime(WorkerSettings(role='decode', model='tiny-llama', threads=1, redis_url='redis://127.0.0.1:1/0'), ())\n"
+            "rt.load()\n"
+            "os.kill(os.getpid(), signal.SIGSEGV)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}  # the worker's own doing, not the environment's
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == -signal.SIGSEGV, proc.stderr[-2000:]
+    assert "Fatal Python error: Segmentation fault" in proc.stderr and "most recent call first" in proc.stderr, proc.stderr[-2000:]
