@@ -115,7 +115,8 @@ async def session(args, points: list[tuple[str, str, int, float, int]]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="distserve-plan-validate-"))
     t_start = time.monotonic()
-    up = UpProcess(tmp, *up_args(placement, args.model), "--http-port", "-1")
+    extra = [] if args.prefix_cache == "on" else ["--worker-arg=--prefix-cache=off"]
+    up = UpProcess(tmp, *up_args(placement, args.model), *extra, "--http-port", "-1")
     print(f"{placement.label()}: up in {time.monotonic() - t_start:.0f} s (logs in {tmp})", flush=True)
     if up.tls_ca:
         os.environ["DISTSERVE_TLS_CA"] = up.tls_ca
@@ -148,7 +149,7 @@ async def session(args, points: list[tuple[str, str, int, float, int]]) -> None:
             doc = {"kind": kind, "placement": placement.label(), "placement_spec": asdict(placement), "model": args.model,
                    "workload": workload, "seed": seed, "rate": rate, "num_requests": n, "slo_ttft": slo_ttft, "slo_tpot": slo_tpot,
                    "load1_before": round(load_before, 2), "load1_locked": round(load_locked, 2), "load1_after": round(load1(), 2),
-                   "waited_s": round(waited), "foreign_cores": round(foreign, 3), "suite_cores": round(suite_cores, 3),
+                   "waited_s": round(waited), "prefix_cache": args.prefix_cache, "foreign_cores": round(foreign, 3), "suite_cores": round(suite_cores, 3),
                    "part_cores": part_cores, "unix_start": t0, "seconds": round(t1 - t0, 1), "commit": git_commit(),
                    "cpu": cpu_model(), "config": asdict(cfg), **run}
             (out_dir / name).write_text(json.dumps(doc))
@@ -179,6 +180,9 @@ def main() -> None:
     p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results" / "planner_validation"))
     p.add_argument("--max-load", type=float, default=0.6)
     p.add_argument("--max-wait-s", type=float, default=300.0)
+    p.add_argument("--prefix-cache", choices=("on", "off"), default="off",
+                   help="the workers' prefix cache (default off: the simulator models no reuse, and a plan that repeats a "
+                        "seed at several rates on one suite would find 92-95%% of each later point's prompts cached)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the suite on TERM too (a background job ignores INT)
     signal.signal(signal.SIGINT, signal.default_int_handler)
