@@ -98,17 +98,15 @@ class WorkerSettings(TlsSettings):
             raise ValueError("; ".join(bad))
 
     def engine_config(self, mode: str) -> "EngineConfig":
-        import torch  # only where an engine is built
+        from distserve.engine.engine import EngineConfig  # torch: only where an engine is built
+        from distserve.engine.models import pick_device
 
-        from distserve.engine.engine import EngineConfig
-
-        on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
         return EngineConfig(
             mode=mode,
             block_size=self.block_size,
             num_blocks=self.num_blocks or None,
             kv_cache_bytes=self.kv_cache_bytes,
-            max_num_batched_tokens=self.max_num_batched_tokens or step_tokens(mode, "cpu" if on_cpu else "cuda"),
+            max_num_batched_tokens=self.max_num_batched_tokens or step_tokens(mode, pick_device(self.device).type),
             max_num_seqs=self.max_num_seqs,
             chunked_prefill=self.chunked_prefill or (self.role == "decode" and self.tpot_slo_ms > 0),
             tpot_target_s=self.tpot_slo_ms / 1000,
@@ -128,7 +126,7 @@ class WorkerSettings(TlsSettings):
 
 
 STEP_TOKENS = 2048  # an engine step's token budget unless the role and device set another
-CPU_PREFILL_STEP_TOKENS = 256  # a prefill worker's on CPU (benchmarks/README.md, "Prefill step budget")
+CPU_PREFILL_STEP_TOKENS = 256  # a prefill worker's on CPU (benchmarks/README.md, "Update at `53dceb1`")
 
 
 def step_tokens(role: str, device: str) -> int:
