@@ -76,6 +76,7 @@ class WorkerLoad:
     queued_requests: int = 0  # waiting for admission
     queued_tokens: int = 0  # prompt tokens to compute before a new prompt's turn: waiting, and in the step in flight
     running_requests: int = 0  # in the running batch
+    open_requests: int = 0  # with a call open here: running, waiting to prefill, or waiting for their KV (0: not published)
     free_blocks: int = 0  # free KV blocks
     total_blocks: int = 0  # KV blocks in all
     held_requests: int = 0  # prefilled KV held under a lease, waiting for a decode worker

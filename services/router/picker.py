@@ -1,10 +1,12 @@
 """Choosing workers from live registry data.
 
-The router reads the registry at most every `refresh_s` and between reads adds what it sent itself
-(prompt tokens to a prefill worker, a running request to a decode worker, and the prompt tokens a
-decode worker is to prefill itself), so a burst of requests
-spreads over the pool instead of piling onto whichever worker looked idlest at the last read;
-between equally loaded workers the choice is random.
+The router reads the registry at most every `refresh_s` and adds to each worker's published load what
+it sent that worker since that load was sampled (prompt tokens to a prefill worker, a request to a
+decode or colocated worker, and the prompt tokens a decode worker is to prefill itself: `Sent`), so a
+burst of requests spreads over the pool instead of piling onto whichever worker looked idlest at the
+last read; between equally loaded workers the choice is random. A decode or colocated worker's load
+is its open requests (decoding, waiting to prefill, or waiting for their KV), not only its running
+batch: a colocated worker with a queue of prompts is not as idle as one without.
 With KV-aware routing (the default) a prefill worker is chosen by the tokens it must compute before
 the prompt's first token, its queue plus the part of the prompt it has not cached
 (services/router/prefix_index.py states and tests that cost); least-loaded routing ignores caches.
@@ -24,6 +26,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,6 +43,8 @@ ROUTING = ("kv", "load")  # KV-aware (prefix cache against load) or least-loaded
 log = logging.getLogger(__name__)
 
 WATCH_RETRY_S = 0.5  # pause before watching a worker's health again after its stream broke
+SENT_SLACK_S = 0.05  # a send this long before a worker's sample may not have reached it then: still counted
+SENT_MAX_S = 2.0  # a send is forgotten this long after, whatever the samples say (hosts' clocks may disagree)
 
 
 def least(views: list[WorkerView], key) -> WorkerView:
@@ -48,6 +53,53 @@ def least(views: list[WorkerView], key) -> WorkerView:
     keys = [key(v) for v in views]
     low = min(keys)
     return random.choice([v for v, k in zip(views, keys) if k == low])
+
+
+class Sent:
+    """What this router sent each worker that the worker's last published load may not show yet.
+
+    A worker publishes its load every heartbeat (0.5 s by default) and the router reads the registry
+    every `refresh_s` (0.2 s): forgetting its sends at every read, as the router once did, hid each one
+    until the worker's next heartbeat, and at 2 requests a second two colocated workers ended with one
+    at 0.95 cores and a queue of prompts, the other at 0.63. A send is forgotten once a sample of the
+    worker's taken after it (less `SENT_SLACK_S`, for the call still on its way) has been read, and in any
+    case after `SENT_MAX_S`."""
+
+    def __init__(self) -> None:
+        self._log: dict[str, deque[tuple[float, int, int, int]]] = {}  # worker id -> (unix time, tokens, requests, local tokens)
+
+    def add(self, worker_id: str, *, tokens: int = 0, requests: int = 0, local: int = 0, now: float | None = None) -> None:
+        t = time.time() if now is None else now
+        self._log.setdefault(worker_id, deque()).append((t, tokens, requests, local))
+
+    def seen(self, views: list[WorkerView], now: float | None = None) -> None:
+        """A registry read: drops the sends each worker's sample covers, and workers no longer listed."""
+        now = time.time() if now is None else now
+        ids = {v.worker_id: v.load.updated_at for v in views}
+        for wid in list(self._log):
+            if wid not in ids:
+                del self._log[wid]
+                continue
+            sampled = ids[wid]
+            cut = max(sampled - SENT_SLACK_S if sampled else now, now - SENT_MAX_S)
+            log_ = self._log[wid]
+            while log_ and log_[0][0] < cut:
+                log_.popleft()
+
+    def clear(self) -> None:
+        self._log.clear()
+
+    def _sum(self, worker_id: str, k: int) -> int:
+        return sum(e[k] for e in self._log.get(worker_id, ()))
+
+    def tokens(self, worker_id: str) -> int:
+        return self._sum(worker_id, 1)
+
+    def requests(self, worker_id: str) -> int:
+        return self._sum(worker_id, 2)
+
+    def local(self, worker_id: str) -> int:
+        return self._sum(worker_id, 3)
 
 
 class WorkerPicker:
@@ -65,9 +117,7 @@ class WorkerPicker:
         self.metrics = metrics  # when given, pool gauges are set at every read
         self._views: list[WorkerView] = []
         self._read_at = 0.0
-        self._pending_tokens: dict[str, int] = {}  # sent since the last read
-        self._pending_running: dict[str, int] = {}
-        self._pending_local: dict[str, int] = {}  # prompt tokens sent to decode workers to prefill themselves
+        self.sent = Sent()  # what this router sent since each worker's last sample
         self._watches: dict[str, tuple[str, asyncio.Task]] = {}  # worker id -> (address, its health watch)
         self._down: set[str] = set()  # registered, but its health is not SERVING
         self._outage_since: float | None = None  # monotonic time the registry became unreadable
@@ -115,9 +165,7 @@ class WorkerPicker:
         self._read_at = now
         if self.routing == "kv":
             await self._read_prefixes()
-        self._pending_tokens.clear()
-        self._pending_running.clear()
-        self._pending_local.clear()
+        self.sent.seen(views)
         if self.pool is not None:
             self._watch(self._views)
         if self.metrics is not None:
@@ -220,7 +268,7 @@ class WorkerPicker:
         memo: dict = {}
         cached = self._cached(views, tokens, memo)
         best = least(views, key=lambda v: prefill_cost(self.queued_tokens(v), n, cached.get(v.worker_id, 0)))
-        self._pending_tokens[best.worker_id] = self._pending_tokens.get(best.worker_id, 0) + n - cached.get(best.worker_id, 0)
+        self.sent.add(best.worker_id, tokens=n - cached.get(best.worker_id, 0))
         if tokens is not None and self.routing == "kv":
             self.prefixes.routed(best, tokens, memo)
         return best
@@ -246,15 +294,21 @@ class WorkerPicker:
     def queued_tokens(self, view: WorkerView) -> int:
         """Prompt tokens waiting on a worker: its last published queue plus what this router sent it since."""
         wid = view.worker_id
-        return view.load.queued_tokens + self._pending_tokens.get(wid, 0) + self._pending_local.get(wid, 0)
+        return view.load.queued_tokens + self.sent.tokens(wid) + self.sent.local(wid)
 
     def running(self, view: WorkerView) -> int:
         """Requests running on a decode worker, with those this router sent it since its last publish."""
-        return view.load.running_requests + self._pending_running.get(view.worker_id, 0)
+        return view.load.running_requests + self.sent.requests(view.worker_id)
+
+    def assigned(self, view: WorkerView) -> int:
+        """Requests a decode or colocated worker holds, running or not yet (a worker that does not publish
+        its open requests: running and queued), with those this router sent it since its last publish."""
+        ld = view.load
+        return max(ld.open_requests, ld.running_requests + ld.queued_requests) + self.sent.requests(view.worker_id)
 
     async def pick_decode(self, blocks_needed_by, role: str = "decode", exclude: set[str] = frozenset(),
                           prompt: list[int] | None = None) -> WorkerView:
-        """Among workers with room for the request, the one with the least running load (among equals,
+        """Among workers with room for the request, the one holding the fewest requests (among equals,
         the one holding the longest prefix of `prompt`, when it prefills there).
         `blocks_needed_by(block_size)` gives the request's blocks for a worker's block size."""
         best = await self.peek_decode(blocks_needed_by, role, exclude, prompt)
@@ -263,10 +317,7 @@ class WorkerPicker:
 
     def claim_decode(self, view: WorkerView, local_prompt_tokens: int = 0) -> None:
         """Counts a request sent to a decode worker (with the prompt tokens it is to prefill itself)."""
-        wid = view.worker_id
-        self._pending_running[wid] = self._pending_running.get(wid, 0) + 1
-        if local_prompt_tokens:
-            self._pending_local[wid] = self._pending_local.get(wid, 0) + local_prompt_tokens
+        self.sent.add(view.worker_id, requests=1, local=local_prompt_tokens)
 
     async def peek_decode(self, blocks_needed_by, role: str = "decode", exclude: set[str] = frozenset(),
                           prompt: list[int] | None = None) -> WorkerView:
@@ -280,6 +331,6 @@ class WorkerPicker:
 
         def load(v: WorkerView) -> tuple:
             has_room = blocks_needed_by(v.info.block_size) <= v.load.free_blocks
-            return (not has_room, self.running(v), -cached.get(v.worker_id, 0), -v.load.free_blocks)
+            return (not has_room, self.assigned(v), -cached.get(v.worker_id, 0), -v.load.free_blocks)
 
         return least(fits, key=load)

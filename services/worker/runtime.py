@@ -221,6 +221,7 @@ class WorkerRuntime:
             queued_requests=st.queued_requests,
             queued_tokens=self.worker.queued_tokens,
             running_requests=st.running_requests,
+            open_requests=self.inflight,
             free_blocks=st.free_blocks,
             total_blocks=st.total_blocks,
             held_requests=st.held_requests,

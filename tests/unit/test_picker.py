@@ -47,3 +47,50 @@ def test_ejected_and_excluded_workers_get_nothing_while_another_can_take_it():
         assert (await p.pick_prefill(10, exclude={"p1"})).worker_id == "p1"  # the only one: tried again
 
     asyncio.run(go())
+
+
+def test_a_send_counts_until_a_sample_taken_after_it_is_read():
+    from distserve.state.registry import WorkerLoad, WorkerView
+    from services.router.picker import SENT_MAX_S, SENT_SLACK_S, Sent
+
+    def seen(sent, updated_at, now, wid="a"):
+        sent.seen([WorkerView(_view(wid, "decode").info, WorkerLoad(updated_at=updated_at))], now=now)
+
+    s = Sent()
+    s.add("a", requests=1, local=300, now=100.0)
+    s.add("a", tokens=50, now=100.3)
+    seen(s, updated_at=99.9, now=100.4)  # a sample from before both sends: both still count
+    assert (s.requests("a"), s.local("a"), s.tokens("a")) == (1, 300, 50)
+    seen(s, updated_at=100.0 + SENT_SLACK_S / 2, now=100.5)  # the first may still be on its way then
+    assert s.requests("a") == 1
+    seen(s, updated_at=100.0 + 2 * SENT_SLACK_S, now=100.5)  # taken after the first: it shows there
+    assert (s.requests("a"), s.local("a"), s.tokens("a")) == (0, 0, 50)
+    seen(s, updated_at=50.0, now=100.3 + SENT_MAX_S + 0.1)  # a clock far behind: forgotten after SENT_MAX_S
+    assert s.tokens("a") == 0
+    s.add("b", requests=2, now=200.0)
+    seen(s, updated_at=0.0, now=200.1)  # b is no longer listed: forgotten
+    assert s.requests("b") == 0
+
+
+def test_a_colocated_worker_with_queued_prompts_is_not_taken_for_idle():
+    import asyncio
+    import dataclasses
+
+    async def go():
+        queued = _view("c1", "colocated", running=2)
+        queued = dataclasses.replace(queued, load=dataclasses.replace(queued.load, queued_requests=5, open_requests=7))
+        p = _picker_with([queued, _view("c2", "colocated", running=4)])
+        need = lambda bs: 1  # noqa: E731
+        # by running batch alone c1 (2) looks idler than c2 (4); it holds 7 requests against 4
+        assert {(await p.peek_decode(need, role="colocated")).worker_id for _ in range(20)} == {"c2"}
+        # one that publishes no open requests is counted by running and queued
+        bare = dataclasses.replace(queued, load=dataclasses.replace(queued.load, open_requests=0))
+        p = _picker_with([bare, _view("c2", "colocated", running=6)])
+        assert {(await p.peek_decode(need, role="colocated")).worker_id for _ in range(20)} == {"c2"}
+        # three sends to c2 (now at 9) since the samples: c1 (7) takes the next
+        for _ in range(3):
+            p.claim_decode(p._views[1])
+        assert p.assigned(p._views[1]) == 9
+        assert (await p.pick_decode(need, role="colocated")).worker_id == "c1"
+
+    asyncio.run(go())

@@ -66,7 +66,7 @@ def test_prompts_routed_since_the_last_publish_follow_each_other():
         p = _picker([_view("A"), _view("B")])
         first = await p.pick_prefill(PROMPT[:400])
         other = "B" if first.worker_id == "A" else "A"
-        p._pending_tokens.clear()  # as after the next registry read, both idle again
+        p.sent.clear()  # as after a registry read of samples taken since, both idle again
         # the same 400-token start with another ending: it follows the first (25 blocks known there)
         follow = PROMPT[:400] + [7] * 50
         assert {(await p.peek_prefill(prompt=follow)).worker_id for _ in range(20)} == {first.worker_id}
