@@ -43,7 +43,7 @@ ROUTING = ("kv", "load")  # KV-aware (prefix cache against load) or least-loaded
 log = logging.getLogger(__name__)
 
 WATCH_RETRY_S = 0.5  # pause before watching a worker's health again after its stream broke
-SENT_SLACK_S = 0.05  # a send this long before a worker's sample may not have reached it then: still counted
+SENT_SLACK_S = 0.25  # a send this long before a worker's sample may not have reached it then (a loaded host): still counted
 SENT_MAX_S = 2.0  # a send is forgotten this long after, whatever the samples say (hosts' clocks may disagree)
 
 
@@ -62,7 +62,7 @@ class Sent:
     every `refresh_s` (0.2 s): forgetting its sends at every read, as the router once did, hid each one
     until the worker's next heartbeat, and at 2 requests a second two colocated workers ended with one
     at 0.95 cores and a queue of prompts, the other at 0.63. A send is forgotten once a sample of the
-    worker's taken after it (less `SENT_SLACK_S`, for the call still on its way) has been read, and in any
+    worker's taken after it (less `SENT_SLACK_S`, for a call still on its way) has been read, and in any
     case after `SENT_MAX_S`."""
 
     def __init__(self) -> None:

@@ -226,6 +226,7 @@ class WorkerRuntime:
             total_blocks=st.total_blocks,
             held_requests=st.held_requests,
             draining=self.draining,
+            updated_at=time.time(),  # when sampled, not when published: routers forget their sends by it
             step_fixed_s=st.step_fixed_s,
             step_token_s=st.step_token_s,
             step_decode_s=st.step_decode_s,

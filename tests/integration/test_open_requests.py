@@ -63,4 +63,7 @@ def test_open_requests_are_published_and_a_burst_spreads_over_colocated_workers(
         for t in threads:
             t.join(120)
         assert not errors, errors
-        assert held == {"col-1": STREAMS // 2, "col-2": STREAMS // 2}, held
+        # every request is open on one worker or the other, though one runs on each; spread about
+        # evenly (a send made just before a heartbeat counts twice for up to SENT_SLACK_S, so three
+        # and three, or two and four)
+        assert sum(held.values()) == STREAMS and min(held.values()) >= STREAMS // 2 - 1, held
