@@ -70,7 +70,10 @@ class Sent:
 
     def add(self, worker_id: str, *, tokens: int = 0, requests: int = 0, local: int = 0, now: float | None = None) -> None:
         t = time.time() if now is None else now
-        self._log.setdefault(worker_id, deque()).append((t, tokens, requests, local))
+        log_ = self._log.setdefault(worker_id, deque())
+        while log_ and log_[0][0] < t - SENT_MAX_S:  # bounded while the registry is unreadable (no reads prune)
+            log_.popleft()
+        log_.append((t, tokens, requests, local))
 
     def seen(self, views: list[WorkerView], now: float | None = None) -> None:
         """A registry read: drops the sends each worker's sample covers, and workers no longer listed."""

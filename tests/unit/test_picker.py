@@ -67,6 +67,9 @@ def test_a_send_counts_until_a_sample_taken_after_it_is_read():
     assert (s.requests("a"), s.local("a"), s.tokens("a")) == (0, 0, 50)
     seen(s, updated_at=50.0, now=100.3 + SENT_MAX_S + 0.1)  # a clock far behind: forgotten after SENT_MAX_S
     assert s.tokens("a") == 0
+    s.add("a", tokens=7, now=300.0)
+    s.add("a", tokens=8, now=300.0 + SENT_MAX_S + 0.1)  # no read between (Redis down): the older send is forgotten anyway
+    assert s.tokens("a") == 8
     s.add("b", requests=2, now=200.0)
     seen(s, updated_at=0.0, now=200.1)  # b is no longer listed: forgotten
     assert s.requests("b") == 0
