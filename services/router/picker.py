@@ -2,7 +2,7 @@
 
 The router reads the registry at most every `refresh_s` and adds to each worker's published load what
 it sent that worker since that load was sampled (prompt tokens to a prefill worker, a request to a
-decode or colocated worker, and the prompt tokens a decode worker is to prefill itself: `Sent`), so a
+decode or colocated worker, with the prompt tokens it is to prefill itself: `Sent`), so a
 burst of requests spreads over the pool instead of piling onto whichever worker looked idlest at the
 last read; between equally loaded workers the choice is random. A decode or colocated worker's load
 is its open requests (decoding, waiting to prefill, or waiting for their KV), not only its running
@@ -66,28 +66,24 @@ class Sent:
     case after `SENT_MAX_S`."""
 
     def __init__(self) -> None:
-        self._log: dict[str, deque[tuple[float, int, int, int]]] = {}  # worker id -> (unix time, tokens, requests, local tokens)
+        self._log: dict[str, deque[tuple[float, int, int]]] = {}  # worker id -> (unix time, prompt tokens to compute, requests)
 
-    def add(self, worker_id: str, *, tokens: int = 0, requests: int = 0, local: int = 0, now: float | None = None) -> None:
+    def add(self, worker_id: str, *, tokens: int = 0, requests: int = 0, now: float | None = None) -> None:
         t = time.time() if now is None else now
         log_ = self._log.setdefault(worker_id, deque())
-        while log_ and log_[0][0] < t - SENT_MAX_S:  # bounded while the registry is unreadable (no reads prune)
-            log_.popleft()
-        log_.append((t, tokens, requests, local))
+        _forget_before(log_, t - SENT_MAX_S)  # bounded while the registry is unreadable (no reads prune)
+        log_.append((t, tokens, requests))
 
     def seen(self, views: list[WorkerView], now: float | None = None) -> None:
         """A registry read: drops the sends each worker's sample covers, and workers no longer listed."""
         now = time.time() if now is None else now
-        ids = {v.worker_id: v.load.updated_at for v in views}
+        sampled_at = {v.worker_id: v.load.updated_at for v in views}
         for wid in list(self._log):
-            if wid not in ids:
+            if wid not in sampled_at:
                 del self._log[wid]
                 continue
-            sampled = ids[wid]
-            cut = max(sampled - SENT_SLACK_S if sampled else now, now - SENT_MAX_S)
-            log_ = self._log[wid]
-            while log_ and log_[0][0] < cut:
-                log_.popleft()
+            sampled = sampled_at[wid]
+            _forget_before(self._log[wid], max(sampled - SENT_SLACK_S if sampled else now, now - SENT_MAX_S))
 
     def clear(self) -> None:
         self._log.clear()
@@ -101,8 +97,10 @@ class Sent:
     def requests(self, worker_id: str) -> int:
         return self._sum(worker_id, 2)
 
-    def local(self, worker_id: str) -> int:
-        return self._sum(worker_id, 3)
+
+def _forget_before(log_: deque[tuple[float, int, int]], cut: float) -> None:
+    while log_ and log_[0][0] < cut:
+        log_.popleft()
 
 
 class WorkerPicker:
@@ -297,7 +295,7 @@ class WorkerPicker:
     def queued_tokens(self, view: WorkerView) -> int:
         """Prompt tokens waiting on a worker: its last published queue plus what this router sent it since."""
         wid = view.worker_id
-        return view.load.queued_tokens + self.sent.tokens(wid) + self.sent.local(wid)
+        return view.load.queued_tokens + self.sent.tokens(wid)
 
     def running(self, view: WorkerView) -> int:
         """Requests running on a decode worker, with those this router sent it since its last publish."""
@@ -320,7 +318,7 @@ class WorkerPicker:
 
     def claim_decode(self, view: WorkerView, local_prompt_tokens: int = 0) -> None:
         """Counts a request sent to a decode worker (with the prompt tokens it is to prefill itself)."""
-        self.sent.add(view.worker_id, requests=1, local=local_prompt_tokens)
+        self.sent.add(view.worker_id, requests=1, tokens=local_prompt_tokens)
 
     async def peek_decode(self, blocks_needed_by, role: str = "decode", exclude: set[str] = frozenset(),
                           prompt: list[int] | None = None) -> WorkerView:

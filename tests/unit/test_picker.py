@@ -57,14 +57,14 @@ def test_a_send_counts_until_a_sample_taken_after_it_is_read():
         sent.seen([WorkerView(_view(wid, "decode").info, WorkerLoad(updated_at=updated_at))], now=now)
 
     s = Sent()
-    s.add("a", requests=1, local=300, now=100.0)
+    s.add("a", requests=1, tokens=300, now=100.0)  # a request it is to prefill itself
     s.add("a", tokens=50, now=100.3)
     seen(s, updated_at=99.9, now=100.4)  # a sample from before both sends: both still count
-    assert (s.requests("a"), s.local("a"), s.tokens("a")) == (1, 300, 50)
+    assert (s.requests("a"), s.tokens("a")) == (1, 300 + 50)
     seen(s, updated_at=100.0 + SENT_SLACK_S / 2, now=100.5)  # the first may still be on its way then
     assert s.requests("a") == 1
     seen(s, updated_at=100.0 + 2 * SENT_SLACK_S, now=100.5)  # taken after the first: it shows there
-    assert (s.requests("a"), s.local("a"), s.tokens("a")) == (0, 0, 50)
+    assert (s.requests("a"), s.tokens("a")) == (0, 50)
     seen(s, updated_at=50.0, now=100.3 + SENT_MAX_S + 0.1)  # a clock far behind: forgotten after SENT_MAX_S
     assert s.tokens("a") == 0
     s.add("a", tokens=7, now=300.0)
