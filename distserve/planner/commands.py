@@ -129,6 +129,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--weights", default="", help="restrict to these weight formats (comma-separated)")
     p.add_argument("--threads", default="", help="restrict to these thread counts per worker")
     p.add_argument("--top", type=int, default=10, help="rows of the ranked table")
+    p.add_argument("--ceiling", action="store_true",
+                   help="CPU profile: only the ceiling, the most any placement of the cores could serve (planner/ceiling.py); no search")
+    p.add_argument("--against", type=float, default=0.0, help="with the ceiling: a measured goodput (req/s) to give the highest reachable ratio over")
     p.add_argument("--json", action="store_true")
     p.add_argument("--validate", action="store_true", help="run the real suite (distserve up + bench goodput) at the top placements, beside the simulation")
     p.add_argument("--validate-top", type=int, default=3)
@@ -140,7 +143,12 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=5.0, help="--watch: seconds between reads")
     p.add_argument("--window", type=int, default=3, help="--watch: reads a change must persist before it is recommended")
     p.add_argument("--iterations", type=int, default=0, help="--watch: stop after this many reads (0 = until interrupted)")
-    p.add_argument("--apply", action="store_true", help="--watch: print the command that applies a recommendation (distserve up / compose scale)")
+    p.add_argument("--apply", action="store_true",
+                   help="--watch: a recommendation that moves a worker between prefill and decode asks an elastic worker of that role to "
+                        "change (distserve up --elastic); any other, or with no elastic worker there, prints the command that applies it")
+    p.add_argument("--min-prefill", type=int, default=1, choices=(0, 1),
+                   help="--watch: 0 lets the last prefill worker move to decode, the decode workers then prefilling every prompt "
+                        "themselves (only for routers in --disagg-mode conditional or local)")
     p.add_argument("--watch-model", default="", help="--watch: the model whose workers to read (default: every worker)")
     sub = p.add_subparsers(dest="plan_cmd")
     add_simulate_arguments(sub.add_parser("simulate", help="replay a trace or workload on one placement; per-request TTFT/TPOT and attainment"))
@@ -232,24 +240,42 @@ def plan_main(args) -> None:
     search_main(args)
 
 
+def _ceiling(prof, o, cores: int, args):
+    from distserve.planner.ceiling import ceiling
+
+    lengths = [(r.prompt_len, r.output_len) for r in o.requests_at(1.0)]
+    return ceiling(prof, lengths, cores, o.slo_tpot, _csv(args.weights) or None, args.max_num_seqs)
+
+
 def search_main(args) -> None:
+    from distserve.planner.ceiling import ceiling_line
     from distserve.planner.search import plan_cpu, plan_gpu
 
     prof = _load(args)
     o = _objective(args, prof.device)
     limits = _limits(args)
     notes: dict = {}
+    cores = args.cores or prof.machine.get("cores") or os.cpu_count()
+    ceil = _ceiling(prof, o, cores, args) if prof.device == "cpu" else None
+    if args.ceiling:
+        if ceil is None:
+            raise SystemExit("--ceiling counts core-seconds: it needs a CPU profile")
+        print(json.dumps(ceil.to_dict() | {"against": args.against or None}) if args.json
+              else ceiling_line(ceil, o.workload, o.slo_tpot, args.against))
+        return
     if prof.device == "gpu":
         ranked, notes = plan_gpu(prof, args.gpus, o, limits, args.node_gpus, args.affinity)
         budget = f"{args.gpus} GPUs ({args.node_gpus} per node, {args.affinity} node affinity)"
     else:
-        cores = args.cores or prof.machine.get("cores") or os.cpu_count()
         ranked = plan_cpu(prof, cores, o, limits, _csv(args.weights) or None, _csv(args.threads, int) or None)
         budget = f"{cores} cores"
     if args.json:
-        print(json.dumps({"budget": budget, "objective": _objective_dict(o), "ranked": [_goodput_dict(g, prof) for g in ranked[: args.top]]}))
+        print(json.dumps({"budget": budget, "objective": _objective_dict(o), "ranked": [_goodput_dict(g, prof) for g in ranked[: args.top]],
+                          "ceiling": ceil.to_dict() if ceil else None}))
     else:
         print(plan_table(prof, ranked[: args.top], o, budget, notes))
+        if ceil is not None:
+            print(ceiling_line(ceil, o.workload, o.slo_tpot, args.against))
     if args.validate and prof.device == "cpu":
         from distserve.planner.validate import validate
 
