@@ -5,7 +5,9 @@
 #   flock /tmp/distserve-cpu.lock benchmarks/run_goodput.sh coloc1 calibrate
 #
 # CONFIG: disagg (1 prefill + 1 decode worker, one core each), disagg-cond (the same, the router
-# choosing per request where to prefill: docs/conditional-disaggregation.md), coloc2 (2 colocated workers, one core
+# choosing per request where to prefill: docs/conditional-disaggregation.md), disagg-elastic (disagg-cond
+# with elastic workers and `distserve plan --watch --apply --min-prefill 0` moving them, its SLO
+# WATCH_TTFT / WATCH_TPOT, default 4 s / 80 ms; its log lines are printed at the end), coloc2 (2 colocated workers, one core
 # each), coloc1 (1 colocated worker with both cores and 2 threads), and coloc2-chunked / coloc1-chunked
 # (the same with chunked prefill). `distserve up` divides and pins the
 # cores; the pinning of every worker is printed from /proc before the runs. WORKLOAD: chat, code,
@@ -21,6 +23,8 @@ out=${RESULTS:-benchmarks/results}
 case $config in
   disagg) up=(--prefill 1 --decode 1); label="disaggregated 1P+1D, 1 core each" ;;
   disagg-cond) up=(--prefill 1 --decode 1 --router-arg=--disagg-mode=conditional); label="conditional 1P+1D, 1 core each" ;;
+  disagg-elastic) up=(--prefill 1 --decode 1 --elastic --router-arg=--disagg-mode=conditional); watch=1
+    label="conditional 1P+1D, elastic under plan --watch --apply --min-prefill 0, 1 core each" ;;
   coloc2) up=(--colocated 2 --prefill 0 --decode 0); label="colocated x2, 1 core each" ;;
   coloc1) up=(--colocated 1 --prefill 0 --decode 0); label="colocated x1, 2 cores" ;;
   coloc2-chunked) up=(--colocated 2 --prefill 0 --decode 0 --worker-arg=--chunked-prefill=true); label="colocated x2 chunked, 1 core each" ;;
@@ -51,6 +55,12 @@ up_suite "$run" --model "$model" "${up[@]}"
 # the suite serves TLS with its own CA (docs/security.md): the bench's SDK finds it here
 ca=$(grep -o "DISTSERVE_TLS_CA=[^ ]*" "$run/up.out" | head -1 | cut -d= -f2)
 [ -n "$ca" ] && export DISTSERVE_TLS_CA="$ca"
+if [ -n "${watch:-}" ]; then  # the planner's watch, moving elastic workers between the roles as it sees fit
+  python -m distserve.cli --log-level warning plan --watch --apply --min-prefill 0 --redis-url "$(cat "$run/logs/redis-admin.url")" \
+    --slo-ttft "${WATCH_TTFT:-4}" --slo-tpot "${WATCH_TPOT:-0.08}" --interval "${WATCH_INTERVAL:-2}" --window 3 > "$run/watch.out" 2>&1 &
+  watch_pid=$!
+  trap 'kill $watch_pid 2>/dev/null; grep -E -B1 "RECOMMEND|CHANGED|GAVE UP" "$run/watch.out" | sed "s/^/  watch: /"; kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
+fi
 echo "commit $(git rev-parse --short HEAD), $config: $label"
 children() { local p; for p in $(pgrep -P "$1"); do echo "$p"; children "$p"; done; }
 for pid in $(children $up_pid); do  # workers (forked: ds-<name>) and routers (spawned: distserve serve router)
@@ -64,7 +74,7 @@ others() {  # processes busy right now that are not this run's, so a disturbed f
   local busy="" pid
   for pid in $(top -bn2 -d 0.5 | awk '/^top/ {n++} n == 2 && $1 ~ /^[0-9]+$/ && $9 > 20 {print $1}'); do
     cmd=$(tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null | cut -c1-70) || continue
-    case $cmd in *"redis-server"*|*"bench goodput"*|*"bench serve"*|*"distserve.cli --log-level warning up"*) ;; *) busy="$busy [$pid] $cmd;" ;; esac
+    case $cmd in *"redis-server"*|*"bench goodput"*|*"bench serve"*|*"distserve.cli --log-level warning up"*|*"plan --watch"*) ;; *) busy="$busy [$pid] $cmd;" ;; esac
   done
   echo "  other busy processes at $(date -u +%H:%M:%S):${busy:- none}"
 }

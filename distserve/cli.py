@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "up exits (code 1) once no router is left")
     up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = divide the cores)")
     up.add_argument("--no-pin", action="store_true", help="do not pin workers to cores")
+    up.add_argument("--elastic", action="store_true",
+                    help="prefill and decode workers serve both roles and change role when asked (distserve role set, or "
+                         "distserve plan --watch --apply); each gets the decode role's certificate and Redis user, which both roles' work needs")
     up.add_argument("--worker-arg", action="append", default=[], help="extra flag passed to every worker, e.g. --worker-arg=--kv-cache-bytes=268435456")
     up.add_argument("--router-arg", action="append", default=[], help="extra flag passed to every router, e.g. --router-arg=--migration-limit=3")
     up.add_argument("--logs", default="", help="folder for the processes' logs (default: a new folder under $DISTSERVE_HOME/logs)")

@@ -304,7 +304,11 @@ class Suite:
             argv = ["serve", role, *common, *engine_flags, *(spec_flags if role != "prefill" else []), "--port", str(port), "--threads", str(threads), "--worker-id", name, *a.worker_arg]
             if cpus:
                 argv += ["--cpus", cpus]
-            workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}", self._env(role)))
+            elastic = getattr(a, "elastic", False) and role != "colocated"  # as a decode worker it pulls KV and reads the registry: the decode role's rights
+            if elastic:
+                argv += ["--elastic", "true"]
+            env = self._env("decode" if elastic else role)
+            workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}", env))
         routers = []
         for i, port in enumerate(router_ports(a.host, a.port, a.routers)):
             name = "router" if i == 0 else f"router-{i + 1}"

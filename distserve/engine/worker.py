@@ -39,6 +39,10 @@ class EngineWorker:
         self.stats: EngineStats = engine.stats()  # refreshed after every step and command
         self.steps = 0
         self.step_started = 0.0  # time.time() when the step in flight began (0: between steps)
+        # seconds from one step's start to the next's while the engine had work throughout (what a running
+        # sequence waits between its tokens: the step and everything around it), a moving average; 0: none yet
+        self.step_period_s = 0.0
+        self._last_start = 0.0  # monotonic start of the previous step, when the loop went straight on to another
         # prompt tokens handed to the engine thread (asyncio side), and those its add commands ran for
         # (engine thread), the latter as of the last stats: queued_tokens counts what lies in between
         self._sent_tokens = 0
@@ -220,8 +224,11 @@ class EngineWorker:
         engine = self.engine
         while not self._stopped.is_set():
             before = self.stats
+            idle = not engine.has_work()
+            if idle:
+                self._last_start = 0.0  # the wait for work is no step period
             try:
-                item = self._commands.get(timeout=0.5) if not engine.has_work() else self._commands.get_nowait()
+                item = self._commands.get(timeout=0.5) if idle else self._commands.get_nowait()
             except queue.Empty:
                 item = False
             while item:
@@ -234,6 +241,7 @@ class EngineWorker:
                 break
             if engine.has_work():
                 self.step_started = time.time()
+                self._cadence(time.monotonic())
                 try:
                     outs = engine.step()
                 except Exception:
@@ -248,6 +256,12 @@ class EngineWorker:
                     self._deliver(out)
             self._refresh()
             self._wake_room_waiters(before)
+
+    def _cadence(self, now: float) -> None:
+        if self._last_start:
+            period = now - self._last_start
+            self.step_period_s = period if not self.step_period_s else 0.8 * self.step_period_s + 0.2 * period
+        self._last_start = now
 
     def _refresh(self) -> None:
         taken = self._taken_tokens

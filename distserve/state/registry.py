@@ -63,6 +63,7 @@ class WorkerInfo:
     max_model_len: int  # longest sequence (prompt + output) it accepts
     started_at: float  # unix time the worker started
     prefix_root: str = ""  # hex root of its block-hash chain (distserve.engine.prefix); empty: no prefix caching
+    elastic: bool = False  # serves either role and changes role when asked (`request_role`)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -88,6 +89,7 @@ class WorkerLoad:
     step_decode_s: float = 0.0  # per running sequence's decode token
     max_step_tokens: int = 0  # token budget of one step (0 = unknown)
     step_elapsed_s: float = 0.0  # seconds the step in flight had run at updated_at (0 = between steps)
+    step_period_s: float = 0.0  # recent seconds from one step's start to the next's while busy: the TPOT its running sequences see (0 = none yet)
     prefill_budget_tokens: int = 0  # decode: prompt tokens one step may carry now within its TPOT target (0 = none now, or it does not prefill in chunks)
     kv_bytes_per_s: float = 0.0  # decode: bandwidth of its recent KV pulls (0 = none yet)
     kv_bytes_per_token: float = 0.0  # decode: KV wire bytes per prompt token of its recent pulls

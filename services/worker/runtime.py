@@ -212,6 +212,7 @@ class WorkerRuntime:
             max_model_len=e.max_model_len,
             started_at=time.time(),
             prefix_root=f"{e.prefix_root:016x}" if e.config.prefix_caching else "",
+            elastic=self.settings.elastic,
         )
 
     def load_now(self) -> WorkerLoad:
@@ -232,6 +233,7 @@ class WorkerRuntime:
             step_decode_s=st.step_decode_s,
             max_step_tokens=st.max_step_tokens,
             step_elapsed_s=self.worker.step_elapsed_s(),
+            step_period_s=self.worker.step_period_s,
             prefill_budget_tokens=st.prefill_budget_tokens,
             kv_bytes_per_s=self.kv_pulls.bytes_per_s,
             kv_bytes_per_token=self.kv_pulls.bytes_per_token,

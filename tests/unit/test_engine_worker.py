@@ -1,6 +1,7 @@
 """The engine thread bridge: errors reach the awaiting caller, streams end, nothing hangs."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -105,7 +106,6 @@ def test_the_queue_counts_the_step_in_flight_and_what_arrives_during_it(tiny):
     """A prefill step can take seconds: the published queue keeps its prompts, and those sent while it runs,
     until it ends (the router's remote estimate reads this); the step's elapsed time is readable meanwhile."""
     import threading
-    import time
 
     async def go():
         eng = LLMEngine(tiny, EngineConfig(mode="prefill", num_blocks=64, max_num_batched_tokens=64))
@@ -140,6 +140,34 @@ def test_the_queue_counts_the_step_in_flight_and_what_arrives_during_it(tiny):
             assert w.queued_tokens == 0 and w.step_elapsed_s() == 0.0
         finally:
             gate.set()
+            w.stop()
+
+    asyncio.run(go())
+
+
+def test_step_period_is_the_cadence_of_busy_steps_not_of_idle_waits(tiny):
+    """What a running sequence waits between tokens: each step held 20 ms here, so the period is about
+    that; a second's idle wait before the next request does not count."""
+    async def go():
+        eng = LLMEngine(tiny, EngineConfig(num_blocks=64))
+        real_step = eng.step
+
+        def slow_step():
+            time.sleep(0.02)
+            return real_step()
+
+        eng.step = slow_step
+        w = EngineWorker(eng)
+        w.start()
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        try:
+            assert w.step_period_s == 0.0
+            _ = [o async for o in await w.generate("a", [5] * 10, params)]
+            assert 0.02 <= w.step_period_s < 0.2
+            await asyncio.sleep(1.0)
+            _ = [o async for o in await w.generate("b", [6] * 10, params)]
+            assert 0.02 <= w.step_period_s < 0.2  # 0.2 of a 1 s gap in the average would put it over
+        finally:
             w.stop()
 
     asyncio.run(go())
