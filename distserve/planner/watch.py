@@ -132,8 +132,12 @@ class Advisor:
         measured = f", measured {s.step_period_s * 1e3:.0f}ms" if s.running and s.step_period_s else ""
         why = (f"prefill queue {delay:.2f}s (TTFT SLO {self.slo_ttft:g}s), decode step {predicted * 1e3:.0f}ms predicted{measured} "
                f"(TPOT SLO {self.slo_tpot * 1e3:g}ms)")
-        if s.prefill and (s.held or s.decode_waiting):
-            d = max(d, 1.0 + 0.1 * (s.held + s.decode_waiting))  # KV waits for decode room: decode is short
+        # KV waits for decode room: decode is short. Prefilled KV is held a moment on its way to any
+        # decode worker (between the prefill and the pull), so held KV counts only when the decode pool
+        # has no room for it: requests waiting for admission there, or its KV nearly full
+        no_room = s.decode_waiting > 0 or (s.total_blocks and s.used_blocks >= 0.9 * s.total_blocks)
+        if s.prefill and no_room and (s.held or s.decode_waiting):
+            d = max(d, 1.0 + 0.1 * (s.held + s.decode_waiting))
             why += f", {s.held} KV held and {s.decode_waiting} waiting for decode room"
         if s.total_blocks and s.used_blocks >= 0.95 * s.total_blocks:
             d = max(d, 1.0)

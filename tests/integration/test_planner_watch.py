@@ -1,6 +1,7 @@
 """`distserve plan --watch` against a real redis-server whose registry entries the real Registry wrote."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -149,3 +150,16 @@ def test_a_measured_step_slower_than_the_profile_counts_as_decode_pressure():
     assert measured == pytest.approx(2.5) and "measured 250ms" in why
     _, idle, _ = advisor.pressures(PoolSample(**{**sample, "running": 0}, step_period_s=0.25))  # nothing runs: no TPOT to miss
     assert idle == 0.0
+
+
+def test_kv_on_its_way_to_a_decode_worker_with_room_is_no_decode_pressure():
+    """Prefilled KV is held a moment before its pull: counted as decode short only when decode has no room."""
+    advisor = Advisor(synthetic_profile(), slo_ttft=1e6, slo_tpot=0.1, cores=2, window=1)
+    in_transit = PoolSample(prefill=1, decode=1, colocated=0, queued_tokens=0, held=3, decode_waiting=0, running=4, used_blocks=100,
+                            total_blocks=1000)
+    _, d, why = advisor.pressures(in_transit)
+    assert d < 1 and "KV held" not in why
+    _, d, why = advisor.pressures(dataclasses.replace(in_transit, used_blocks=950))  # a nearly full decode pool
+    assert d >= 1.3 and "3 KV held" in why
+    _, d, _ = advisor.pressures(dataclasses.replace(in_transit, held=0, decode_waiting=2))  # requests wait for admission
+    assert d >= 1.2
