@@ -59,7 +59,9 @@ if [ -n "${watch:-}" ]; then  # the planner's watch, moving elastic workers betw
   python -m distserve.cli --log-level warning plan --watch --apply --min-prefill 0 --redis-url "$(cat "$run/logs/redis-admin.url")" \
     --slo-ttft "${WATCH_TTFT:-4}" --slo-tpot "${WATCH_TPOT:-0.08}" --interval "${WATCH_INTERVAL:-2}" --window 3 > "$run/watch.out" 2>&1 &
   watch_pid=$!
-  trap 'kill $watch_pid 2>/dev/null; grep -E -B1 "RECOMMEND|CHANGED|GAVE UP" "$run/watch.out" | sed "s/^/  watch: /"; kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
+  # (nothing in a trap may fail: under set -e the first failure ends it, and the suite would stay up)
+  trap 'kill $watch_pid 2>/dev/null || true; kill -INT $up_pid 2>/dev/null || true; wait $up_pid 2>/dev/null || true
+        { grep -E -B1 "RECOMMEND|CHANGED|GAVE UP" "$run/watch.out" || echo "no change of role"; } | sed "s/^/  watch: /"' EXIT
 fi
 echo "commit $(git rev-parse --short HEAD), $config: $label"
 children() { local p; for p in $(pgrep -P "$1"); do echo "$p"; children "$p"; done; }
