@@ -6,16 +6,22 @@ phase's pressure, using the profile for what a worker can do:
 
 - prefill: the queued prompt tokens per prefill worker over its prefill rate (the profile's prefill
   step at a full token budget) is the queueing delay a new prompt faces; against the TTFT SLO.
-- decode: KV held on prefill workers waiting for decode room, or requests waiting for admission,
-  mean the decode pool is short of memory or seats; the step time the profile predicts for the
-  running batch (its used KV as context) is the TPOT it gives; against the TPOT SLO.
+- decode: KV held on prefill workers while the decode pool has no room for it, or requests waiting
+  for admission, mean the decode pool is short of memory or seats; the step time the profile
+  predicts for the running batch (its used KV as context), or the step period the workers measure
+  when that is longer, is the TPOT it gives; against the TPOT SLO.
 - colocated workers: both at once on one engine.
+- decode workers alone (no prefill or colocated worker: they prefill their prompts themselves under a
+  conditional or local router): their prompt queue against TTFT, their step against TPOT.
 
 A phase over its SLO (pressure > 1) while the other has room (< 0.5) moves a worker to it (or adds
 one when the core budget allows); both over adds a worker of the worse one; both nearly idle hands a
 worker back. A recommendation is printed once it held for `window` reads in a row (load flickers),
-with the `distserve up` (and compose) command that applies it; `--apply` prints that command as
-what it would run (restarting the suite is left to the operator).
+with the `distserve up` (and compose) command that applies it. With `--apply`, a move between prefill
+and decode is made: the least loaded elastic worker of that role is asked to change
+(`Registry.request_role`), and the watch waits for it before it recommends anything else. Other
+changes (adding or removing a worker) are printed as the command it would run; restarting the suite
+is left to the operator.
 """
 
 from __future__ import annotations
