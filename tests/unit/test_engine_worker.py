@@ -13,6 +13,20 @@ from distserve.engine.worker import EngineWorker
 pytestmark = pytest.mark.timeout(60)
 
 
+def started_with(eng: LLMEngine, before_step) -> EngineWorker:
+    """A started worker over `eng` whose every step first runs `before_step()`."""
+    real_step = eng.step
+
+    def step():
+        before_step()
+        return real_step()
+
+    eng.step = step
+    w = EngineWorker(eng)
+    w.start()
+    return w
+
+
 def test_errors_from_the_engine_thread_reach_the_caller(tiny):
     async def go():
         w = EngineWorker(LLMEngine(tiny, EngineConfig(mode="decode", num_blocks=4)))
@@ -110,16 +124,12 @@ def test_the_queue_counts_the_step_in_flight_and_what_arrives_during_it(tiny):
     async def go():
         eng = LLMEngine(tiny, EngineConfig(mode="prefill", num_blocks=64, max_num_batched_tokens=64))
         gate, stepping = threading.Event(), threading.Event()
-        real_step = eng.step
 
-        def held_step():  # the real step, once the test lets it run
+        def hold():  # the real step runs once the test lets it
             stepping.set()
             assert gate.wait(20)
-            return real_step()
 
-        eng.step = held_step
-        w = EngineWorker(eng)
-        w.start()
+        w = started_with(eng, hold)
         params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         try:
             assert w.queued_tokens == 0 and w.step_elapsed_s() == 0.0
@@ -149,16 +159,7 @@ def test_step_period_is_the_cadence_of_busy_steps_not_of_idle_waits(tiny):
     """What a running sequence waits between tokens: each step held 20 ms here, so the period is about
     that; a second's idle wait before the next request does not count."""
     async def go():
-        eng = LLMEngine(tiny, EngineConfig(num_blocks=64))
-        real_step = eng.step
-
-        def slow_step():
-            time.sleep(0.02)
-            return real_step()
-
-        eng.step = slow_step
-        w = EngineWorker(eng)
-        w.start()
+        w = started_with(LLMEngine(tiny, EngineConfig(num_blocks=64)), lambda: time.sleep(0.02))
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         try:
             assert w.step_period_s == 0.0
