@@ -71,7 +71,7 @@ from distserve.rpc.certs import valid_for as certs_valid_for
 from distserve.rpc.channels import internal_options, sync_channel
 from distserve.rpc.tls import Tls
 from distserve.state.acl import write_private
-from distserve.state.redis_server import RedisServer, free_port
+from distserve.state.redis_server import RedisServer, free_port, port_free
 from distserve.supervisor import ProcChild, RedisChild, RestartPolicy, Supervisor, describe_exit
 from distserve.up import READY_TIMEOUT_S  # how long up waits for its processes, and its driver for up
 from services import roles
@@ -204,15 +204,6 @@ def wait_serving(address: str, proc: subprocess.Popen | Forked, deadline: float,
                 pass
             time.sleep(0.2)
     raise TimeoutError(f"{address} not SERVING after {READY_TIMEOUT_S:.0f}s")
-
-
-def port_free(host: str, port: int) -> bool:
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, port))
-        return True
-    except OSError:
-        return False
 
 
 def router_ports(host: str, first: int, n: int) -> list[int]:

@@ -74,8 +74,6 @@ def sample_of(views) -> PoolSample:
     # workers alone; or, with neither prefill nor colocated workers, decode workers prefilling their
     # prompts themselves (routers in conditional or local mode)
     prompts, serving = (pre, dec) if pre else (col, col) if col else (dec, dec)
-    least_loaded = lambda vs: tuple(v.worker_id for v in sorted(  # noqa: E731
-        vs, key=lambda v: (v.load.running_requests + v.load.queued_requests, v.load.queued_tokens)) if v.info.elastic)
     return PoolSample(
         prefill=len(pre), decode=len(dec), colocated=len(col),
         queued_tokens=sum(v.load.queued_tokens for v in prompts),
@@ -86,8 +84,14 @@ def sample_of(views) -> PoolSample:
         total_blocks=sum(v.load.total_blocks for v in serving),
         block_size=max((v.info.block_size for v in serving), default=16),
         step_period_s=_mean([v.load.step_period_s for v in serving if v.load.running_requests and v.load.step_period_s > 0]),
-        elastic_prefill=least_loaded(pre), elastic_decode=least_loaded(dec),
+        elastic_prefill=_elastic_least_loaded(pre), elastic_decode=_elastic_least_loaded(dec),
     )
+
+
+def _elastic_least_loaded(views) -> tuple[str, ...]:
+    """The elastic workers among `views`, least loaded first."""
+    load = lambda v: (v.load.running_requests + v.load.queued_requests, v.load.queued_tokens)  # noqa: E731
+    return tuple(v.worker_id for v in sorted(views, key=load) if v.info.elastic)
 
 
 def _mean(xs: list[float]) -> float:

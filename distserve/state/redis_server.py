@@ -56,6 +56,16 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether `port` on `host` can be bound now."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, port))
+        return True
+    except OSError:
+        return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the caller races other processes for it).
 
@@ -63,17 +73,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     it also gives outgoing connections, so in the seconds before its server binds it (`distserve up`
     starts the workers first) a client connecting anywhere could take it, and the server's bind fails
     (a router of the listeners test, once)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     low = min(_ephemeral_low(), 65536)
     if low > 20000:
         for port in random.sample(range(10000, low), 32):
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                try:
-                    sock.bind((host, port))
-                except OSError:
-                    continue
+            if port_free(host, port):
                 return port
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
