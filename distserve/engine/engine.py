@@ -247,8 +247,15 @@ class LLMEngine:
         """Prompt tokens a step of these decodes may carry within the TPOT target (0: none)."""
         cfg = self.config
         room = cfg.max_num_batched_tokens - len(decodes)
-        if not decodes or cfg.tpot_target_s <= 0:
+        if cfg.tpot_target_s <= 0:
             return room
+        if not decodes:
+            if cfg.mode != "decode":
+                return room  # a colocated step with no decode delays only prompts, whose TTFT it serves
+            # a request joins a decode worker with its first token already out (its KV came from a
+            # prefill worker): a step run with no decode is the gap before its next token, so it keeps
+            # within the target as a step of one decode does
+            return chunk_budget(self.step_predictor, cfg.tpot_target_s, 1, 0, room)
         context = sum(s.num_tokens for s in decodes)
         return chunk_budget(self.step_predictor, cfg.tpot_target_s, len(decodes), context, room)
 

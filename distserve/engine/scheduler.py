@@ -11,9 +11,10 @@ Policies:
   prefill goes first whenever a waiting prompt fits.
 - chunked prefill: every running sequence decodes one token and the rest of the token budget is
   filled with prompt chunks, so decodes never stall behind a long prompt. With a `chunk_cap`
-  (a TPOT target, see `distserve.engine.step_times`), a step that carries running decodes takes at
-  most `chunk_cap(decodes)` prompt tokens, so their time per output token stays within the target
-  while prompts advance; a step with no running decode takes the whole token budget.
+  (a TPOT target, see `distserve.engine.step_times`), a step takes at most `chunk_cap(decodes)` prompt
+  tokens, so the time per output token of its running decodes stays within the target while prompts
+  advance; the cap of a step with no running decode is the engine's to say (a colocated engine gives
+  the whole token budget, a decode worker's keeps it within the target for requests that join it).
 
 Prefix caching (`prefix_root` set): at admission a prompt takes the longest run of its full blocks
 already cached (`BlockManager.match`, by chained hash) and starts computing after them, as a chunked
@@ -154,7 +155,7 @@ class Scheduler:
     def _schedule_chunked(self) -> SchedulerOutput:
         out = SchedulerOutput(decode=self.running[: self.max_num_seqs])
         budget = self.budget - len(out.decode)
-        if self.chunk_cap is not None and out.decode and (self.prefilling or self.waiting):
+        if self.chunk_cap is not None and (self.prefilling or self.waiting):
             budget = min(budget, self.chunk_cap(out.decode))
         seats = self.max_num_seqs - len(out.decode)
         for seq in self.prefilling:

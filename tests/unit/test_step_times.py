@@ -79,7 +79,7 @@ def seq(i, n, max_tokens=8):
     return Sequence(str(i), list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens), 0.0)
 
 
-def test_scheduler_caps_chunks_only_in_steps_with_running_decodes():
+def test_scheduler_caps_every_step_that_carries_prompt_chunks():
     calls = []
 
     def cap(decodes):
@@ -90,16 +90,16 @@ def test_scheduler_caps_chunks_only_in_steps_with_running_decodes():
                   hold_after_prefill=False, chunk_cap=cap)
     first = seq(0, 100)
     s.waiting.append(first)
-    out = s.schedule()  # nothing running: the prompt takes the whole step budget
-    assert [(c.start, c.end) for c in out.chunks] == [(0, 100)] and calls == []
+    out = s.schedule()  # nothing running: the cap (asked of no decodes) still holds the chunk
+    assert [(c.start, c.end) for c in out.chunks] == [(0, 10)] and calls == [0]
     s.prefilling.remove(first)
     first.num_computed_tokens = 100
     s.running.append(first)
     s.waiting.append(seq(1, 100))
     out = s.schedule()
-    assert out.decode == [first] and [(c.start, c.end) for c in out.chunks] == [(0, 10)] and calls == [1]
+    assert out.decode == [first] and [(c.start, c.end) for c in out.chunks] == [(0, 10)] and calls == [0, 1]
     s.prefilling.clear()
-    assert s.schedule().chunks == [] and calls == [1]  # decodes only: the cap is not even asked
+    assert s.schedule().chunks == [] and calls == [0, 1]  # decodes only: the cap is not even asked
 
 
 def test_engine_under_a_tpot_target_chunks_prompts_and_keeps_greedy_output(tiny):
@@ -149,6 +149,29 @@ def test_chunk_cap_of_the_engine_follows_the_running_batch(tiny):
     assert eng.chunk_cap(fake) == 16  # ... but a prompt already admitted advances by a block's worth
     off = LLMEngine(tiny, EngineConfig(num_blocks=20))
     assert off.stats().prefill_budget_tokens == 0  # not chunked: it offers no local prefill budget
+
+
+def test_a_decode_worker_keeps_an_idle_step_within_the_target(tiny):
+    """A request joins a decode worker with its first token out: a step that worker runs while no decode
+    is running is that request's gap to its next token, so it is held to a step of one decode."""
+    line = lambda d, c, t: (d + t) / 512  # noqa: E731  a step of n tokens takes n (binary) ms
+    cfg = EngineConfig(mode="decode", chunked_prefill=True, num_blocks=200, max_num_batched_tokens=256, tpot_target_s=50 / 512, block_size=16)
+    eng = LLMEngine(tiny, cfg, step_predictor=line)
+    assert eng.scheduler.chunked and eng.chunk_cap([]) == eng.prefill_budget([]) == 49  # 50 ms less its one decode
+    assert eng.stats().prefill_budget_tokens == 49  # and that is what routers are told
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    p = prompts(1, seed=5, lo=120, hi=121)[0]
+    eng.add_request("local", p, greedy)
+    chunks = []
+    sched = eng.scheduler.schedule
+    eng.scheduler.schedule = lambda: (lambda out: chunks.append(sum(c.end - c.start for c in out.chunks)) or out)(sched())
+    out = []
+    while eng.has_work():
+        out += [t for o in eng.step() for t in o.new_token_ids]
+    assert [c for c in chunks if c] == [49, 49, 22]  # alone, and still in chunks
+    plain = LLMEngine(tiny, EngineConfig(num_blocks=200))
+    plain.add_request("local", p, greedy)
+    assert {"local": out} == run_to_end(plain)
 
 
 def test_a_planner_profile_predicts_the_budget(tmp_path):
