@@ -27,7 +27,7 @@ prefill worker R it would choose (the least queued tokens):
                           decode, per prompt token). Each step runs the B_D decodes and a chunk; the
                           first token comes with the last chunk.
 
-    local  iff  P <= local_max_prompt_tokens  and  T_D > 0 (D has budget now)  and  D's fit is known
+    local  iff  P <= local_max_prompt_tokens (when set)  and  T_D > 0 (D has budget now)  and  D's fit is known
                 and  local_s + margin_s < remote_s
     otherwise remote; with no prefill worker at all, local (the decode pool serves alone).
 
@@ -71,7 +71,7 @@ MAX_SAMPLE_AGE_S = 1.0  # a load sample's age counted into its step in flight (h
 @dataclass(frozen=True, slots=True)
 class DisaggPolicy:
     mode: str = "remote"  # one of MODES
-    local_max_prompt_tokens: int = 512  # conditional: longer prompts always prefill remotely
+    local_max_prompt_tokens: int = 0  # conditional: longer prompts always prefill remotely (0 = no cap)
     margin_s: float = 0.2  # conditional: local must be expected this much sooner than remote
 
     def __post_init__(self):
@@ -140,7 +140,7 @@ def decide(prompt_tokens: int, decode: WorkerLoad, prefill: WorkerLoad | None, p
     local_tokens = prompt_tokens - decode_cached
     if prefill is None:
         return Choice(True, "no_prefill_worker", local_seconds(local_tokens, decode) or 0.0)
-    if local_tokens > policy.local_max_prompt_tokens:
+    if 0 < policy.local_max_prompt_tokens < local_tokens:
         return Choice(False, "long_prompt")
     local = local_seconds(local_tokens, decode)
     if local is None:

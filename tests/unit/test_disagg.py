@@ -73,6 +73,11 @@ def test_a_busy_prefill_pool_sends_short_prompts_local_and_long_ones_remote():
     assert c.local and c.reason == "estimate" and c.local_s + POLICY.margin_s < c.remote_s
     c = decide(600, DECODE, busy, POLICY)
     assert not c.local and c.reason == "long_prompt"  # over local_max_prompt_tokens, whatever the queue
+    uncapped = DisaggPolicy("conditional")  # the default: no cap, the estimates weigh the length
+    assert uncapped.local_max_prompt_tokens == 0
+    assert decide(600, DECODE, busy, uncapped).local
+    very_long = decide(8000, DECODE, busy, uncapped)  # ... until its chunks make local the later (11.6 s vs 11.0)
+    assert not very_long.local and very_long.reason == "estimate" and very_long.local_s + uncapped.margin_s >= very_long.remote_s
     # a decode worker with a long queue of its own prompts is no better
     assert not decide(100, _load(DECODE, queued_tokens=6000), busy, POLICY).local
     # ... nor one whose running batch leaves only a sliver of budget
