@@ -206,12 +206,27 @@ def wait_serving(address: str, proc: subprocess.Popen | Forked, deadline: float,
     raise TimeoutError(f"{address} not SERVING after {READY_TIMEOUT_S:.0f}s")
 
 
-def router_ports(host: str, first: int, n: int) -> list[int]:
-    """first, then the next ports up where free, else any free one."""
+def fresh_port(host: str, taken: set[int]) -> int:
+    """A free port not in `taken` (ports handed out a moment ago are free until their servers bind them,
+    and ports the command line names are bound only later), added to it."""
+    port = free_port(host)
+    while port in taken:
+        port = free_port(host)
+    taken.add(port)
+    return port
+
+
+def router_ports(host: str, first: int, n: int, taken: set[int] | None = None) -> list[int]:
+    """first, then the next ports up where free (and not in `taken`), else any free one."""
+    taken = set() if taken is None else taken
     ports = [first]
     for i in range(1, n):
         want = first + i
-        ports.append(want if want < 65536 and want not in ports and port_free(host, want) else free_port(host))
+        if want < 65536 and want not in ports and want not in taken and port_free(host, want):
+            taken.add(want)
+            ports.append(want)
+        else:
+            ports.append(fresh_port(host, taken))
     return ports
 
 
@@ -283,14 +298,13 @@ class Suite:
                 engine_flags += ["--" + flag.replace("_", "-"), getattr(a, flag)]
         spec_flags = ["--speculative", a.speculative] if getattr(a, "speculative", "") else []  # decode/colocated only
         workers = []
-        taken: set[int] = set()  # ports given to workers so far (none is bound yet)
+        # ports not bound yet: the routers' and their HTTP APIs' (named on the command line), and those
+        # given to workers so far
+        taken = {a.port + i for i in range(a.routers)} | ({a.http_port + i for i in range(a.routers)} if a.http_port > 0 else set())
         counts: dict[str, int] = {}
         for role, (threads, cpus) in zip(roles, plan):
             counts[role] = counts.get(role, 0) + 1
-            port = free_port(a.host)
-            while port in taken:  # a port handed out a moment ago is free until its worker binds it
-                port = free_port(a.host)
-            taken.add(port)
+            port = fresh_port(a.host, taken)
             name = f"{role}-{counts[role]}"
             argv = ["serve", role, *common, *engine_flags, *(spec_flags if role != "prefill" else []), "--port", str(port), "--threads", str(threads), "--worker-id", name, *a.worker_arg]
             if cpus:
@@ -301,7 +315,7 @@ class Suite:
             env = self._env("decode" if elastic else role)
             workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}", env))
         routers = []
-        for i, port in enumerate(router_ports(a.host, a.port, a.routers)):
+        for i, port in enumerate(router_ports(a.host, a.port, a.routers, taken)):
             name = "router" if i == 0 else f"router-{i + 1}"
             http = ["--http-port", str(a.http_port + i if a.http_port > 0 else a.http_port)]
             routers.append(self._spawn(name, ["serve", "router", *common, "--port", str(port), *http, *a.router_arg],
