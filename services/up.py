@@ -298,9 +298,10 @@ class Suite:
                 engine_flags += ["--" + flag.replace("_", "-"), getattr(a, flag)]
         spec_flags = ["--speculative", a.speculative] if getattr(a, "speculative", "") else []  # decode/colocated only
         workers = []
-        # ports not bound yet: the routers' and their HTTP APIs' (named on the command line), and those
-        # given to workers so far
-        taken = {a.port + i for i in range(a.routers)} | ({a.http_port + i for i in range(a.routers)} if a.http_port > 0 else set())
+        # ports handed out and not bound yet: the routers' HTTP APIs (named on the command line), the
+        # routers' own (chosen first, bound last), and those given to workers so far
+        taken = {a.port} | ({a.http_port + i for i in range(a.routers)} if a.http_port > 0 else set())
+        router_at = router_ports(a.host, a.port, a.routers, taken)
         counts: dict[str, int] = {}
         for role, (threads, cpus) in zip(roles, plan):
             counts[role] = counts.get(role, 0) + 1
@@ -315,7 +316,7 @@ class Suite:
             env = self._env("decode" if elastic else role)
             workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}", env))
         routers = []
-        for i, port in enumerate(router_ports(a.host, a.port, a.routers, taken)):
+        for i, port in enumerate(router_at):
             name = "router" if i == 0 else f"router-{i + 1}"
             http = ["--http-port", str(a.http_port + i if a.http_port > 0 else a.http_port)]
             routers.append(self._spawn(name, ["serve", "router", *common, "--port", str(port), *http, *a.router_arg],
