@@ -64,6 +64,8 @@ if [ -n "${watch:-}" ]; then  # the planner's watch, moving elastic workers betw
         { grep -E -B1 "RECOMMEND|CHANGED|GAVE UP" "$run/watch.out" || echo "no change of role"; } | sed "s/^/  watch: /"' EXIT
 fi
 echo "commit $(git rev-parse --short HEAD), $config: $label"
+# the workers' Prometheus endpoints (up prints them): the benches report where each worker's time went
+scrape=$(grep -m1 "^metrics (Prometheus" "$run/up.out" | tr ' ' '\n' | grep -E "^(prefill|decode|colocated)-[0-9]+=" | cut -d= -f2 | paste -sd, -) || true
 children() { local p; for p in $(pgrep -P "$1"); do echo "$p"; children "$p"; done; }
 for pid in $(children $up_pid); do  # workers (forked: ds-<name>) and routers (spawned: distserve serve router)
   name=$(cat /proc/$pid/comm 2>/dev/null) || continue
@@ -102,12 +104,12 @@ PY
   fi
   if [ "${w%%-*}" = saturate ]; then  # saturate-chat: closed loop, 16 clients, output tok/s and where the time goes
     python -m distserve.cli --log-level warning bench serve --target "distserve://127.0.0.1:$port" --workload "${w#saturate-}" \
-      --concurrency "${CLIENTS:-16}" --num-requests "${SAT_REQUESTS:-96}" --warmup 2 --no-progress --out "$out/${w}_${config}${SUFFIX:-}.json"
+      --concurrency "${CLIENTS:-16}" --num-requests "${SAT_REQUESTS:-96}" --warmup 2 --no-progress ${scrape:+--scrape "$scrape"} --out "$out/${w}_${config}${SUFFIX:-}.json"
     continue
   fi
   # shellcheck disable=SC2046
   python -m distserve.cli --log-level warning bench goodput --target "distserve://127.0.0.1:$port" --label "$label" \
     --workload "$w" --num-requests "$requests" --bisect-steps "${BISECT:-2}" $(params "$w") $(for a in ${ALSO_SLO:-}; do echo --also-slo "$a"; done) \
-    --note "distserve up ${up[*]} --model $model" --out "$out/goodput_${w}_${config}${SUFFIX:-}.json"
+    ${scrape:+--scrape "$scrape"} --note "distserve up ${up[*]} --model $model" --out "$out/goodput_${w}_${config}${SUFFIX:-}.json"
 done
 others

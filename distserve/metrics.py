@@ -28,6 +28,9 @@ pool gauges by each read of the registry. The series, by who exports them:
 | `distserve_native_kernels` | kernel | | x | x |
 | `distserve_prefix_cache_queried_tokens_total`, `distserve_prefix_cache_hit_tokens_total` | role | x (as workers reported per request) | x | x |
 | `distserve_prefix_cache_evictions_total`, `distserve_prefix_cache_blocks` | role | | x | x |
+| `distserve_engine_busy_seconds_total`, `distserve_engine_steps_total` | role, step (decode, mixed, prefill) | | x | x |
+| `distserve_engine_prompt_tokens_total`, `distserve_engine_threads` | role | | x | x |
+| `process_cpu_seconds_total`, `process_resident_memory_bytes` and the rest of Prometheus' process series | | x | x | x |
 
 Prefix-cache hit rate: `rate(distserve_prefix_cache_hit_tokens_total[5m]) / rate(distserve_prefix_cache_queried_tokens_total[5m])`
 (per worker, or the router's for the whole pool).
@@ -39,15 +42,23 @@ Speculative decoding (decode and colocated workers, `--speculative`): draft toke
 accepted; sequence-steps of decoding (one per running request per engine step) and the tokens they
 produced, so `rate(..._step_tokens_total) / rate(..._sequence_steps_total)` is tokens per step (1
 without speculation); the two gauges are the same ratios since the process started.
+
+Where a worker's cores go: `sum by (instance) (rate(distserve_engine_busy_seconds_total[1m]))` is the
+share of the time its engine was running steps (1: it never waited for work), split by `step` into
+decode-only, prompt-only and mixed steps; beside `rate(process_cpu_seconds_total[1m])` (every thread of
+the process, the gRPC and KV threads too) it shows what is spent outside steps. `distserve bench serve
+--scrape URL` prints both for each worker over the run (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from distserve.engine.step_times import STEP_KINDS  # standard library only: routers still load no torch
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1)
@@ -73,6 +84,38 @@ class NativeKernels:
         for name, st in (loaded.status().items() if loaded else ()):
             family.add_metric([name], float(st.native))
         yield family
+
+
+
+
+class EngineTime:
+    """Where a worker's engine spent its time since start, read at each scrape from its latest stats
+    (`source()`: (role, EngineStats, compute threads), or None before the engine runs):
+    `distserve_engine_busy_seconds_total{role, step}` and `distserve_engine_steps_total{role, step}` by
+    what a step carried (`decode`: running decodes only; `prefill`: prompt chunks only; `mixed`: both),
+    `distserve_engine_prompt_tokens_total{role}`, the prompt tokens its steps computed, and
+    `distserve_engine_threads{role}`, the threads it computes with (the cores it is given)."""
+
+    def __init__(self, source: Callable[[], tuple | None]):
+        self.source = source
+
+    def describe(self):
+        yield CounterMetricFamily("distserve_engine_busy_seconds", "Seconds the engine spent in steps, by what the step carried", labels=["role", "step"])
+        yield CounterMetricFamily("distserve_engine_steps", "Engine steps, by what the step carried", labels=["role", "step"])
+        yield CounterMetricFamily("distserve_engine_prompt_tokens", "Prompt tokens computed in engine steps (prefix-cache hits excluded)", labels=["role"])
+        yield GaugeMetricFamily("distserve_engine_threads", "Threads the engine computes with", labels=["role"])
+
+    def collect(self):
+        busy, steps, prompt, threads = self.describe()
+        now = self.source()
+        if now is not None:
+            role, st, n = now
+            threads.add_metric([role], n)
+            for kind, seconds, count in zip(STEP_KINDS, st.step_seconds, st.step_counts):
+                busy.add_metric([role, kind], seconds)
+                steps.add_metric([role, kind], count)
+            prompt.add_metric([role], st.prompt_tokens_computed)
+        yield from (busy, steps, prompt, threads)
 
 
 class Metrics:
@@ -130,6 +173,7 @@ class Metrics:
         self.spec_tokens_per_step = Gauge("distserve_spec_tokens_per_step", "Tokens per decode sequence-step, since start (1 without speculation)", ["role"], registry=r)
         self._engine_counts = (0, 0, 0, 0)  # the engine's cumulative figures at the last observe_engine
         r.register(NativeKernels())
+        ProcessCollector(registry=r)  # process_cpu_seconds_total and the rest, as every Prometheus exporter has
         # zero-valued children, so every series is scrapeable before its first event
         for outcome in ("finished", "failed", "cancelled"):
             self.requests.labels(role, outcome)
@@ -152,6 +196,10 @@ class Metrics:
         """Starts the HTTP endpoint; port 0 picks a free one. Returns the port."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port
+
+    def watch_engine(self, source: Callable[[], tuple | None]) -> None:
+        """Exports where the engine's time goes (EngineTime), read from `source` at each scrape."""
+        self.registry.register(EngineTime(source))
 
     def set_info(self, model: str, instance_id: str) -> None:
         self.info.labels(self.role, model, instance_id).set(1)

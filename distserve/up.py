@@ -1,5 +1,5 @@
 """`UpProcess`: `distserve up` (services.up) in a subprocess, for tests and benchmarks: waits until it
-is up, reads its addresses, TLS folder and Redis admin URL from its output, prints every log on
+is up, reads its addresses, metrics endpoints, TLS folder and Redis admin URL from its output, prints every log on
 failure and stops it with SIGINT."""
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class UpProcess:
         self.http_url = f"{scheme}://127.0.0.1:{self.http_port}" if self.http_port > 0 else None
         m = re.search(r"routers at (\S+);", text)
         self.targets = m.group(1).split(",") if m else [self.target]  # every router, the first one first
+        m = re.search(r"^metrics \(Prometheus[^:]*: (.*)$", text, re.M)
+        self.metrics = dict(kv.split("=", 1) for kv in m.group(1).split()) if m else {}  # process name -> host:port
 
     @property
     def client_tls(self) -> dict[str, str]:

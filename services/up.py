@@ -121,6 +121,7 @@ class Proc:
     log: Path
     argv: list[str] = field(default_factory=list)  # `distserve <argv>`, the same at every restart
     env: dict[str, str] = field(default_factory=dict)  # added to its environment (secrets: not in argv)
+    metrics: str = ""  # host:port of its Prometheus endpoint, where up chose it (the same at every restart)
 
 
 def preload() -> None:
@@ -216,6 +217,15 @@ def fresh_port(host: str, taken: set[int]) -> int:
     return port
 
 
+def metrics_flags(host: str, taken: set[int], extra: list[str]) -> tuple[list[str], str]:
+    """A fixed Prometheus port for a process (so a restart keeps it, and up can say where it is), unless
+    its extra flags (--worker-arg / --router-arg) set one: (flags, host:port or "")."""
+    if any(f == "--metrics-port" or f.startswith("--metrics-port=") for f in extra):
+        return [], ""
+    port = fresh_port(host, taken)
+    return ["--metrics-port", str(port)], f"{host}:{port}"
+
+
 def router_ports(host: str, first: int, n: int, taken: set[int] | None = None) -> list[int]:
     """first, then the next ports up where free (and not in `taken`), else any free one."""
     taken = set() if taken is None else taken
@@ -306,8 +316,10 @@ class Suite:
         for role, (threads, cpus) in zip(roles, plan):
             counts[role] = counts.get(role, 0) + 1
             port = fresh_port(a.host, taken)
+            metrics, metrics_at = metrics_flags(a.host, taken, a.worker_arg)
             name = f"{role}-{counts[role]}"
-            argv = ["serve", role, *common, *engine_flags, *(spec_flags if role != "prefill" else []), "--port", str(port), "--threads", str(threads), "--worker-id", name, *a.worker_arg]
+            argv = ["serve", role, *common, *engine_flags, *(spec_flags if role != "prefill" else []), "--port", str(port), *metrics,
+                    "--threads", str(threads), "--worker-id", name, *a.worker_arg]
             if cpus:
                 argv += ["--cpus", cpus]
             elastic = getattr(a, "elastic", False) and role != "colocated"  # as a decode worker it pulls KV and reads the registry: the decode role's rights
@@ -315,12 +327,15 @@ class Suite:
                 argv += ["--elastic", "true"]
             env = self._env("decode" if elastic else role)
             workers.append((self._fork if fork else self._spawn)(name, argv, f"{a.host}:{port}", env))
+            workers[-1].metrics = metrics_at
         routers = []
         for i, port in enumerate(router_at):
             name = "router" if i == 0 else f"router-{i + 1}"
             http = ["--http-port", str(a.http_port + i if a.http_port > 0 else a.http_port)]
-            routers.append(self._spawn(name, ["serve", "router", *common, "--port", str(port), *http, *a.router_arg],
+            metrics, metrics_at = metrics_flags(a.host, taken, a.router_arg)
+            routers.append(self._spawn(name, ["serve", "router", *common, "--port", str(port), *http, *metrics, *a.router_arg],
                                        f"{a.host}:{port}", self._env("router")))
+            routers[-1].metrics = metrics_at
         deadline = time.monotonic() + READY_TIMEOUT_S
         for p in [*workers, *routers]:
             try:
@@ -400,6 +415,8 @@ class Suite:
             more = f"routers at {','.join(addresses)}; " if len(addresses) > 1 else ""
             if self.tls_dir is not None:  # before the "is up" line, which scripts wait for
                 print(f"TLS certificates in {self.tls_dir}; clients need DISTSERVE_TLS_CA={self.tls_dir / 'ca.pem'}", flush=True)
+            if at := [f"{p.name}={p.metrics}" for p in self.procs if p.metrics]:
+                print(f"metrics (Prometheus, plain HTTP): {' '.join(at)}", flush=True)
             print(f"distserve is up: router at {addresses[0]} ({more}{a.prefill} prefill, {a.decode} decode, "
                   f"{a.colocated} colocated; model {a.model}; redis at {self.redis.url}, admin URL in {self.redis_admin_file}; "
                   f"logs in {self.logs}). "

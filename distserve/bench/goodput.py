@@ -96,7 +96,7 @@ async def measure_system(target_spec: str, label: str, args, progress_factory) -
             # each point its own words (same lengths and arrivals): no point finds another's prompts cached
             reqs = build_requests(args.workload, args.num_requests, tok, args.seed, variant=len(runs)) if runs else base
             with progress_factory(len(base), f"{label} @ {rate:g} req/s") as bar:
-                run = await measure(target, reqs, replace(cfg, rate=rate), bar.update, tok.decode)
+                run = await measure(target, reqs, replace(cfg, rate=rate), bar.update, tok.decode, args.scrape)
                 bar.suffix = f"attainment {run['summary']['attainment']:.0%}"
             return run
 
@@ -137,6 +137,8 @@ async def measure_system(target_spec: str, label: str, args, progress_factory) -
 async def goodput_main(args) -> dict:
     from distserve.bench.report import Progress
 
+    if args.scrape and len(args.target) > 1:
+        raise SystemExit("--scrape names the workers of one system: measure one --target with it")
     labels = list(args.label or [])
     systems = []
     for i, t in enumerate(args.target):

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from distserve.bench import cores
 from distserve.bench.metrics import PHASES
 
 
@@ -81,6 +82,8 @@ def serve_table(run: dict) -> str:
         lines += ["", f"{'phase (s)':18}{'mean':>9}{'p90':>9}"]
         for p, v in s["phases_mean"].items():
             lines.append(f"{p:18}{v:>9.3f}{s['phases_p90'][p]:>9.3f}")
+    if s.get("cores"):
+        lines += cores.table(s["cores"])
     if s.get("short_outputs"):
         lines.append(f"note: {s['short_outputs']} requests ended before their output length (target ignored ignore_eos?)")
     for e in s.get("errors", []):
@@ -119,6 +122,9 @@ def goodput_table(doc: dict) -> str:
         ph = m.get("phases_mean") or {}
         lines.append(f"{s['label'][:33]:34}{s['scale']['rate']:>6g}{_s(m['ttft']['p90']):>9}{_ms(m['tpot']['p90']) + 'ms':>9}"
                      + "".join(f"{ph[p]:>10.3f}" if p in ph else f"{'-':>10}" for p in PHASES))
+    for s in doc["systems"]:
+        if s["scale"]["summary"].get("cores"):
+            lines += ["", f"{s['label']} at {s['scale']['rate']:g} req/s:"] + cores.table(s["scale"]["summary"]["cores"])[1:]
     return "\n".join(lines)
 
 

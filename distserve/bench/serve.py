@@ -20,6 +20,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from distserve.bench import cores
 from distserve.bench.metrics import PHASES, RequestResult, summarize
 from distserve.bench.workloads import MIXES, RequestSpec, build_requests, conversations, with_arrivals
 
@@ -189,13 +190,18 @@ async def resolve_model(target, model: str) -> str:
     return "smollm2-135m"
 
 
-async def measure(target, base: list[RequestSpec], cfg: RunConfig, progress=None, decode=None) -> dict:
-    """One run at cfg.rate (or closed loop): the summary plus every request's timeline."""
+async def measure(target, base: list[RequestSpec], cfg: RunConfig, progress=None, decode=None, scrape: list[str] = ()) -> dict:
+    """One run at cfg.rate (or closed loop): the summary plus every request's timeline; with `scrape`
+    (workers' metrics URLs) also where each worker's time went (summary["cores"], bench.cores)."""
     reqs = base if cfg.arrival == "closed" else with_arrivals(base, cfg.rate, cfg.arrival, cfg.cv, cfg.seed)
+    before = await cores.scrape(list(scrape)) if scrape else None
     results, span = await run_requests(target, reqs, cfg.arrival, cfg.concurrency, progress, decode)
+    summary = summarize(results, cfg.slo_ttft, cfg.slo_tpot, span)
+    if before is not None:
+        summary["cores"] = cores.account(before, await cores.scrape(list(scrape)))
     return {
         "rate": cfg.rate if cfg.arrival != "closed" else None,
-        "summary": summarize(results, cfg.slo_ttft, cfg.slo_tpot, span),
+        "summary": summary,
         "requests": [r.to_dict() for r in results],
     }
 
@@ -235,7 +241,7 @@ async def serve_main(args) -> dict:
         base = build_requests(cfg.workload, cfg.num_requests, tok, cfg.seed)
         await warm_up(target, warm_up_list(cfg.workload, base, args.warmup, tok, cfg.seed), args.warmup)
         with Progress(len(base), f"{args.target} {cfg.workload}", enabled=not args.no_progress) as bar:
-            run = await measure(target, base, cfg, bar.update, tok.decode)
+            run = await measure(target, base, cfg, bar.update, tok.decode, args.scrape)
     finally:
         await target.close()
     return {"commit": git_commit(), "target": args.target, "model": model, "config": asdict(cfg),
@@ -270,6 +276,9 @@ def add_common_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=2, help="requests sent one by one before measuring, not recorded")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--scrape", type=lambda v: [cores.normalize(u) for u in v.split(",") if u.strip()], default=[],
+                   help="workers' metrics endpoints (host:port or URL, comma-separated): read before and after each run, "
+                        "to report where each worker's time went (busy by step kind, CPU)")
 
 
 def add_serve_arguments(p) -> None:

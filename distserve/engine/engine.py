@@ -36,7 +36,7 @@ from distserve.engine.sampling import SamplingParams, find_stop, validate_reques
 from distserve.engine.scheduler import Scheduler, SchedulerOutput
 from distserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from distserve.engine.speculative import build as build_speculator
-from distserve.engine.step_times import StepPredictor, StepTimes, chunk_budget
+from distserve.engine.step_times import StepAccount, StepPredictor, StepTimes, chunk_budget
 from distserve.engine.weights import load as load_weights
 from distserve.engine.weights import resolve_format
 from distserve.tokenization import IncrementalDetokenizer
@@ -83,6 +83,10 @@ class EngineStats:
     spec_accepted_tokens: int = 0  # ... of which accepted
     decode_seq_steps: int = 0  # sequence-steps of decoding (one per running sequence per step), since start
     decode_seq_tokens: int = 0  # tokens they produced (= decode_seq_steps without speculation)
+    # where the engine's time went since start (step_times.StepAccount), by step_times.STEP_KINDS
+    step_seconds: tuple[float, ...] = (0.0, 0.0, 0.0)  # in steps, schedule to sampled tokens
+    step_counts: tuple[int, ...] = (0, 0, 0)
+    prompt_tokens_computed: int = 0  # prompt tokens its steps ran (prefix-cache hits excluded)
 
 
 class LLMEngine:
@@ -116,6 +120,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, tuple(loaded.eos_token_ids))
         self.speculator = build_speculator(config, loaded, self.runner, fmt, share, num_blocks, dtype)
         self.step_times = StepTimes()
+        self.account = StepAccount()
         self.step_predictor = step_predictor or self.step_times.predict
         self.scheduler = self._scheduler(config)
         self.eos = frozenset(loaded.eos_token_ids)
@@ -272,6 +277,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         s = self.scheduler
         fit = self.step_times.fit
+        seconds, counts, prompt_tokens = self.account.snapshot()
         return EngineStats(
             queued_requests=len(s.waiting) + len(s.prefilling),
             queued_tokens=s.queued_tokens,
@@ -294,6 +300,9 @@ class LLMEngine:
             spec_accepted_tokens=self.speculator.counters.accepted,
             decode_seq_steps=self.speculator.counters.decode_steps,
             decode_seq_tokens=self.speculator.counters.decode_tokens,
+            step_seconds=seconds,
+            step_counts=counts,
+            prompt_tokens_computed=prompt_tokens,
         )
 
     # -- the step ----------------------------------------------------------------------------
@@ -318,7 +327,10 @@ class LLMEngine:
         # draft rows count as what they cost, prompt tokens (see _drafts): a decode-only worker learns
         # their price from its own speculative steps instead of charging each the attention pass of a sequence
         drafted = batch.num_decode - len(sched.decode)
-        self.step_times.observe(len(sched.decode), sum(c.end - c.start for c in sched.chunks) + drafted, time.perf_counter() - t_step)
+        prompt_tokens = sum(c.end - c.start for c in sched.chunks)
+        seconds = time.perf_counter() - t_step
+        self.step_times.observe(len(sched.decode), prompt_tokens + drafted, seconds)
+        self.account.add(len(sched.decode), prompt_tokens, seconds)
         return outs
 
     def _drafts(self, sched: SchedulerOutput) -> list[list[int]] | None:

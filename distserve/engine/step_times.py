@@ -6,7 +6,8 @@ runs (decodes: running sequences that got one token each; prompt_tokens: the pro
 the step and its speculative draft rows, which cost what a chunk's token does; seconds: schedule to
 sampled tokens), and `chunk_budget` before every chunked step that
 carries running decodes. A worker publishes the fit (`StepFit`) in its registry load, so routers can
-predict how long a prompt takes there.
+predict how long a prompt takes there. The engine also adds each step to a `StepAccount`, where its
+time went by what the steps carried, which workers export (`distserve_engine_busy_seconds_total`).
 
 The model is step_s = a + b_d * decodes + b_p * prompt_tokens. Decode and prompt tokens are apart
 because they cost differently, and not in one direction everywhere: a decode token attends to its
@@ -36,6 +37,8 @@ ALPHA = 0.2  # weight of a new step in its bucket's means, once the bucket has 1
 MAX_WEIGHT = 20  # a bucket's weight in the fit: its samples, at most this
 REFIT_STEPS = 8  # the fit is recomputed at most every this many observed steps (and when first read)
 
+STEP_KINDS = ("decode", "mixed", "prefill")  # what a step carried: running decodes only, both, prompt chunks only
+
 # (running decodes, tokens of their contexts in all, prompt-chunk tokens) -> predicted step seconds;
 # None when nothing is known yet
 StepPredictor = Callable[[int, int, int], "float | None"]
@@ -51,6 +54,30 @@ class StepFit:
 
     def seconds(self, decodes: int, prompt_tokens: int) -> float:
         return self.fixed_s + self.decode_s * decodes + self.token_s * prompt_tokens
+
+
+class StepAccount:
+    """Where an engine's time went since it started: seconds and steps by STEP_KINDS, and the prompt
+    tokens its steps computed (prefix-cache hits excluded). Written by the engine thread; `snapshot`
+    gives immutable copies for any other."""
+
+    __slots__ = ("seconds", "steps", "prompt_tokens")
+
+    def __init__(self):
+        self.seconds = [0.0] * len(STEP_KINDS)
+        self.steps = [0] * len(STEP_KINDS)
+        self.prompt_tokens = 0
+
+    def add(self, decodes: int, prompt_tokens: int, seconds: float) -> None:
+        if decodes + prompt_tokens <= 0 or not seconds >= 0:
+            return
+        kind = 0 if not prompt_tokens else 1 if decodes else 2
+        self.seconds[kind] += seconds
+        self.steps[kind] += 1
+        self.prompt_tokens += prompt_tokens
+
+    def snapshot(self) -> tuple[tuple[float, ...], tuple[int, ...], int]:
+        return tuple(self.seconds), tuple(self.steps), self.prompt_tokens
 
 
 class StepTimes:

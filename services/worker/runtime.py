@@ -97,6 +97,8 @@ class WorkerRuntime:
         self.kv_pulls = PullEstimate()  # a decode worker's recent KV pulls (published for routers' transfer estimates)
         self.stop_event = asyncio.Event()
         self.prefix_version = 0  # version of the prefix filter last handed to the heartbeat
+        self.metrics.watch_engine(lambda: (self.role, self.worker.stats, self.worker.threads or torch.get_num_threads())
+                                  if self.worker is not None and self.role else None)
         self._prefix_call: asyncio.Future | None = None  # the engine's prefix hashes, asked for and not yet taken
 
     # -- start -------------------------------------------------------------------------------

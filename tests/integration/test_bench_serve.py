@@ -20,16 +20,21 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
+def up(tmp_path_factory):
     up = UpProcess(tmp_path_factory.mktemp("up"), "--model", "tiny-llama", "--prefill", "1", "--decode", "1", timeout_s=90)
     # the suite serves TLS: the bench (through the SDK) finds the CA where users put it, $DISTSERVE_TLS_CA
     mp = pytest.MonkeyPatch()
     mp.setenv("DISTSERVE_TLS_CA", up.tls_ca)
     try:
-        yield up.target
+        yield up
     finally:
         mp.undo()
         up.stop()
+
+
+@pytest.fixture(scope="module")
+def suite(up):
+    return up.target
 
 
 def cli(argv: list[str], capsys) -> str:
@@ -115,6 +120,30 @@ def test_serve_distserve_target_records_tokens_and_phases(suite, tmp_path, capsy
     # the router's default mode prefills every prompt on the prefill pool, and says so per request
     assert [r.disagg for r in rs] == ["remote"] * 6 and out["summary"]["disagg_decisions"] == {"remote": 6}
     assert "prefilled remote 6" in text
+
+
+def test_serve_says_where_each_workers_time_went(up, tmp_path, capsys):
+    """up names every process's metrics endpoint; the bench reads the workers' before and after the run."""
+    assert set(up.metrics) == {"prefill-1", "decode-1", "router"}
+    path = tmp_path / "run.json"
+    scrape = f"{up.metrics['prefill-1']},{up.metrics['decode-1']}"
+    text = cli(["bench", "serve", "--target", f"distserve://{up.target}", "--workload", "chat", "--rate", "20", "--num-requests", "6",
+                "--seed", "11", "--slo-ttft", "30", "--slo-tpot", "5", "--no-progress", "--scrape", scrape, "--out", str(path)], capsys)
+    assert "where each worker's time went" in text
+    out = json.loads(path.read_text())
+    rs = _check_run(out, 6)
+    acc = out["summary"]["cores"]
+    assert acc["errors"] == []
+    prefill, decode = acc["workers"]
+    assert (prefill["role"], prefill["instance"], decode["role"], decode["instance"]) == ("prefill", "prefill-1", "decode", "decode-1")
+    # the prefill worker ran every prompt token not cached, in prompt-only steps, and nothing else
+    assert prefill["prompt_tokens"] == sum(r.prompt_len - r.cached_tokens for r in rs) > 0
+    assert prefill["steps"]["prefill"] >= 1 and prefill["steps"]["decode"] == prefill["steps"]["mixed"] == 0
+    # the decode worker ran decode-only steps (remote prefill: no prompt of its own)
+    assert decode["steps"]["decode"] >= max(r.output_len for r in rs) - 1 and decode["prompt_tokens"] == 0
+    for w in (prefill, decode):
+        assert 0 < w["busy"] <= 1 and w["busy"] == pytest.approx(sum(w["busy_by_step"].values()), abs=1e-3)
+        assert w["wall_s"] >= out["summary"]["duration_s"] * 0.9 and w["threads"] == 1
 
 
 def test_serve_multiturn_resends_each_conversation_with_its_answers(suite, tmp_path, capsys):

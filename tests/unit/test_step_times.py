@@ -10,7 +10,7 @@ from distserve.engine.engine import EngineConfig, LLMEngine
 from distserve.engine.sampling import SamplingParams
 from distserve.engine.scheduler import Scheduler
 from distserve.engine.sequence import Sequence
-from distserve.engine.step_times import StepFit, StepTimes, chunk_budget, fit_plane
+from distserve.engine.step_times import STEP_KINDS, StepAccount, StepFit, StepTimes, chunk_budget, fit_plane
 from tests.engine_helpers import prompts, run_to_end
 
 
@@ -128,6 +128,12 @@ def test_engine_under_a_tpot_target_chunks_prompts_and_keeps_greedy_output(tiny)
         eng.scheduler.schedule = sched
     mixed = [(d, t) for d, t in steps if d and t]
     assert mixed and all(t <= 40 - d for d, t in mixed)  # every step with decodes kept within 40 ms
+    # where its time went: every step counted by what it carried (the first: both prompts, no decodes)
+    kinds = ["decode" if not t else "mixed" if d else "prefill" for d, t in [(0, len(ps[0]) + len(ps[1])), *steps] if d + t]
+    st = eng.stats()
+    assert st.step_counts == tuple(kinds.count(k) for k in STEP_KINDS) and all(st.step_counts)
+    assert st.prompt_tokens_computed == sum(map(len, ps))
+    assert all(s > 0 for s in st.step_seconds)
     assert sum(t for _, t in mixed) == sum(map(len, ps[2:]))  # the later prompts rode on the decodes, in chunks
     assert outs == run_to_end(plain)  # token-identical to whole-prompt prefill
     st = eng.stats()
@@ -137,6 +143,18 @@ def test_engine_under_a_tpot_target_chunks_prompts_and_keeps_greedy_output(tiny)
     assert st.max_step_tokens == 256 and st.prefill_budget_tokens == 256  # idle: the whole step budget
     with pytest.raises(ValueError):
         EngineConfig(tpot_target_s=-1)
+
+
+def test_step_account_sorts_steps_by_what_they_carried():
+    acc = StepAccount()
+    for decodes, prompt, seconds in ((4, 0, 0.02), (4, 10, 0.05), (0, 30, 0.1), (2, 0, 0.01), (0, 0, 9.0), (1, 1, float("nan"))):
+        acc.add(decodes, prompt, seconds)
+    seconds, steps, prompt = acc.snapshot()
+    assert STEP_KINDS == ("decode", "mixed", "prefill")
+    assert steps == (2, 1, 1) and prompt == 40  # an empty step and a step of no finite length are not counted
+    assert seconds == pytest.approx((0.03, 0.05, 0.1))
+    acc.add(0, 5, 0.1)
+    assert seconds == pytest.approx((0.03, 0.05, 0.1))  # a snapshot does not move with the account
 
 
 def test_chunk_cap_of_the_engine_follows_the_running_batch(tiny):

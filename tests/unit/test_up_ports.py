@@ -21,3 +21,14 @@ def test_more_routers_take_the_next_free_ports_but_not_taken_ones():
     ports = up.router_ports("127.0.0.1", first, 3, taken)
     assert ports[0] == first and len(set(ports)) == 3
     assert first + 1 not in ports and set(ports[1:]) <= taken  # the ones it chose are taken now too
+
+
+def test_each_process_gets_a_metrics_port_of_its_own_unless_its_flags_name_one(monkeypatch):
+    picks = iter([6000, 6001, 6002])
+    monkeypatch.setattr(up, "free_port", lambda host: next(picks))
+    taken = {6000}
+    assert up.metrics_flags("127.0.0.1", taken, ["--tpot-slo-ms=150"]) == (["--metrics-port", "6001"], "127.0.0.1:6001")
+    assert 6001 in taken  # no worker or router gets it after
+    for extra in (["--metrics-port", "9100"], ["--metrics-port=9100"]):  # the operator's port wins, and up names none
+        assert up.metrics_flags("127.0.0.1", taken, extra) == ([], "")
+    assert taken == {6000, 6001}
