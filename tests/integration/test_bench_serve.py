@@ -194,13 +194,19 @@ def test_openai_target_reports_http_errors(openai_server):
     assert not res.ok and "HTTP 404" in res.error
 
 
-def test_goodput_runs_sweep_and_writes_json_and_plots(suite, tmp_path, capsys):
+def test_goodput_runs_sweep_and_writes_json_and_plots(up, tmp_path, capsys):
+    suite = up.target
     out_path = tmp_path / "g.json"
     text = cli(["bench", "goodput", "--target", f"distserve://{suite}", "--label", "disagg", "--workload", "code",
                 "--rates", "5", "--bisect-steps", "1", "--num-requests", "5", "--slo-ttft", "30", "--slo-tpot", "5",
-                "--also-slo", "0.0001,0.0001", "--no-progress", "--out", str(out_path)], capsys)
+                "--also-slo", "0.0001,0.0001", "--no-progress", "--scrape", up.metrics["decode-1"], "--out", str(out_path)], capsys)
     doc = json.loads(out_path.read_text())
     (sys_,) = doc["systems"]
+    # each point says where the decode worker's time went; the table gives it at the fixed rate
+    for point in sys_["points"]:
+        (w,) = point["summary"]["cores"]["workers"]
+        assert w["instance"] == "decode-1" and w["steps"]["decode"] > 0
+    assert "disagg at 5 req/s:" in text and "decode decode-1" in text
     assert sys_["label"] == "disagg" and "disagg" in text and doc["commit"]
     assert [p["rate"] for p in sys_["points"]] == [5.0] and sys_["goodput_rps"] == 5.0 and not sys_["bounded"]
     # the unreachable SLO pair reuses the run at 5 req/s (failing there) and bisects down to 2.5, which it runs
