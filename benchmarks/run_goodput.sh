@@ -64,8 +64,8 @@ if [ -n "${watch:-}" ]; then  # the planner's watch, moving elastic workers betw
         { grep -E -B1 "RECOMMEND|CHANGED|GAVE UP" "$run/watch.out" || echo "no change of role"; } | sed "s/^/  watch: /"' EXIT
 fi
 echo "commit $(git rev-parse --short HEAD), $config: $label"
-# the workers' Prometheus endpoints (up prints them): the benches report where each worker's time went
-scrape=$(grep -m1 "^metrics (Prometheus" "$run/up.out" | tr ' ' '\n' | grep -E "^(prefill|decode|colocated)-[0-9]+=" | cut -d= -f2 | paste -sd, -) || true
+# the Prometheus endpoints of the workers and routers (up prints them): the benches report where each one's time went
+scrape=$(grep -m1 "^metrics (Prometheus" "$run/up.out" | tr ' ' '\n' | grep -E "^[a-z]+(-[0-9]+)?=" | cut -d= -f2 | paste -sd, -) || true
 children() { local p; for p in $(pgrep -P "$1"); do echo "$p"; children "$p"; done; }
 for pid in $(children $up_pid); do  # workers (forked: ds-<name>) and routers (spawned: distserve serve router)
   name=$(cat /proc/$pid/comm 2>/dev/null) || continue

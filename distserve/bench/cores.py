@@ -1,4 +1,5 @@
-"""Where each worker's cores went during a run, from its Prometheus endpoint (`--scrape URL`).
+"""Where each worker's cores went during a run, from its Prometheus endpoint (`--scrape URL`). A
+router's endpoint can be given too: it has no engine, so only its CPU shows.
 
 Each worker exports the seconds its engine spent in steps by what they carried (decode-only,
 prompt-only, mixed: `distserve_engine_busy_seconds_total`), the prompt tokens those steps computed, the
@@ -86,8 +87,9 @@ async def scrape(urls: list[str]) -> dict[str, Reading | str]:
     return dict(zip(urls, results))
 
 
-def account(before: dict[str, Reading | str], after: dict[str, Reading | str]) -> dict:
-    """Per worker, shares of the wall time between its two readings."""
+def account(before: dict[str, Reading | str], after: dict[str, Reading | str], client_cpu: float | None = None) -> dict:
+    """Per worker, shares of the wall time between its two readings; `client_cpu`: the load
+    generator's own CPU seconds per second of the run, passed through."""
     workers, errors = [], []
     for url, a in before.items():
         b = after.get(url)
@@ -102,19 +104,20 @@ def account(before: dict[str, Reading | str], after: dict[str, Reading | str]) -
             errors.append(f"{url}: its counters went back (the worker restarted during the run)")
             continue
         n = b.threads
-        steps = {k: b.steps.get(k, 0.0) - a.steps.get(k, 0.0) for k in STEP_KINDS}
-        cpu = None if a.cpu_s is None or b.cpu_s is None else (b.cpu_s - a.cpu_s) / wall / n
-        workers.append({
-            "url": url, "role": b.role, "instance": b.instance, "wall_s": round(wall, 3), "threads": n,
-            "busy": round(sum(busy.values()) / wall, 4),
-            "busy_by_step": {k: round(v / wall, 4) for k, v in busy.items()},
-            "steps": {k: int(v) for k, v in steps.items()},
-            "step_ms": {k: round(1000 * busy[k] / steps[k], 2) if steps[k] else None for k in STEP_KINDS},
-            "cpu": None if cpu is None else round(cpu, 4),
-            "prompt_tokens": int(b.prompt_tokens - a.prompt_tokens),
-            "generated_tokens": int(b.generated_tokens - a.generated_tokens),
-        })
-    return {"workers": workers, "errors": errors}
+        cpu = None if a.cpu_s is None or b.cpu_s is None else round((b.cpu_s - a.cpu_s) / wall / n, 4)
+        w = {"url": url, "role": b.role, "instance": b.instance, "wall_s": round(wall, 3), "threads": n, "cpu": cpu,
+             "generated_tokens": int(b.generated_tokens - a.generated_tokens)}
+        if b.busy:  # a worker; a router has no engine, and only its CPU is told
+            steps = {k: b.steps.get(k, 0.0) - a.steps.get(k, 0.0) for k in STEP_KINDS}
+            w |= {
+                "busy": round(sum(busy.values()) / wall, 4),
+                "busy_by_step": {k: round(v / wall, 4) for k, v in busy.items()},
+                "steps": {k: int(v) for k, v in steps.items()},
+                "step_ms": {k: round(1000 * busy[k] / steps[k], 2) if steps[k] else None for k in STEP_KINDS},
+                "prompt_tokens": int(b.prompt_tokens - a.prompt_tokens),
+            }
+        workers.append(w)
+    return {"workers": workers, "errors": errors, "client_cpu": None if client_cpu is None else round(client_cpu, 4)}
 
 
 def table(cores: dict) -> list[str]:
@@ -124,11 +127,16 @@ def table(cores: dict) -> list[str]:
     lines = ["", "where each worker's time went (share of the run's wall time; cpu: all its threads, per core)",
              f"{'worker':30}{'busy':>7}{'decode':>8}{'mixed':>8}{'prefill':>8}{'cpu':>7}   steps (mean ms) d / m / p   prompt tok  gen tok"]
     for w in cores["workers"]:
-        b = w["busy_by_step"]
-        ms = " / ".join(f"{w['steps'][k]} ({w['step_ms'][k]:.0f})" if w["step_ms"][k] is not None else "0" for k in STEP_KINDS)
         cpu = "-" if w["cpu"] is None else f"{w['cpu']:.0%}"
         name = f"{w['role']} {w['instance'] or w['url']}"
+        if "busy" not in w:
+            lines.append(f"{name[:29]:30}{'-':>7}{'-':>8}{'-':>8}{'-':>8}{cpu:>7}")
+            continue
+        b = w["busy_by_step"]
+        ms = " / ".join(f"{w['steps'][k]} ({w['step_ms'][k]:.0f})" if w["step_ms"][k] is not None else "0" for k in STEP_KINDS)
         lines.append(f"{name[:29]:30}{w['busy']:>7.0%}{b['decode']:>8.0%}{b['mixed']:>8.0%}{b['prefill']:>8.0%}{cpu:>7}   "
                      f"{ms:28}{w['prompt_tokens']:>10}{w['generated_tokens']:>9}")
+    if cores.get("client_cpu") is not None:
+        lines.append(f"{'load generator (bench)':30}{'':>7}{'':>8}{'':>8}{'':>8}{cores['client_cpu']:>7.0%}")
     lines += [f"scrape error: {e}" for e in cores["errors"]]
     return lines

@@ -195,10 +195,11 @@ async def measure(target, base: list[RequestSpec], cfg: RunConfig, progress=None
     (workers' metrics URLs) also where each worker's time went (summary["cores"], bench.cores)."""
     reqs = base if cfg.arrival == "closed" else with_arrivals(base, cfg.rate, cfg.arrival, cfg.cv, cfg.seed)
     before = await cores.scrape(list(scrape)) if scrape else None
+    cpu0 = time.process_time()
     results, span = await run_requests(target, reqs, cfg.arrival, cfg.concurrency, progress, decode)
     summary = summarize(results, cfg.slo_ttft, cfg.slo_tpot, span)
-    if before is not None:
-        summary["cores"] = cores.account(before, await cores.scrape(list(scrape)))
+    if before is not None:  # and what this load generator cost, on the same machine as the suite or not
+        summary["cores"] = cores.account(before, await cores.scrape(list(scrape)), client_cpu=(time.process_time() - cpu0) / span if span > 0 else None)
     return {
         "rate": cfg.rate if cfg.arrival != "closed" else None,
         "summary": summary,

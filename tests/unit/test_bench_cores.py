@@ -46,6 +46,20 @@ def test_a_worker_exports_its_step_account_and_the_bench_divides_it_by_the_wall_
     assert any(line.startswith("decode decode-7") and "60%" in line and "200 (20)" in line for line in lines)
 
 
+def test_a_router_shows_its_cpu_only_and_the_load_generator_its_own():
+    m = Metrics("router")
+    m.set_info("tiny-llama", "router-1")
+    text = exported(m)
+    first, second = cores.parse(text, at=0.0), cores.parse(text, at=4.0)
+    assert first.busy == {} and first.role == "router"
+    acc = cores.account({"r": first}, {"r": replace(second, cpu_s=second.cpu_s + 1.0)}, client_cpu=0.25)
+    (w,) = acc["workers"]
+    assert "busy" not in w and w["cpu"] == pytest.approx(0.25, abs=0.01) and acc["client_cpu"] == 0.25
+    lines = cores.table(acc)
+    assert any(line.startswith("router router-1") and line.split()[2:6] == ["-"] * 4 for line in lines)
+    assert any(line.startswith("load generator (bench)") and line.endswith("25%") for line in lines)
+
+
 def test_a_restarted_or_unreachable_worker_is_named_not_counted():
     busy = cores.Reading(0.0, "prefill", "p-1", busy={"prefill": 50.0}, prompt_tokens=5000)
     restarted = cores.Reading(10.0, "prefill", "p-1", busy={"prefill": 2.0}, prompt_tokens=100)
