@@ -36,7 +36,7 @@ from distserve.engine.sampling import SamplingParams, find_stop, validate_reques
 from distserve.engine.scheduler import Scheduler, SchedulerOutput
 from distserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from distserve.engine.speculative import build as build_speculator
-from distserve.engine.step_times import StepAccount, StepPredictor, StepTimes, chunk_budget
+from distserve.engine.step_times import StepAccount, StepPredictor, StepTimes, below_block_cap, chunk_budget
 from distserve.engine.weights import load as load_weights
 from distserve.engine.weights import resolve_format
 from distserve.tokenization import IncrementalDetokenizer
@@ -126,6 +126,7 @@ class LLMEngine:
         self.eos = frozenset(loaded.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}  # every request that holds or awaits blocks
         self.last_forward_s = 0.0  # duration of the latest forward pass (for overhead accounting)
+        self._chunk_credit = 0.0  # prompt tokens budgeted by steps since the last below-budget block (chunk_cap)
 
     @property
     def layout(self):
@@ -265,10 +266,15 @@ class LLMEngine:
         return chunk_budget(self.step_predictor, cfg.tpot_target_s, len(decodes), context, room)
 
     def chunk_cap(self, decodes: list[Sequence]) -> int:
-        """The scheduler's cap: the budget, but at least a block's worth, so a prompt already admitted
-        advances however long the decodes alone take."""
+        """The scheduler's cap: the budget. Where that is less than a block, steps carry no prompt
+        token until their budgets add up to a block, and then one block: the prompt advances at the
+        budget's rate, and the decodes' time per token keeps within the target on average instead of
+        passing it at every step. However small the budget, a prompt already admitted advances by a
+        block at least every CREDIT_STEPS steps."""
         room = self.config.max_num_batched_tokens - len(decodes)
-        return max(self.prefill_budget(decodes), min(room, self.config.block_size))
+        budget = self.prefill_budget(decodes)
+        block = min(room, self.config.block_size)
+        return below_block_cap(self, budget, block)
 
     def prefix_hashes(self) -> tuple[int, list[int]]:
         """The cache's version and every prefix hash it holds (for publishing; run on the engine thread)."""

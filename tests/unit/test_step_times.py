@@ -163,8 +163,13 @@ def test_chunk_cap_of_the_engine_follows_the_running_batch(tiny):
     fake = [seq(i, 10) for i in range(20)]
     assert eng.chunk_cap([]) == eng.prefill_budget([]) == 256
     assert eng.chunk_cap(fake[:5]) == eng.prefill_budget(fake[:5]) == 20  # 25 tokens in 50 ms, 5 of them decodes
-    assert eng.prefill_budget(fake) == 5  # 20 decodes take 40 ms: 5 more tokens fit ...
-    assert eng.chunk_cap(fake) == 16  # ... but a prompt already admitted advances by a block's worth
+    assert eng.prefill_budget(fake) == 5  # 20 decodes take 40 ms: 5 more tokens fit, less than a block ...
+    # ... so steps carry a block when their budgets add up to one: 5 tokens a step on average
+    caps = [eng.chunk_cap(fake) for _ in range(16)]
+    assert caps == [0, 0, 0, 16, 0, 0, 16, 0, 0, 16, 0, 0, 16, 0, 0, 16] and sum(caps) == 5 * 16
+    assert eng.chunk_cap(fake[:5]) == 20  # a budget of a block or more is the cap again
+    assert eng.prefill_budget(fake * 2) == 0  # 40 decodes pass the target: no budget left at all ...
+    assert [eng.chunk_cap(fake * 2) for _ in range(8)] == [0, 0, 0, 16] * 2  # ... yet a prompt taken advances
     off = LLMEngine(tiny, EngineConfig(num_blocks=20))
     assert off.stats().prefill_budget_tokens == 0  # not chunked: it offers no local prefill budget
 
