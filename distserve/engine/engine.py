@@ -36,7 +36,7 @@ from distserve.engine.sampling import SamplingParams, find_stop, validate_reques
 from distserve.engine.scheduler import Scheduler, SchedulerOutput
 from distserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from distserve.engine.speculative import build as build_speculator
-from distserve.engine.step_times import StepAccount, StepPredictor, StepTimes, below_block_cap, chunk_budget
+from distserve.engine.step_times import BlockCredit, StepAccount, StepPredictor, StepTimes, chunk_budget
 from distserve.engine.weights import load as load_weights
 from distserve.engine.weights import resolve_format
 from distserve.tokenization import IncrementalDetokenizer
@@ -126,7 +126,7 @@ class LLMEngine:
         self.eos = frozenset(loaded.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}  # every request that holds or awaits blocks
         self.last_forward_s = 0.0  # duration of the latest forward pass (for overhead accounting)
-        self._chunk_credit = 0.0  # prompt tokens budgeted by steps since the last below-budget block (chunk_cap)
+        self.chunk_credit = BlockCredit()  # how chunk_cap spends budgets below a block
 
     @property
     def layout(self):
@@ -274,7 +274,7 @@ class LLMEngine:
         room = self.config.max_num_batched_tokens - len(decodes)
         budget = self.prefill_budget(decodes)
         block = min(room, self.config.block_size)
-        return below_block_cap(self, budget, block)
+        return self.chunk_credit.cap(budget, block)
 
     def prefix_hashes(self) -> tuple[int, list[int]]:
         """The cache's version and every prefix hash it holds (for publishing; run on the engine thread)."""

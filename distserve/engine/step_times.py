@@ -33,7 +33,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-CREDIT_STEPS = 4  # below_block_cap: a prompt advances by a block at least every this many steps
+CREDIT_STEPS = 4  # BlockCredit: a prompt advances by a block at least every this many steps
 ALPHA = 0.2  # weight of a new step in its bucket's means, once the bucket has 1/ALPHA samples
 MAX_WEIGHT = 20  # a bucket's weight in the fit: its samples, at most this
 REFIT_STEPS = 8  # the fit is recomputed at most every this many observed steps (and when first read)
@@ -209,18 +209,23 @@ def chunk_budget(predict: StepPredictor, target_s: float, decodes: int, context_
     return lo
 
 
-def below_block_cap(holder, budget: int, block: int) -> int:
+class BlockCredit:
     """A step's prompt-token cap from its budget under a TPOT target (`chunk_budget`), where chunks
     come in blocks: the budget when it holds a block; else 0 until the budgets of the steps since the
     last block add up to one (at least block / CREDIT_STEPS a step, so a prompt never stalls), then a
-    block. `holder._chunk_credit` carries the sum from step to step (the engine, or the planner's
-    simulated engine)."""
-    if budget >= block:
-        holder._chunk_credit = 0.0
-        return budget
-    holder._chunk_credit += max(budget, block / CREDIT_STEPS)
-    if holder._chunk_credit >= block:
-        holder._chunk_credit -= block
-        return block
-    return 0
+    block. One per engine (and per simulated engine in the planner), called once a step."""
 
+    __slots__ = ("tokens",)
+
+    def __init__(self):
+        self.tokens = 0.0  # budgets of the steps since the last block carried below the budget
+
+    def cap(self, budget: int, block: int) -> int:
+        if budget >= block:
+            self.tokens = 0.0
+            return budget
+        self.tokens += max(budget, block / CREDIT_STEPS)
+        if self.tokens >= block:
+            self.tokens -= block
+            return block
+        return 0

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from distserve.engine.step_times import below_block_cap
+from distserve.engine.step_times import BlockCredit
 from distserve.planner.latency import StepModel
 from distserve.planner.profile import ServingCosts
 
@@ -107,7 +107,7 @@ class SimEngine:
         self.queued_tokens = 0  # prompt tokens sent here and not yet scheduled (the router's queued count)
         self.steps = 0
         self.preemptions = 0  # kv_on_demand: running requests sent back to be recomputed
-        self._chunk_credit = 0.0  # step_times.below_block_cap's sum, as the engine keeps it
+        self.chunk_credit = BlockCredit()  # budgets below a block, spent as the engine spends them
 
     # -- commands and the step loop ------------------------------------------------------------
     def command(self, fn: Callable[[], None]) -> None:
@@ -255,7 +255,7 @@ class SimEngine:
     def _chunk_cap(self, decode: list[SimRequest], room: int) -> int:
         """The engine's cap under a TPOT target (engine.py: chunk_cap, step_times.chunk_budget): the most
         prompt tokens a step of these decodes may carry with its time within the target, in blocks at
-        the budget's rate where it is less than a block (step_times.below_block_cap). The engine predicts from its own measured step times; here the step model, with
+        the budget's rate where it is less than a block (step_times.BlockCredit). The engine predicts from its own measured step times; here the step model, with
         the overheads and the slowdown, stands in for them (the engine measures what its steps take)."""
         spec = self.spec
         ctx = sum(r.spec.prompt_len + r.generated for r in decode)
@@ -272,7 +272,7 @@ class SimEngine:
                 lo = mid
             else:
                 hi = mid
-        return below_block_cap(self, lo, min(room, spec.block_size))
+        return self.chunk_credit.cap(lo, min(room, spec.block_size))
 
     def _schedule_chunked(self) -> tuple[list[tuple[SimRequest, int, int]], list[SimRequest]]:
         spec = self.spec
