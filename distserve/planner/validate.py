@@ -34,15 +34,18 @@ def up_args(p: Placement, model: str) -> list[str]:
     return args
 
 
-def goodput_args(o: Objective, rates: list[float], model: str, requests: int) -> argparse.Namespace:
+def goodput_args(o: Objective, rates: list[float], model: str, requests: int, scrape: list[str] = ()) -> argparse.Namespace:
+    """What `bench goodput` would parse; `scrape`: the suite's metrics URLs (each point then says where
+    each process's time went)."""
     return argparse.Namespace(
         model=model, timeout=600.0, token_ids=False, workload=o.workload, num_requests=requests, seed=o.seed, warmup=1,
         arrival=o.arrival, cv=o.cv, slo_ttft=o.slo_ttft, slo_tpot=o.slo_tpot, rates=",".join(f"{r:g}" for r in rates),
-        bisect_steps=0 if len(rates) > 1 else 2, scale_rate=rates[0], also_slo=[],
+        bisect_steps=0 if len(rates) > 1 else 2, scale_rate=rates[0], also_slo=[], scrape=list(scrape),
     )
 
 
 def measure_placement(p: Placement, o: Objective, rates: list[float], model: str, requests: int, out=print) -> dict:
+    from distserve.bench import cores
     from distserve.bench.goodput import measure_system
     from distserve.bench.report import Progress
     from distserve.up import UpProcess
@@ -53,7 +56,7 @@ def measure_placement(p: Placement, o: Objective, rates: list[float], model: str
     try:
         if up.tls_ca:  # the suite serves TLS (up's default): the SDK finds its CA here
             os.environ["DISTSERVE_TLS_CA"] = up.tls_ca
-        args = goodput_args(o, rates, model, requests)
+        args = goodput_args(o, rates, model, requests, [cores.normalize(a) for a in up.metrics.values()])
         t0 = time.monotonic()
         result = asyncio.run(measure_system(f"distserve://{up.target}", p.label(), args,
                                             lambda n, what: Progress(n, what, enabled=False)))
