@@ -10,7 +10,7 @@ from distserve.engine.engine import EngineConfig, LLMEngine
 from distserve.engine.sampling import SamplingParams
 from distserve.engine.scheduler import Scheduler
 from distserve.engine.sequence import Sequence
-from distserve.engine.step_times import STEP_KINDS, StepAccount, StepFit, StepTimes, chunk_budget, fit_plane
+from distserve.engine.step_times import STEP_KINDS, StepAccount, StepTimes, chunk_budget, fit_plane
 from tests.engine_helpers import prompts, run_to_end
 
 
