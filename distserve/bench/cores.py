@@ -100,6 +100,9 @@ def account(before: dict[str, Reading | str], after: dict[str, Reading | str], c
             continue
         wall = b.at - a.at
         busy = {k: b.busy.get(k, 0.0) - a.busy.get(k, 0.0) for k in STEP_KINDS}
+        if a.busy and not b.busy:
+            errors.append(f"{url}: its engine series went away (an elastic worker changing role)")
+            continue
         if wall <= 0 or any(v < 0 for v in busy.values()) or b.prompt_tokens < a.prompt_tokens:
             errors.append(f"{url}: its counters went back (the worker restarted during the run)")
             continue

@@ -63,9 +63,11 @@ def test_a_router_shows_its_cpu_only_and_the_load_generator_its_own():
 def test_a_restarted_or_unreachable_worker_is_named_not_counted():
     busy = cores.Reading(0.0, "prefill", "p-1", busy={"prefill": 50.0}, prompt_tokens=5000)
     restarted = cores.Reading(10.0, "prefill", "p-1", busy={"prefill": 2.0}, prompt_tokens=100)
-    acc = cores.account({"a": busy, "b": "b: connection refused"}, {"a": restarted, "b": "b: connection refused"})
+    changing = cores.Reading(10.0, "", "p-1")  # scraped while an elastic worker changed role: no engine series
+    acc = cores.account({"a": busy, "b": "b: connection refused", "c": busy}, {"a": restarted, "b": "b: connection refused", "c": changing})
     assert acc["workers"] == []
-    assert acc["errors"] == ["a: its counters went back (the worker restarted during the run)", "b: connection refused", "b: connection refused"]
+    assert acc["errors"] == ["a: its counters went back (the worker restarted during the run)", "b: connection refused", "b: connection refused",
+                             "c: its engine series went away (an elastic worker changing role)"]
     assert "scrape error: b: connection refused" in cores.table(acc)
 
 
