@@ -86,8 +86,6 @@ class NativeKernels:
         yield family
 
 
-
-
 class EngineTime:
     """Where a worker's engine spent its time since start, read at each scrape from its latest stats
     (`source()`: (role, EngineStats, compute threads), or None before the engine runs):

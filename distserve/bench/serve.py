@@ -278,8 +278,8 @@ def add_common_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--scrape", type=lambda v: [cores.normalize(u) for u in v.split(",") if u.strip()], default=[],
-                   help="workers' metrics endpoints (host:port or URL, comma-separated): read before and after each run, "
-                        "to report where each worker's time went (busy by step kind, CPU)")
+                   help="metrics endpoints of the suite's workers and routers (host:port or URL, comma-separated; `distserve up` "
+                        "names them): read before and after each run, to report where each one's time went (steps by kind, CPU)")
 
 
 def add_serve_arguments(p) -> None:
