@@ -58,6 +58,13 @@ def test_each_service_exports_the_named_series_with_values_matching_the_run(tmp_
             s.wait_ready()
             assert s.metrics_port, f"{s.name} printed no metrics port"
 
+        def router_sees_both():  # READY is each worker's; the router learns of them at its next registry read
+            s = scrape("127.0.0.1", router.metrics_port)
+            return total(s, "distserve_pool_workers", role="prefill") == 1 and total(s, "distserve_pool_workers", role="decode") == 1
+
+        # else a request can meet "no prefill worker is available", which the SDK retries and the router counts
+        assert wait_for(router_sees_both), "the router never saw both workers"
+
         async def run():
             async with AsyncClient(router.address) as client:
                 outs = await asyncio.gather(*(client.generate([3 + i] * (10 + 7 * i), max_tokens=MAX_TOKENS, temperature=0.0,
