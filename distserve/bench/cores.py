@@ -127,7 +127,7 @@ def table(cores: dict) -> list[str]:
     """Lines for the reports: one per worker."""
     if not cores["workers"] and not cores["errors"]:
         return []
-    lines = ["", "where each worker's time went (share of the run's wall time; cpu: all its threads, per core)",
+    lines = ["", "where each worker's time went (share of the run's wall time; cpu: all its threads, per engine thread)",
              f"{'worker':30}{'busy':>7}{'decode':>8}{'mixed':>8}{'prefill':>8}{'cpu':>7}   steps (mean ms) d / m / p   prompt tok  gen tok"]
     for w in cores["workers"]:
         cpu = "-" if w["cpu"] is None else f"{w['cpu']:.0%}"

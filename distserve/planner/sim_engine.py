@@ -255,8 +255,9 @@ class SimEngine:
     def _chunk_cap(self, decode: list[SimRequest], room: int) -> int:
         """The engine's cap under a TPOT target (engine.py: chunk_cap, step_times.chunk_budget): the most
         prompt tokens a step of these decodes may carry with its time within the target, in blocks at
-        the budget's rate where it is less than a block (step_times.BlockCredit). The engine predicts from its own measured step times; here the step model, with
-        the overheads and the slowdown, stands in for them (the engine measures what its steps take)."""
+        the budget's rate where it is less than a block (step_times.BlockCredit). The engine predicts
+        from its own measured step times; here the step model, with the overheads and the slowdown,
+        stands in for them (the engine measures what its steps take)."""
         spec = self.spec
         ctx = sum(r.spec.prompt_len + r.generated for r in decode)
 
