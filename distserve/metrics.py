@@ -7,7 +7,7 @@ pool gauges by each read of the registry. The series, by who exports them:
 
 | series | labels | router | prefill | decode |
 |---|---|---|---|---|
-| `distserve_requests_total` | role, outcome | finished, failed, cancelled, rejected (invalid), shed (refused by admission control) | held, finished, failed, cancelled | finished, failed, cancelled |
+| `distserve_requests_total` | role, outcome | finished, failed, cancelled, rejected (invalid), unavailable (no worker serves the model yet), shed (refused by admission control) | held, finished, failed, cancelled | finished, failed, cancelled |
 | `distserve_ttft_seconds`, `distserve_tpot_seconds`, `distserve_e2e_seconds` | | x | | |
 | `distserve_queue_seconds` | role | | x | x |
 | `distserve_queue_depth`, `distserve_queued_tokens`, `distserve_running_requests` | role | | x | x |

@@ -115,8 +115,8 @@ class Generation:
         except Shed:
             self.metrics.requests.labels("router", "shed").inc()
             raise
-        except DistserveError:
-            self.metrics.requests.labels("router", "rejected").inc()
+        except DistserveError as exc:  # refused before any work: invalid, or nobody serves it yet
+            self.metrics.requests.labels("router", "unavailable" if isinstance(exc, Unavailable) else "rejected").inc()
             raise
         state = StateWriter(self.states, run.rid, self._state_outage)
         state.update(RequestPhase.QUEUED, prompt_tokens=len(run.prompt), max_tokens=run.params.max_tokens,

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from distserve.client import AsyncClient
-from distserve.errors import InvalidRequest
+from distserve.errors import InvalidRequest, Unavailable
 from distserve.state.redis_server import RedisServer
 from tests.integration.service_procs import Cluster, names, scrape, total
 
@@ -51,9 +51,17 @@ def wait_for(fn, timeout_s: float = 10.0):
 def test_each_service_exports_the_named_series_with_values_matching_the_run(tmp_path):
     with RedisServer() as redis, Cluster(tmp_path) as c:
         common = ["--redis-url", redis.url]
+        router = c.start("router", "router", [*common, "--model", "tiny-llama", "--port", "0", "--metrics-port", "0"])
+        router.wait_ready()
+
+        async def too_early():  # no worker has registered: refused as unavailable, not counted as invalid
+            async with AsyncClient(router.address, max_failovers=0) as client:
+                with pytest.raises(Unavailable, match="no worker serves model"):
+                    await client.generate([5, 6], max_tokens=2)
+
+        asyncio.run(too_early())
         prefill = c.start("prefill", "prefill", [*common, *WORKER, "--worker-id", "prefill-m"])
         decode = c.start("decode", "decode", [*common, *WORKER, "--worker-id", "decode-m"])
-        router = c.start("router", "router", [*common, "--model", "tiny-llama", "--port", "0", "--metrics-port", "0"])
         for s in (prefill, decode, router):
             s.wait_ready()
             assert s.metrics_port, f"{s.name} printed no metrics port"
@@ -82,7 +90,10 @@ def test_each_service_exports_the_named_series_with_values_matching_the_run(tmp_
         assert ROUTER_SERIES <= names(r), ROUTER_SERIES - names(r)
         assert total(r, "distserve_requests_total", role="router", outcome="finished") == N
         assert total(r, "distserve_requests_total", role="router", outcome="rejected") == 1
-        assert total(r, "distserve_requests_total", role="router") == N + 1  # nothing failed or cancelled
+        # each attempt of the channel's retry policy (rpc/channels.py) reached the router: at least one
+        assert total(r, "distserve_requests_total", role="router", outcome="unavailable") >= 1
+        unavailable = total(r, "distserve_requests_total", role="router", outcome="unavailable")
+        assert total(r, "distserve_requests_total", role="router") == N + 1 + unavailable  # nothing failed or cancelled
         for hist in ("distserve_ttft_seconds_count", "distserve_tpot_seconds_count", "distserve_e2e_seconds_count"):
             assert total(r, hist) == N, hist
         assert total(r, "distserve_ttft_seconds_sum") == pytest.approx(sum(o.metrics.ttft_s for o in outs), rel=1e-3)
