@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from distserve.engine.step_times import BlockCredit
+from distserve.engine.step_times import BlockCredit, chunk_budget
 from distserve.planner.latency import StepModel
 from distserve.planner.profile import ServingCosts
 
@@ -261,19 +261,11 @@ class SimEngine:
         spec = self.spec
         ctx = sum(r.spec.prompt_len + r.generated for r in decode)
 
-        def predict(n: int) -> float:
-            return self._step_s([(0, n)] if n else [], len(decode), ctx)
+        def predict(decodes: int, context: int, n: int) -> float:
+            return self._step_s([(0, n)] if n else [], decodes, context)
 
-        if room <= 0 or predict(room) <= spec.tpot_target_s:
-            return room
-        lo, hi = 0, room
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if predict(mid) <= spec.tpot_target_s:
-                lo = mid
-            else:
-                hi = mid
-        return self.chunk_credit.cap(lo, min(room, spec.block_size))
+        budget = chunk_budget(predict, spec.tpot_target_s, len(decode), ctx, room)
+        return self.chunk_credit.cap(budget, min(room, spec.block_size))
 
     def _schedule_chunked(self) -> tuple[list[tuple[SimRequest, int, int]], list[SimRequest]]:
         spec = self.spec
